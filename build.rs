@@ -1,0 +1,20 @@
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A vendored protoc keeps the build free of system packages.
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let well_known = protoc_bin_vendored::include_path()?;
+
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = [
+        "proto/keygate/v1/types.proto",
+        "proto/keygate/v1/authorizer.proto",
+        "proto/keygate/v1/admin.proto",
+    ];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("keygate_descriptor.bin"))
+        .compile_with_config(config, &protos.map(PathBuf::from), &[PathBuf::from("proto"), well_known])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

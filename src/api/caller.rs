@@ -1,0 +1,34 @@
+//! Who is calling: the credential in the request metadata, checked like any
+//! Authorize token, plus the key's IP allow-list against the peer address.
+
+use std::net::SocketAddr;
+
+use tonic::metadata::MetadataMap;
+
+use crate::domain::decision::{self, DenyReason};
+use crate::domain::token;
+use crate::error::Error;
+use crate::service::{Authorizer, Caller};
+
+/// The credential from `authorization: Bearer <token>` or `x-api-key: <token>`.
+pub fn credential(metadata: &MetadataMap) -> Option<&str> {
+    let bearer = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(token::strip_bearer)
+        .filter(|t| !t.trim().is_empty());
+    bearer.or_else(|| metadata.get("x-api-key").and_then(|v| v.to_str().ok()))
+}
+
+pub async fn authenticate(
+    authorizer: &Authorizer,
+    metadata: &MetadataMap,
+    peer: Option<SocketAddr>,
+) -> Result<Caller, Error> {
+    let token = credential(metadata).ok_or(Error::Denied(DenyReason::MissingToken))?;
+    let key = authorizer.authenticate(token).await?.map_err(Error::Denied)?;
+    if !decision::ip_allowed(&key, peer.map(|p| p.ip())) {
+        return Err(Error::Denied(DenyReason::IpNotAllowed));
+    }
+    Ok(Caller::new(key))
+}

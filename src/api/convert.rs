@@ -1,0 +1,299 @@
+//! Wire ↔ domain conversions, with the validation of every incoming field.
+
+use chrono::{DateTime, Duration, Utc};
+use ipnet::IpNet;
+use uuid::Uuid;
+
+use crate::domain::decision::DenyReason;
+use crate::domain::key::{self, KeyRecord, KeyState, KeyStatus, Mode, Tier, MAX_GRACE};
+use crate::domain::scope::{ScopeSet, MAX_SCOPES};
+use crate::domain::token;
+use crate::error::Error;
+use crate::pb::keygate::v1 as pb;
+use crate::service::{ListSpec, NewKeySpec, Outcome};
+
+const MAX_NAME_CHARS: usize = 200;
+const MAX_REASON_CHARS: usize = 500;
+const MAX_CIDRS: usize = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+const MAX_RATE_LIMIT: u32 = 1_000_000;
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+fn from_timestamp(field: &'static str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>, Error> {
+    u32::try_from(t.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+        .ok_or_else(|| Error::invalid(field, "is not a valid timestamp"))
+}
+
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.num_seconds(), nanos: d.subsec_nanos() }
+}
+
+pub fn mode(m: Mode) -> pb::Mode {
+    match m {
+        Mode::Live => pb::Mode::Live,
+        Mode::Test => pb::Mode::Test,
+    }
+}
+
+pub fn tier(t: Tier) -> pb::KeyTier {
+    match t {
+        Tier::Organization => pb::KeyTier::Organization,
+        Tier::System => pb::KeyTier::System,
+    }
+}
+
+fn status(s: KeyStatus) -> pb::KeyStatus {
+    match s {
+        KeyStatus::Active => pb::KeyStatus::Active,
+        KeyStatus::Disabled => pb::KeyStatus::Disabled,
+        KeyStatus::Revoked => pb::KeyStatus::Revoked,
+        KeyStatus::Expired => pb::KeyStatus::Expired,
+    }
+}
+
+pub fn deny_reason(r: DenyReason) -> pb::DenyReason {
+    match r {
+        DenyReason::MissingToken => pb::DenyReason::MissingToken,
+        DenyReason::InvalidToken => pb::DenyReason::InvalidToken,
+        DenyReason::ExpiredToken => pb::DenyReason::ExpiredToken,
+        DenyReason::InsufficientScope => pb::DenyReason::InsufficientScope,
+        DenyReason::IpNotAllowed => pb::DenyReason::IpNotAllowed,
+        DenyReason::RateLimited => pb::DenyReason::RateLimited,
+        DenyReason::RouteNotFound => pb::DenyReason::RouteNotFound,
+    }
+}
+
+/// An ApiKey for display: no secret, no digest.
+pub fn api_key(k: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
+    let (revoked_at, revoked_reason) = match &k.state {
+        KeyState::Revoked { at, reason } => (Some(timestamp(*at)), reason.clone()),
+        _ => (None, String::new()),
+    };
+    pb::ApiKey {
+        key_id: k.id.to_string(),
+        name: k.name.clone(),
+        organization_id: k.organization_id.clone().unwrap_or_default(),
+        tier: tier(k.tier).into(),
+        mode: mode(k.mode).into(),
+        prefix: k.prefix.clone(),
+        masked_key: token::masked(&k.prefix),
+        scopes: k.scopes.to_strings(),
+        allowed_cidrs: k.allowed_cidrs.iter().map(ToString::to_string).collect(),
+        rate_limit_per_minute: k.rate_limit_per_minute,
+        status: status(k.status(now)).into(),
+        created_at: Some(timestamp(k.created_at)),
+        last_used_at: k.last_used_at.map(timestamp),
+        expires_at: k.expires_at.map(timestamp),
+        revoked_at,
+        revoked_reason,
+        rotated_at: k.rotated_at.map(timestamp),
+        created_by: k.created_by.clone(),
+        previous_secret_expires_at: k.live_previous_secret(now).map(|p| timestamp(p.expires_at)),
+    }
+}
+
+pub fn authorize_response(o: Outcome) -> pb::AuthorizeResponse {
+    let mut r = pb::AuthorizeResponse {
+        decision: if o.deny.is_none() { pb::Decision::Allow } else { pb::Decision::Deny }.into(),
+        reason: o.deny.map_or(pb::DenyReason::Unspecified, deny_reason).into(),
+        http_status: o.deny.map_or(200, |d| u32::from(d.http_status())),
+        message: o.deny.map_or("OK", |d| d.message()).to_owned(),
+        required_scope: o.required_scope.unwrap_or_default(),
+        ..Default::default()
+    };
+    if let Some(k) = o.key {
+        r.organization_id = k.organization_id.clone().unwrap_or_default();
+        r.key_id = k.id.to_string();
+        r.scopes = k.scopes.to_strings();
+        r.mode = mode(k.mode).into();
+        r.tier = tier(k.tier).into();
+    }
+    r
+}
+
+pub fn key_id(field: &'static str, id: &str) -> Result<Uuid, Error> {
+    Uuid::parse_str(id.trim()).map_err(|_| {
+        if id.trim().is_empty() {
+            Error::invalid(field, "is required")
+        } else {
+            Error::invalid(field, "is not a UUID")
+        }
+    })
+}
+
+fn text(field: &'static str, value: &str, max_chars: usize, required: bool) -> Result<String, Error> {
+    let value = value.trim();
+    if required && value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.chars().count() > max_chars {
+        return Err(Error::invalid(field, format!("must be at most {max_chars} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(value.to_owned())
+}
+
+fn organization(value: &str) -> Result<Option<String>, Error> {
+    match value.trim() {
+        "" => Ok(None),
+        org if key::is_valid_organization_id(org) => Ok(Some(org.to_owned())),
+        _ => Err(Error::invalid("organization_id", "must be 1-128 letters, digits, '_', '-', '.' or ':'")),
+    }
+}
+
+fn enum_value<T: TryFrom<i32>>(field: &'static str, value: i32) -> Result<T, Error> {
+    T::try_from(value).map_err(|_| Error::invalid(field, format!("unknown value {value}")))
+}
+
+fn mode_filter(value: i32) -> Result<Option<Mode>, Error> {
+    Ok(match enum_value::<pb::Mode>("mode", value)? {
+        pb::Mode::Unspecified => None,
+        pb::Mode::Live => Some(Mode::Live),
+        pb::Mode::Test => Some(Mode::Test),
+    })
+}
+
+pub fn new_key(r: pb::CreateKeyRequest) -> Result<NewKeySpec, Error> {
+    let name = text("name", &r.name, MAX_NAME_CHARS, true)?;
+    let tier = match enum_value::<pb::KeyTier>("tier", r.tier)? {
+        pb::KeyTier::Unspecified | pb::KeyTier::Organization => Tier::Organization,
+        pb::KeyTier::System => Tier::System,
+    };
+    let organization_id = organization(&r.organization_id)?;
+    if tier == Tier::System && organization_id.is_some() {
+        return Err(Error::invalid("organization_id", "must be empty for SYSTEM keys"));
+    }
+    // Unspecified is TEST: a key reaches real funds only when asked to.
+    let mode = mode_filter(r.mode)?.unwrap_or(Mode::Test);
+    if r.scopes.len() > MAX_SCOPES {
+        return Err(Error::invalid("scopes", format!("at most {MAX_SCOPES} scopes")));
+    }
+    let scopes = ScopeSet::parse(&r.scopes).map_err(|e| Error::invalid("scopes", e.to_string()))?;
+    if r.allowed_cidrs.len() > MAX_CIDRS {
+        return Err(Error::invalid("allowed_cidrs", format!("at most {MAX_CIDRS} entries")));
+    }
+    let allowed_cidrs = r.allowed_cidrs.iter().map(|c| cidr(c)).collect::<Result<Vec<_>, _>>()?;
+    if r.rate_limit_per_minute > MAX_RATE_LIMIT {
+        return Err(Error::invalid("rate_limit_per_minute", format!("must be at most {MAX_RATE_LIMIT}")));
+    }
+    let expires_at = r.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
+    Ok(NewKeySpec {
+        name,
+        organization_id,
+        tier,
+        mode,
+        scopes,
+        allowed_cidrs,
+        rate_limit_per_minute: r.rate_limit_per_minute,
+        expires_at,
+    })
+}
+
+/// A CIDR, or a single address meaning just that address.
+fn cidr(value: &str) -> Result<IpNet, Error> {
+    let value = value.trim();
+    let parsed = value.parse::<IpNet>().or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from));
+    parsed.map(|net| net.trunc()).map_err(|_| {
+        let shown = crate::service::authorize::truncate(value, 64);
+        Error::invalid("allowed_cidrs", format!("{shown:?} is not a CIDR or IP address"))
+    })
+}
+
+pub fn list_spec(r: pb::ListKeysRequest) -> Result<ListSpec, Error> {
+    if r.page_size > MAX_PAGE_SIZE {
+        return Err(Error::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")));
+    }
+    Ok(ListSpec {
+        organization_id: organization(&r.organization_id)?,
+        include_revoked: r.include_revoked,
+        mode: mode_filter(r.mode)?,
+        page_size: r.page_size,
+        page_token: Some(r.page_token).filter(|t| !t.is_empty()),
+    })
+}
+
+pub fn grace_period(d: Option<&prost_types::Duration>) -> Result<Duration, Error> {
+    let Some(d) = d else { return Ok(Duration::zero()) };
+    let bad = || Error::invalid("grace_period", "must be between 0 and 7 days");
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(bad());
+    }
+    let grace = Duration::try_seconds(d.seconds).ok_or_else(bad)? + Duration::nanoseconds(i64::from(d.nanos));
+    if grace > MAX_GRACE {
+        return Err(bad());
+    }
+    Ok(grace)
+}
+
+pub fn revoke_reason(reason: &str) -> Result<String, Error> {
+    text("reason", reason, MAX_REASON_CHARS, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(f: impl FnOnce(&mut pb::CreateKeyRequest)) -> Result<NewKeySpec, Error> {
+        let mut r = pb::CreateKeyRequest {
+            name: "backend".into(),
+            organization_id: "org_1".into(),
+            scopes: vec!["links:read".into()],
+            ..Default::default()
+        };
+        f(&mut r);
+        new_key(r)
+    }
+
+    fn field_of(e: Error) -> &'static str {
+        match e {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_validation_names_the_field() {
+        let spec = create(|_| {}).unwrap();
+        assert_eq!((spec.tier, spec.mode), (Tier::Organization, Mode::Test));
+        type Edit = Box<dyn FnOnce(&mut pb::CreateKeyRequest)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            ("name", Box::new(|r| r.name = "  ".into())),
+            ("name", Box::new(|r| r.name = "x".repeat(201))),
+            ("name", Box::new(|r| r.name = "a\nb".into())),
+            ("scopes", Box::new(|r| r.scopes = vec!["links:view".into()])),
+            ("allowed_cidrs", Box::new(|r| r.allowed_cidrs = vec!["10.0.0.0/33".into()])),
+            ("tier", Box::new(|r| r.tier = 9)),
+            ("mode", Box::new(|r| r.mode = 9)),
+            ("organization_id", Box::new(|r| r.organization_id = "bad org".into())),
+            ("organization_id", Box::new(|r| r.tier = pb::KeyTier::System as i32)),
+            ("expires_at", Box::new(|r| r.expires_at = Some(prost_types::Timestamp { seconds: 0, nanos: -1 }))),
+        ];
+        for (field, edit) in cases {
+            assert_eq!(field_of(create(edit).unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn cidrs_accept_addresses_and_normalise() {
+        assert_eq!(cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
+        assert_eq!(cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(cidr("2001:db8::1/32").unwrap().to_string(), "2001:db8::/32");
+    }
+
+    #[test]
+    fn grace_periods() {
+        let d = |seconds| prost_types::Duration { seconds, nanos: 0 };
+        assert_eq!(grace_period(None).unwrap(), Duration::zero());
+        assert_eq!(grace_period(Some(&d(7 * 86_400))).unwrap(), Duration::days(7));
+        assert!(grace_period(Some(&d(7 * 86_400 + 1))).is_err());
+        assert!(grace_period(Some(&d(-1))).is_err());
+    }
+}

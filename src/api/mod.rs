@@ -1,0 +1,6 @@
+//! The gRPC transport: thin services over the service layer.
+
+pub mod admin;
+pub mod authorizer;
+mod caller;
+pub mod convert;

@@ -1,0 +1,76 @@
+//! Key records in memory in front of the store, so a warm Authorize does no I/O.
+//!
+//! Known keys stay for the TTL; unknown ids are remembered briefly (negative
+//! cache) so a flood of made-up tokens does not become a flood of queries.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::sync::Cache;
+use uuid::Uuid;
+
+use crate::domain::key::KeyRecord;
+use crate::store::{KeyReader, StoreError};
+
+/// Sizes and lifetimes of the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    pub capacity: u64,
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self { capacity: 100_000, ttl: Duration::from_secs(60), negative_ttl: Duration::from_secs(5) }
+    }
+}
+
+pub struct KeyCache {
+    store: Arc<dyn KeyReader>,
+    known: Cache<Uuid, Arc<KeyRecord>>,
+    unknown: Cache<Uuid, ()>,
+    /// Bumped by every invalidation. A load that started before an
+    /// invalidation must not put what it read back into the cache.
+    epoch: AtomicU64,
+}
+
+impl KeyCache {
+    pub fn new(store: Arc<dyn KeyReader>, settings: CacheSettings) -> Self {
+        Self {
+            store,
+            known: Cache::builder().max_capacity(settings.capacity).time_to_live(settings.ttl).build(),
+            unknown: Cache::builder().max_capacity(settings.capacity).time_to_live(settings.negative_ttl).build(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// The key with this id: from memory when cached, else from the store.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        if let Some(key) = self.known.get(&id) {
+            return Ok(Some(key));
+        }
+        if self.unknown.contains_key(&id) {
+            return Ok(None);
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let loaded = self.store.get_key(id).await?.map(Arc::new);
+        // An invalidation during the read may mean the row we read is stale:
+        // serve it to this one caller, but do not keep it.
+        if self.epoch.load(Ordering::SeqCst) == epoch {
+            match &loaded {
+                Some(key) => self.known.insert(id, Arc::clone(key)),
+                None => self.unknown.insert(id, ()),
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Forgets what is known about `id`, at once.
+    pub fn invalidate(&self, id: Uuid) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.known.invalidate(&id);
+        self.unknown.invalidate(&id);
+    }
+}

@@ -1,0 +1,101 @@
+//! `keygate serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tokio::net::TcpListener;
+
+use super::{init_logging, parse_duration, LogFormat, StoreArgs};
+use crate::cache::CacheSettings;
+use crate::domain::clock::SystemClock;
+use crate::domain::policy::RouteTable;
+use crate::domain::token::Brand;
+use crate::server::{Keygate, Settings};
+use crate::store::sql_redact;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Route policy (TOML): which scope each route needs. Without one, only
+    /// Authorize calls that name required_scopes can be allowed.
+    #[arg(long, env = "KEYGATE_POLICY")]
+    policy: Option<PathBuf>,
+    /// Token brand: new tokens look like <brand>_live_… (e.g. ck, op).
+    #[arg(long, env = "KEYGATE_BRAND", default_value = "kg")]
+    brand: String,
+    /// How long a key record stays cached.
+    #[arg(long, env = "KEYGATE_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    cache_ttl: Duration,
+    /// How long an unknown key id is remembered as unknown.
+    #[arg(long, env = "KEYGATE_NEGATIVE_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    negative_cache_ttl: Duration,
+    /// Most key records kept in memory.
+    #[arg(long, env = "KEYGATE_CACHE_CAPACITY", default_value_t = 100_000)]
+    cache_capacity: u64,
+    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    init_logging(args.log_format);
+    let brand = Brand::new(&args.brand).map_err(|e| format!("--brand: {e}"))?;
+    let policy = match &args.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("--policy {}: {e}", path.display()))?;
+            RouteTable::from_toml(&text).map_err(|e| format!("--policy {}: {e}", path.display()))?
+        }
+        None => {
+            tracing::warn!("no --policy given: Authorize allows only calls that name required_scopes");
+            RouteTable::default()
+        }
+    };
+    let url = args.store.url();
+    let settings = Settings {
+        database_url: url.clone(),
+        policy,
+        brand,
+        cache: CacheSettings {
+            capacity: args.cache_capacity,
+            ttl: args.cache_ttl,
+            negative_ttl: args.negative_cache_ttl,
+        },
+    };
+    let keygate = Keygate::open(settings, Arc::new(SystemClock))
+        .await
+        .map_err(|e| format!("opening {}: {e}", sql_redact(&url)))?;
+    let listener = TcpListener::bind(args.listen).await.map_err(|e| format!("--listen {}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, database = %sql_redact(&url), "keygate serving");
+    keygate.serve(listener, shutdown_signal()).await.map_err(|e| format!("serving: {e}"))?;
+    tracing::info!("keygate stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,280 @@
+//! The key record and its lifecycle rules.
+
+use chrono::{DateTime, Duration, Utc};
+use ipnet::IpNet;
+use uuid::Uuid;
+
+use super::scope::ScopeSet;
+use super::token::SecretDigest;
+
+/// Whether a key works on live traffic (real funds) or test traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Live,
+    Test,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Live => "live",
+            Mode::Test => "test",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "live" => Some(Mode::Live),
+            "test" => Some(Mode::Test),
+            _ => None,
+        }
+    }
+}
+
+/// ORGANIZATION keys act inside one organization; SYSTEM keys on all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Organization,
+    System,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Organization => "organization",
+            Tier::System => "system",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "organization" => Some(Tier::Organization),
+            "system" => Some(Tier::System),
+            _ => None,
+        }
+    }
+}
+
+/// The stored state; `Expired` is not stored but derived from `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Disabled,
+    Revoked { at: DateTime<Utc>, reason: String },
+}
+
+impl KeyState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Disabled => "disabled",
+            KeyState::Revoked { .. } => "revoked",
+        }
+    }
+}
+
+/// What an operator sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Disabled,
+    Revoked,
+    Expired,
+}
+
+/// A rotated-out secret that keeps working until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousSecret {
+    pub digest: SecretDigest,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// An organization id: 1–128 characters of letters, digits, `_`, `-`, `.` and `:`.
+pub fn is_valid_organization_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.bytes().all(|c| c.is_ascii_alphanumeric() || b"_-.:".contains(&c))
+}
+
+/// Longest grace period a rotation may give the previous secret.
+pub const MAX_GRACE: Duration = Duration::days(7);
+
+/// One API key as stored. Holds digests only, never a secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    pub id: Uuid,
+    pub name: String,
+    /// `None` exactly for SYSTEM keys.
+    pub organization_id: Option<String>,
+    pub tier: Tier,
+    pub mode: Mode,
+    pub prefix: String,
+    pub secret_digest: SecretDigest,
+    pub previous_secret: Option<PreviousSecret>,
+    pub scopes: ScopeSet,
+    pub allowed_cidrs: Vec<IpNet>,
+    /// 0 means the server default.
+    pub rate_limit_per_minute: u32,
+    pub state: KeyState,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub rotated_at: Option<DateTime<Utc>>,
+    /// The creating key's id, or "bootstrap".
+    pub created_by: String,
+    /// Bumped by every stored change; writes compare it to detect a concurrent change.
+    pub version: i64,
+}
+
+/// A lifecycle change that the key's state forbids.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("key is revoked; revocation is final")]
+    Revoked,
+    #[error("key is already disabled")]
+    AlreadyDisabled,
+    #[error("key is not disabled")]
+    NotDisabled,
+}
+
+impl KeyRecord {
+    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
+        match self.state {
+            KeyState::Revoked { .. } => KeyStatus::Revoked,
+            KeyState::Disabled => KeyStatus::Disabled,
+            KeyState::Active if self.expires_at.is_some_and(|at| at <= now) => KeyStatus::Expired,
+            KeyState::Active => KeyStatus::Active,
+        }
+    }
+
+    /// The previous secret, only while its grace period runs.
+    pub fn live_previous_secret(&self, now: DateTime<Utc>) -> Option<&PreviousSecret> {
+        self.previous_secret.as_ref().filter(|p| p.expires_at > now)
+    }
+
+    pub fn revoke(&mut self, reason: String, now: DateTime<Utc>) -> Result<(), LifecycleError> {
+        if matches!(self.state, KeyState::Revoked { .. }) {
+            return Err(LifecycleError::Revoked);
+        }
+        self.state = KeyState::Revoked { at: now, reason };
+        Ok(())
+    }
+
+    pub fn disable(&mut self) -> Result<(), LifecycleError> {
+        match self.state {
+            KeyState::Revoked { .. } => Err(LifecycleError::Revoked),
+            KeyState::Disabled => Err(LifecycleError::AlreadyDisabled),
+            KeyState::Active => {
+                self.state = KeyState::Disabled;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn enable(&mut self) -> Result<(), LifecycleError> {
+        match self.state {
+            KeyState::Revoked { .. } => Err(LifecycleError::Revoked),
+            KeyState::Active => Err(LifecycleError::NotDisabled),
+            KeyState::Disabled => {
+                self.state = KeyState::Active;
+                Ok(())
+            }
+        }
+    }
+
+    /// Installs a new secret; the current one stays valid for `grace` (0 kills it
+    /// at once). A secret still in an earlier grace period dies now: there is
+    /// never more than one previous secret.
+    pub fn rotate(&mut self, new_digest: SecretDigest, grace: Duration, now: DateTime<Utc>) -> Result<(), LifecycleError> {
+        if matches!(self.state, KeyState::Revoked { .. }) {
+            return Err(LifecycleError::Revoked);
+        }
+        self.previous_secret = Some(PreviousSecret { digest: self.secret_digest, expires_at: now + grace });
+        self.secret_digest = new_digest;
+        self.rotated_at = Some(now);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+    use crate::domain::token::{generate, Brand};
+
+    /// An active ORGANIZATION key of org_1 with the given scopes, and its token.
+    pub fn key_with(scopes: &[&str]) -> (KeyRecord, String) {
+        let id = Uuid::new_v4();
+        let t = generate(&Brand::default(), Mode::Live, id).unwrap();
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let key = KeyRecord {
+            id,
+            name: "test".into(),
+            organization_id: Some("org_1".into()),
+            tier: Tier::Organization,
+            mode: Mode::Live,
+            prefix: t.prefix,
+            secret_digest: t.digest,
+            previous_secret: None,
+            scopes: ScopeSet::parse(scopes).unwrap(),
+            allowed_cidrs: vec![],
+            rate_limit_per_minute: 0,
+            state: KeyState::Active,
+            created_at: now,
+            last_used_at: None,
+            expires_at: None,
+            rotated_at: None,
+            created_by: "bootstrap".into(),
+            version: 1,
+        };
+        (key, t.token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::key_with;
+    use super::*;
+
+    #[test]
+    fn revocation_is_final() {
+        let (mut k, _) = key_with(&[]);
+        let now = k.created_at;
+        k.revoke("leaked".into(), now).unwrap();
+        assert_eq!(k.revoke("again".into(), now), Err(LifecycleError::Revoked));
+        assert_eq!(k.enable(), Err(LifecycleError::Revoked));
+        assert_eq!(k.disable(), Err(LifecycleError::Revoked));
+        assert_eq!(k.rotate(SecretDigest([0; 32]), Duration::zero(), now), Err(LifecycleError::Revoked));
+        assert_eq!(k.status(now), KeyStatus::Revoked);
+    }
+
+    #[test]
+    fn disable_enable_round_trip() {
+        let (mut k, _) = key_with(&[]);
+        k.disable().unwrap();
+        assert_eq!(k.disable(), Err(LifecycleError::AlreadyDisabled));
+        assert_eq!(k.status(k.created_at), KeyStatus::Disabled);
+        k.enable().unwrap();
+        assert_eq!(k.enable(), Err(LifecycleError::NotDisabled));
+    }
+
+    #[test]
+    fn rotation_keeps_one_previous_secret() {
+        let (mut k, _) = key_with(&[]);
+        let now = k.created_at;
+        let first = k.secret_digest;
+        k.rotate(SecretDigest([1; 32]), Duration::hours(1), now).unwrap();
+        k.rotate(SecretDigest([2; 32]), Duration::hours(1), now).unwrap();
+        let prev = k.previous_secret.clone().unwrap();
+        assert_eq!(prev.digest, SecretDigest([1; 32]));
+        assert_ne!(prev.digest, first);
+        assert!(k.live_previous_secret(now).is_some());
+        assert!(k.live_previous_secret(now + Duration::hours(1)).is_none());
+    }
+
+    #[test]
+    fn expiry_is_derived() {
+        let (mut k, _) = key_with(&[]);
+        k.expires_at = Some(k.created_at + Duration::seconds(10));
+        assert_eq!(k.status(k.created_at), KeyStatus::Active);
+        assert_eq!(k.status(k.created_at + Duration::seconds(10)), KeyStatus::Expired);
+    }
+}

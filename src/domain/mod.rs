@@ -1,0 +1,10 @@
+//! Pure logic: tokens, scopes, route policy, key lifecycle and the Authorize
+//! decision. Nothing here does I/O or knows about gRPC or SQL.
+
+pub mod clock;
+pub mod decision;
+pub mod event;
+pub mod key;
+pub mod policy;
+pub mod scope;
+pub mod token;

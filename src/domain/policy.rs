@@ -1,0 +1,221 @@
+//! Route policy: which scope each route needs.
+//!
+//! Loaded from TOML:
+//! ```toml
+//! [[route]]
+//! route = "GET /v1/transactions/{id}"
+//! scope = "transaction:read"
+//! [[route]]
+//! route = "/payments.v1.Refunds/*"
+//! scope = "transaction:update"
+//! ```
+//! `{name}` matches one path segment and a trailing `*` the rest. A pattern
+//! without a method matches every method (and gRPC full method names).
+
+use serde::Deserialize;
+
+use super::scope::Scope;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    route: Vec<RouteEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteEntry {
+    route: String,
+    scope: String,
+}
+
+/// What is wrong with a policy, naming the entry (1-based) when it is one entry.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy is not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("policy route #{index} ({route:?}): {why}")]
+    Entry { index: usize, route: String, why: String },
+}
+
+/// Route patterns to required scopes.
+#[derive(Default)]
+pub struct RouteTable {
+    /// Per upper-case method; few enough that a linear scan beats hashing.
+    by_method: Vec<(String, matchit::Router<Scope>)>,
+    any_method: matchit::Router<Scope>,
+    len: usize,
+}
+
+impl std::fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteTable").field("routes", &self.len).finish()
+    }
+}
+
+impl RouteTable {
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile = toml::from_str(text)?;
+        let mut table = RouteTable::default();
+        for (i, entry) in file.route.into_iter().enumerate() {
+            let fail = |why: String| PolicyError::Entry { index: i + 1, route: entry.route.clone(), why };
+            let scope = Scope::parse(&entry.scope).map_err(|e| fail(e.to_string()))?;
+            table.insert(&entry.route, scope).map_err(fail)?;
+        }
+        Ok(table)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn insert(&mut self, pattern: &str, scope: Scope) -> Result<(), String> {
+        let (method, path) = split_route(pattern.trim());
+        if !path.starts_with('/') {
+            return Err("path must start with '/'".into());
+        }
+        let path = match path.strip_suffix('*') {
+            Some(head) if head.ends_with('/') => format!("{head}{{*rest}}"),
+            Some(_) => return Err("'*' is only allowed as the whole last segment".into()),
+            None => path.to_owned(),
+        };
+        if path.contains('*') && !path.ends_with("{*rest}") {
+            return Err("'*' is only allowed as the whole last segment".into());
+        }
+        let router = match method {
+            None => &mut self.any_method,
+            Some(m) if !m.is_empty() && m.bytes().all(|c| c.is_ascii_uppercase()) => {
+                match self.by_method.iter().position(|(name, _)| name == m) {
+                    Some(i) => &mut self.by_method[i].1,
+                    None => {
+                        self.by_method.push((m.to_owned(), matchit::Router::new()));
+                        &mut self.by_method.last_mut().expect("just pushed").1
+                    }
+                }
+            }
+            Some(m) => return Err(format!("method {m:?} must be upper-case letters")),
+        };
+        router.insert(path, scope).map_err(|e| e.to_string())?;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The scope `route` needs, or `None` when no entry matches or the path
+    /// could mean something else upstream (dot segments, encoded dots or slashes).
+    pub fn required_scope(&self, route: &str) -> Option<&Scope> {
+        let (method, path) = split_route(route.trim());
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        if !path.starts_with('/') || is_ambiguous(path) {
+            return None;
+        }
+        let by_method = method.and_then(|m| {
+            self.by_method.iter().find(|(name, _)| name.eq_ignore_ascii_case(m)).map(|(_, r)| r)
+        });
+        by_method
+            .and_then(|r| r.at(path).ok())
+            .or_else(|| self.any_method.at(path).ok())
+            .map(|m| m.value)
+    }
+}
+
+/// "GET /x" → (Some("GET"), "/x"); "/pkg.Svc/Method" → (None, "/pkg.Svc/Method").
+fn split_route(route: &str) -> (Option<&str>, &str) {
+    match route.split_once(' ') {
+        Some((method, path)) => (Some(method), path.trim_start()),
+        None => (None, route),
+    }
+}
+
+/// A path a proxy or upstream may normalise into a different route: matching
+/// it literally could grant one route's scope to another, so it matches nothing.
+fn is_ambiguous(path: &str) -> bool {
+    let lower_has = |needle: &str| {
+        path.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    };
+    path.split('/').any(|seg| seg == "." || seg == "..")
+        || path.contains("//")
+        || path.contains('\\')
+        || lower_has("%2e")
+        || lower_has("%2f")
+        || lower_has("%5c")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        [[route]]
+        route = "GET /v1/transactions/{id}"
+        scope = "transaction:read"
+        [[route]]
+        route = "POST /v1/checkouts"
+        scope = "checkout:create"
+        [[route]]
+        route = "/payments.v1.Refunds/*"
+        scope = "transaction:update"
+        [[route]]
+        route = "/v1/health"
+        scope = "health:read"
+    "#;
+
+    fn scope_for(table: &RouteTable, route: &str) -> Option<String> {
+        table.required_scope(route).map(|s| s.as_str().to_owned())
+    }
+
+    #[test]
+    fn matches_segments_methods_and_grpc() {
+        let t = RouteTable::from_toml(EXAMPLE).unwrap();
+        assert_eq!(t.len(), 4);
+        assert_eq!(scope_for(&t, "GET /v1/transactions/tx_1").as_deref(), Some("transaction:read"));
+        assert_eq!(scope_for(&t, "get /v1/transactions/tx_1?expand=x").as_deref(), Some("transaction:read"));
+        assert_eq!(scope_for(&t, "GET /v1/transactions/tx_1/refunds"), None);
+        assert_eq!(scope_for(&t, "DELETE /v1/transactions/tx_1"), None);
+        assert_eq!(scope_for(&t, "POST /v1/checkouts").as_deref(), Some("checkout:create"));
+        assert_eq!(scope_for(&t, "/payments.v1.Refunds/Create").as_deref(), Some("transaction:update"));
+        assert_eq!(scope_for(&t, "/payments.v1.Refunds/"), None);
+        assert_eq!(scope_for(&t, "HEAD /v1/health").as_deref(), Some("health:read"));
+        assert_eq!(scope_for(&t, "nonsense"), None);
+        assert_eq!(scope_for(&t, ""), None);
+    }
+
+    #[test]
+    fn dot_segments_and_encoded_separators_match_nothing() {
+        let t = RouteTable::from_toml(EXAMPLE).unwrap();
+        for sneaky in [
+            "/payments.v1.Refunds/../admin",
+            "/payments.v1.Refunds/./x",
+            "/payments.v1.Refunds/%2E%2e/admin",
+            "/payments.v1.Refunds/a%2Fb",
+            "/payments.v1.Refunds//x",
+            "GET /v1/transactions/%2e%2e",
+        ] {
+            assert_eq!(scope_for(&t, sneaky), None, "{sneaky}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_entry() {
+        let cases = [
+            ("[[route]]\nroute = \"GET /a\"\nscope = \"bad\"", "#1", "invalid scope"),
+            ("[[route]]\nroute = \"GET a\"\nscope = \"a:read\"", "#1", "must start with"),
+            ("[[route]]\nroute = \"GET /a/*/b\"\nscope = \"a:read\"", "#1", "'*'"),
+            ("[[route]]\nroute = \"get /a\"\nscope = \"a:read\"", "#1", "upper-case"),
+            (
+                "[[route]]\nroute = \"GET /a/{id}\"\nscope = \"a:read\"\n[[route]]\nroute = \"GET /a/{name}\"\nscope = \"a:read\"",
+                "#2",
+                "GET /a/{name}",
+            ),
+            ("[[route]]\nroute = \"GET /a\"\nscope = \"a:read\"\nextra = 1", "", "unknown field"),
+        ];
+        for (text, entry, needle) in cases {
+            let msg = RouteTable::from_toml(text).unwrap_err().to_string();
+            assert!(msg.contains(entry) && msg.contains(needle), "{msg}");
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The one error type of the service layer, and its one mapping to gRPC status.
+
+use tonic::{Code, Status};
+
+use crate::domain::decision::DenyReason;
+use crate::domain::key::LifecycleError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is wrong; the message names it.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    /// Also what another organization's key or organization looks like.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    FailedPrecondition(#[from] LifecycleError),
+    /// The caller's own credential was refused.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Denied(DenyReason),
+    /// The caller is authenticated but may not do this.
+    #[error("INSUFFICIENT_SCOPE: {0}")]
+    InsufficientScope(String),
+    /// Concurrent changes kept winning; the caller may retry.
+    #[error("{0}")]
+    Aborted(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { field, reason: reason.into() }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Denied(reason) if reason.http_status() == 401 => Code::Unauthenticated,
+            Error::Denied(_) | Error::InsufficientScope(_) => Code::PermissionDenied,
+            Error::Aborted(_) => Code::Aborted,
+            Error::Store(StoreError::Conflict) => Code::AlreadyExists,
+            Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
+            Error::Store(_) | Error::Internal(_) => Code::Internal,
+        };
+        match code {
+            // Store details (hosts, SQL) stay in the log, not in the answer.
+            Code::Unavailable | Code::Internal => {
+                tracing::error!(error = %e, "request failed");
+                let message = if code == Code::Unavailable { "key store unavailable" } else { "internal error" };
+                Status::new(code, message)
+            }
+            _ => Status::new(code, e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_reasons_map_to_auth_codes() {
+        let s: Status = Error::Denied(DenyReason::InvalidToken).into();
+        assert_eq!(s.code(), Code::Unauthenticated);
+        assert!(s.message().starts_with("INVALID_TOKEN"));
+        let s: Status = Error::Denied(DenyReason::IpNotAllowed).into();
+        assert_eq!(s.code(), Code::PermissionDenied);
+        let s: Status = Error::invalid("name", "must not be empty").into();
+        assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "name: must not be empty"));
+    }
+}

@@ -1,0 +1,11 @@
+//! keygate: API-key authorization over gRPC.
+
+pub mod api;
+pub mod cache;
+pub mod cli;
+pub mod domain;
+pub mod error;
+pub mod pb;
+pub mod server;
+pub mod service;
+pub mod store;

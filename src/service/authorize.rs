@@ -1,0 +1,109 @@
+//! The Authorize path: parse, look up (cache first), decide.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::cache::KeyCache;
+use crate::domain::clock::Clock;
+use crate::domain::decision::{self, DenyReason, Requirement, Verdict};
+use crate::domain::key::KeyRecord;
+use crate::domain::policy::RouteTable;
+use crate::domain::scope::Scope;
+use crate::domain::token::{ParsedToken, TokenError};
+use crate::error::Error;
+
+/// One Authorize call, as received.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthorizeInput<'a> {
+    pub token: &'a str,
+    pub route: &'a str,
+    pub ip: &'a str,
+    pub required_scopes: &'a [String],
+}
+
+/// The decision. `key` is set once the token is authenticated, also on a deny.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub deny: Option<DenyReason>,
+    pub key: Option<Arc<KeyRecord>>,
+    pub required_scope: Option<String>,
+}
+
+impl Outcome {
+    fn deny(reason: DenyReason) -> Self {
+        Self { deny: Some(reason), key: None, required_scope: None }
+    }
+}
+
+pub struct Authorizer {
+    keys: Arc<KeyCache>,
+    policy: Arc<RouteTable>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Authorizer {
+    pub fn new(keys: Arc<KeyCache>, policy: Arc<RouteTable>, clock: Arc<dyn Clock>) -> Self {
+        Self { keys, policy, clock }
+    }
+
+    /// Decides one request. A bad token is a deny, never an error; errors are
+    /// for malformed requests and an unreachable store (fail closed).
+    pub async fn authorize(&self, input: AuthorizeInput<'_>) -> Result<Outcome, Error> {
+        let ip = parse_ip(input.ip)?;
+        let required: Vec<Scope> = input
+            .required_scopes
+            .iter()
+            .map(|s| Scope::parse(s).map_err(|e| Error::invalid("required_scopes", e.to_string())))
+            .collect::<Result<_, _>>()?;
+        let requirement = if !required.is_empty() {
+            Requirement::Scopes(&required)
+        } else if input.route.trim().is_empty() {
+            return Err(Error::invalid("route", "must not be empty unless required_scopes are given"));
+        } else {
+            Requirement::Route(input.route)
+        };
+        let key = match self.authenticate(input.token).await? {
+            Ok(key) => key,
+            Err(reason) => return Ok(Outcome::deny(reason)),
+        };
+        let (deny, required_scope) = match decision::authorize(&key, ip, requirement, &self.policy) {
+            Verdict::Allow { required_scope } => (None, required_scope),
+            Verdict::Deny { reason, required_scope } => (Some(reason), required_scope),
+        };
+        Ok(Outcome { deny, required_scope: required_scope.map(|s| s.as_str().to_owned()), key: Some(key) })
+    }
+
+    /// Checks a presented credential: format, key, secret, state, expiry.
+    /// The outer error is the store failing; the inner one, the credential.
+    pub async fn authenticate(&self, token: &str) -> Result<Result<Arc<KeyRecord>, DenyReason>, Error> {
+        let parsed = match ParsedToken::parse(token) {
+            Ok(parsed) => parsed,
+            Err(TokenError::Missing) => return Ok(Err(DenyReason::MissingToken)),
+            Err(TokenError::Malformed) => return Ok(Err(DenyReason::InvalidToken)),
+        };
+        let Some(key) = self.keys.get(parsed.key_id).await? else {
+            return Ok(Err(DenyReason::InvalidToken));
+        };
+        Ok(decision::authenticate(&key, &parsed, self.clock.now()).map(|()| key))
+    }
+}
+
+/// An empty string is "unknown"; anything else must be an IPv4 or IPv6 address.
+pub fn parse_ip(ip: &str) -> Result<Option<IpAddr>, Error> {
+    let ip = ip.trim();
+    if ip.is_empty() {
+        return Ok(None);
+    }
+    ip.parse()
+        .map(Some)
+        .map_err(|_| Error::invalid("ip", format!("{:?} is not an IPv4 or IPv6 address", truncate(ip, 64))))
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary, for messages.
+pub fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

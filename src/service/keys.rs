@@ -1,0 +1,317 @@
+//! The key lifecycle: create, read, list, rotate, revoke, disable, enable, delete.
+//!
+//! Every change is a read-modify-write guarded by the record's version and
+//! retried on a conflict, so concurrent changes to one key never lose an update
+//! and never leave two current secrets.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use ipnet::IpNet;
+use uuid::Uuid;
+
+use super::caller::Caller;
+use super::page::PageTokens;
+use crate::cache::KeyCache;
+use crate::domain::clock::Clock;
+use crate::domain::event::{Actor, EventKind, NewEvent};
+use crate::domain::key::{KeyRecord, KeyState, Mode, Tier};
+use crate::domain::scope::{Scope, ScopeSet};
+use crate::domain::token::{self, Brand, NewToken};
+use crate::error::Error;
+use crate::store::{KeyQuery, KeyStore};
+
+/// How often a change is retried when another change to the same key wins.
+const MAX_ATTEMPTS: usize = 8;
+
+/// A validated CreateKey request.
+#[derive(Debug, Clone)]
+pub struct NewKeySpec {
+    pub name: String,
+    pub organization_id: Option<String>,
+    pub tier: Tier,
+    pub mode: Mode,
+    pub scopes: ScopeSet,
+    pub allowed_cidrs: Vec<IpNet>,
+    pub rate_limit_per_minute: u32,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A validated ListKeys request.
+#[derive(Debug, Clone, Default)]
+pub struct ListSpec {
+    pub organization_id: Option<String>,
+    pub include_revoked: bool,
+    pub mode: Option<Mode>,
+    pub page_size: u32,
+    pub page_token: Option<String>,
+}
+
+struct Scopes {
+    create: Scope,
+    read: Scope,
+    update: Scope,
+    delete: Scope,
+}
+
+pub struct KeyService {
+    store: Arc<dyn KeyStore>,
+    cache: Arc<KeyCache>,
+    clock: Arc<dyn Clock>,
+    brand: Brand,
+    pages: PageTokens,
+    scopes: Scopes,
+}
+
+impl KeyService {
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        cache: Arc<KeyCache>,
+        clock: Arc<dyn Clock>,
+        brand: Brand,
+        page_key: [u8; 32],
+    ) -> Self {
+        let scope = |s| Scope::parse(s).expect("built-in scope parses");
+        Self {
+            store,
+            cache,
+            clock,
+            brand,
+            pages: PageTokens::new(page_key),
+            scopes: Scopes {
+                create: scope("api_key:create"),
+                read: scope("api_key:read"),
+                update: scope("api_key:update"),
+                delete: scope("api_key:delete"),
+            },
+        }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Creates a key; the token in the answer is the only copy of its secret.
+    pub async fn create(&self, caller: &Caller, spec: NewKeySpec) -> Result<(KeyRecord, String), Error> {
+        caller.require(&self.scopes.create)?;
+        let organization_id = match spec.tier {
+            Tier::System if !caller.is_system() => {
+                return Err(Error::InsufficientScope("only a SYSTEM key can create a SYSTEM key".into()));
+            }
+            Tier::System => None,
+            Tier::Organization => {
+                let org = spec.organization_id.or_else(|| caller.key().organization_id.clone()).ok_or_else(|| {
+                    Error::invalid("organization_id", "is required for ORGANIZATION keys")
+                })?;
+                if !caller.can_see(Some(&org)) {
+                    return Err(Error::NotFound("organization"));
+                }
+                Some(org)
+            }
+        };
+        if let Some(missing) = caller.key().scopes.first_missing(spec.scopes.iter()) {
+            return Err(Error::InsufficientScope(format!("cannot grant {missing}, which the calling key does not hold")));
+        }
+        let now = self.clock.now();
+        if spec.expires_at.is_some_and(|at| at <= now) {
+            return Err(Error::invalid("expires_at", "must be in the future"));
+        }
+        let id = Uuid::new_v4();
+        let NewToken { token, prefix, digest } = self.new_token(spec.mode, id)?;
+        let key = KeyRecord {
+            id,
+            name: spec.name,
+            organization_id,
+            tier: spec.tier,
+            mode: spec.mode,
+            prefix,
+            secret_digest: digest,
+            previous_secret: None,
+            scopes: spec.scopes,
+            allowed_cidrs: spec.allowed_cidrs,
+            rate_limit_per_minute: spec.rate_limit_per_minute,
+            state: KeyState::Active,
+            created_at: now,
+            last_used_at: None,
+            expires_at: spec.expires_at,
+            rotated_at: None,
+            created_by: Actor::Key(caller.key().id).to_string(),
+            version: 1,
+        };
+        self.store.insert_key(&key, &event(EventKind::Created, &key, caller, now, String::new())).await?;
+        // The id may sit in the negative cache if someone guessed it first.
+        self.cache.invalidate(id);
+        tracing::info!(key_id = %id, organization_id = ?key.organization_id, actor = %caller.key().id, "key created");
+        Ok((key, token))
+    }
+
+    pub async fn get(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
+        caller.require(&self.scopes.read)?;
+        self.load_visible(caller, id).await
+    }
+
+    /// One page of keys, and the token of the next page when there is one.
+    pub async fn list(&self, caller: &Caller, spec: ListSpec) -> Result<(Vec<KeyRecord>, Option<String>), Error> {
+        caller.require(&self.scopes.read)?;
+        let organization_id = match spec.organization_id {
+            Some(org) if !caller.can_see(Some(&org)) => return Err(Error::NotFound("organization")),
+            Some(org) => Some(org),
+            None if caller.is_system() => None,
+            None => caller.key().organization_id.clone(),
+        };
+        let filter = format!("{organization_id:?}|{:?}|{}", spec.mode, spec.include_revoked);
+        let after = spec.page_token.map(|t| self.pages.decode(&t, &filter)).transpose()?;
+        let limit = if spec.page_size == 0 { 100 } else { spec.page_size };
+        let query = KeyQuery { organization_id, mode: spec.mode, include_revoked: spec.include_revoked, after, limit: limit + 1 };
+        let mut keys = self.store.list_keys(&query).await?;
+        let next = if keys.len() > limit as usize {
+            keys.truncate(limit as usize);
+            keys.last().map(|k| self.pages.encode((k.created_at, k.id), &filter))
+        } else {
+            None
+        };
+        Ok((keys, next))
+    }
+
+    /// New secret, same key id; the old secret works for `grace` more.
+    pub async fn rotate(&self, caller: &Caller, id: Uuid, grace: Duration) -> Result<(KeyRecord, String), Error> {
+        caller.require(&self.scopes.update)?;
+        let mut token = None;
+        let key = self
+            .change(caller, id, EventKind::Rotated, |key, now| {
+                let fresh = match &token {
+                    Some(t) => t,
+                    None => token.insert(self.new_token(key.mode, key.id)?),
+                };
+                key.rotate(fresh.digest, grace, now)?;
+                Ok(String::new())
+            })
+            .await?;
+        let token = token.ok_or_else(|| Error::Internal("rotation produced no token".into()))?;
+        Ok((key, token.token))
+    }
+
+    pub async fn revoke(&self, caller: &Caller, id: Uuid, reason: String) -> Result<KeyRecord, Error> {
+        caller.require(&self.scopes.update)?;
+        self.change(caller, id, EventKind::Revoked, |key, now| {
+            key.revoke(reason.clone(), now)?;
+            Ok(reason.clone())
+        })
+        .await
+    }
+
+    pub async fn disable(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
+        caller.require(&self.scopes.update)?;
+        self.change(caller, id, EventKind::Disabled, |key, _| Ok(key.disable().map(|()| String::new())?))
+            .await
+    }
+
+    pub async fn enable(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
+        caller.require(&self.scopes.update)?;
+        self.change(caller, id, EventKind::Enabled, |key, _| Ok(key.enable().map(|()| String::new())?))
+            .await
+    }
+
+    /// Writes a SYSTEM key with `*:*` straight into the store, for the very
+    /// first key (`keygate bootstrap`).
+    pub async fn bootstrap(&self, name: String, mode: Mode) -> Result<(KeyRecord, String), Error> {
+        let now = self.clock.now();
+        let id = Uuid::new_v4();
+        let NewToken { token, prefix, digest } = self.new_token(mode, id)?;
+        let scopes = ScopeSet::parse(&["*:*"]).map_err(|e| Error::Internal(e.to_string()))?;
+        let key = KeyRecord {
+            id,
+            name,
+            organization_id: None,
+            tier: Tier::System,
+            mode,
+            prefix,
+            secret_digest: digest,
+            previous_secret: None,
+            scopes,
+            allowed_cidrs: Vec::new(),
+            rate_limit_per_minute: 0,
+            state: KeyState::Active,
+            created_at: now,
+            last_used_at: None,
+            expires_at: None,
+            rotated_at: None,
+            created_by: Actor::Bootstrap.to_string(),
+            version: 1,
+        };
+        let ev = NewEvent {
+            kind: EventKind::Created,
+            key_id: id,
+            organization_id: None,
+            actor: Actor::Bootstrap,
+            at: now,
+            reason: String::new(),
+        };
+        self.store.insert_key(&key, &ev).await?;
+        tracing::info!(key_id = %id, "bootstrap key created");
+        Ok((key, token))
+    }
+
+    /// Removes the key for good; its events stay in the log.
+    pub async fn delete(&self, caller: &Caller, id: Uuid) -> Result<(), Error> {
+        caller.require(&self.scopes.delete)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let key = self.load_visible(caller, id).await?;
+            let now = self.clock.now();
+            let ev = event(EventKind::Deleted, &key, caller, now, String::new());
+            if self.store.delete_key(id, key.version, &ev).await? {
+                self.cache.invalidate(id);
+                tracing::info!(key_id = %id, actor = %caller.key().id, "key deleted");
+                return Ok(());
+            }
+        }
+        Err(Error::Aborted("the key kept changing concurrently; retry"))
+    }
+
+    /// Applies `apply` to the stored key and writes it back with its event,
+    /// retrying from a fresh read when a concurrent change wins. `apply`
+    /// returns the event's reason.
+    async fn change(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        kind: EventKind,
+        mut apply: impl FnMut(&mut KeyRecord, DateTime<Utc>) -> Result<String, Error>,
+    ) -> Result<KeyRecord, Error> {
+        for _ in 0..MAX_ATTEMPTS {
+            let mut key = self.load_visible(caller, id).await?;
+            let now = self.clock.now();
+            let reason = apply(&mut key, now)?;
+            let ev = event(kind, &key, caller, now, reason);
+            if let Some(stored) = self.store.update_key(&key, &ev).await? {
+                self.cache.invalidate(id);
+                tracing::info!(key_id = %id, actor = %caller.key().id, event = kind.as_str(), "key changed");
+                return Ok(stored);
+            }
+        }
+        Err(Error::Aborted("the key kept changing concurrently; retry"))
+    }
+
+    /// Reads from the store, not the cache: admin answers are never stale.
+    async fn load_visible(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
+        match self.store.get_key(id).await? {
+            Some(key) if caller.can_see(key.organization_id.as_deref()) => Ok(key),
+            _ => Err(Error::NotFound("key")),
+        }
+    }
+
+    fn new_token(&self, mode: Mode, id: Uuid) -> Result<NewToken, Error> {
+        token::generate(&self.brand, mode, id).map_err(|e| Error::Internal(format!("OS random source failed: {e}")))
+    }
+}
+
+fn event(kind: EventKind, key: &KeyRecord, caller: &Caller, at: DateTime<Utc>, reason: String) -> NewEvent {
+    NewEvent {
+        kind,
+        key_id: key.id,
+        organization_id: key.organization_id.clone(),
+        actor: Actor::Key(caller.key().id),
+        at,
+        reason,
+    }
+}

@@ -1,0 +1,11 @@
+//! The service layer: the Authorize path and the key lifecycle, over the cache,
+//! the store and the domain rules. Knows nothing of gRPC.
+
+pub mod authorize;
+pub mod caller;
+pub mod keys;
+mod page;
+
+pub use authorize::{AuthorizeInput, Authorizer, Outcome};
+pub use caller::Caller;
+pub use keys::{KeyService, ListSpec, NewKeySpec};

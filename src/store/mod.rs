@@ -1,0 +1,85 @@
+//! Key storage: one trait, one SQL implementation, two dialects.
+//!
+//! PostgreSQL (production, many replicas) and SQLite (the embedded default)
+//! run the same SQL through sqlx's `Any` driver; what differs between them,
+//! connection set-up, migrations and how event sequences are serialised, lives
+//! in `postgres.rs` and `sqlite.rs`.
+
+mod postgres;
+mod row;
+mod sql;
+mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::event::NewEvent;
+use crate::domain::key::{KeyRecord, Mode};
+
+pub use sql::{redact as sql_redact, SqlStore};
+
+/// The one read the Authorize path needs.
+#[async_trait]
+pub trait KeyReader: Send + Sync + 'static {
+    /// The key with this id, or `None` when there is none.
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
+}
+
+/// Writes and listing, for the admin API. Every write appends its event in the
+/// same transaction and returns the event's sequence.
+#[async_trait]
+pub trait KeyStore: KeyReader {
+    async fn insert_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<i64, StoreError>;
+
+    /// Stores `key` (with `version + 1`) if the stored version is still
+    /// `key.version`; `Ok(None)` when another change got there first.
+    async fn update_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Deletes the key if its stored version is still `version`; `Ok(false)` otherwise.
+    async fn delete_key(&self, id: Uuid, version: i64, event: &NewEvent) -> Result<bool, StoreError>;
+
+    /// Keys in (created_at, id) order.
+    async fn list_keys(&self, query: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// A 32-byte secret shared by every replica, created on first use.
+    async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
+
+    /// Answers when the store is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Which keys to list.
+#[derive(Debug, Clone, Default)]
+pub struct KeyQuery {
+    /// `None`: every key, SYSTEM keys included.
+    pub organization_id: Option<String>,
+    pub mode: Option<Mode>,
+    pub include_revoked: bool,
+    /// Only keys after this (created_at, id).
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("a key with this id already exists")]
+    Conflict,
+    #[error("stored key {id} is unreadable: {why}")]
+    Corrupt { id: String, why: String },
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database url {0:?}: expected sqlite:// or postgres://")]
+    UnsupportedUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => StoreError::Conflict,
+            _ => StoreError::Unavailable(e),
+        }
+    }
+}

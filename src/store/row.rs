@@ -1,0 +1,141 @@
+//! Rows ↔ key records. Times are unix microseconds; lists are space-separated.
+
+use chrono::{DateTime, Utc};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+/// A query on the `Any` driver.
+pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+use super::StoreError;
+use crate::domain::event::NewEvent;
+use crate::domain::key::{KeyRecord, KeyState, Mode, PreviousSecret, Tier};
+use crate::domain::scope::ScopeSet;
+use crate::domain::token::SecretDigest;
+
+pub const KEY_COLUMNS: &str = "id, name, organization_id, tier, mode, prefix, secret_digest, \
+    previous_secret_digest, previous_secret_expires_at, scopes, allowed_cidrs, rate_limit_per_minute, \
+    status, created_at, last_used_at, expires_at, revoked_at, revoked_reason, rotated_at, created_by, version";
+
+pub fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn time(us: i64) -> Result<DateTime<Utc>, String> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| format!("time {us} out of range"))
+}
+
+fn opt_time(us: Option<i64>) -> Result<Option<DateTime<Utc>>, String> {
+    us.map(time).transpose()
+}
+
+fn digest(bytes: Vec<u8>) -> Result<SecretDigest, String> {
+    bytes.try_into().map(SecretDigest).map_err(|_| "digest is not 32 bytes".to_owned())
+}
+
+pub fn join<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    items.into_iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")
+}
+
+pub fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    decode(row, &id).map_err(|why| StoreError::Corrupt { id, why })
+}
+
+fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
+    let get_err = |e: sqlx::Error| e.to_string();
+    let text = |col: &str| row.try_get::<String, _>(col).map_err(get_err);
+    let opt_i64 = |col: &str| row.try_get::<Option<i64>, _>(col).map_err(get_err);
+    let status = text("status")?;
+    let state = match status.as_str() {
+        "active" => KeyState::Active,
+        "disabled" => KeyState::Disabled,
+        "revoked" => KeyState::Revoked {
+            at: time(opt_i64("revoked_at")?.ok_or("revoked key without revoked_at")?)?,
+            reason: row.try_get::<Option<String>, _>("revoked_reason").map_err(get_err)?.unwrap_or_default(),
+        },
+        other => return Err(format!("unknown status {other:?}")),
+    };
+    let previous_secret = match row.try_get::<Option<Vec<u8>>, _>("previous_secret_digest").map_err(get_err)? {
+        Some(d) => Some(PreviousSecret {
+            digest: digest(d)?,
+            expires_at: time(opt_i64("previous_secret_expires_at")?.ok_or("previous secret without expiry")?)?,
+        }),
+        None => None,
+    };
+    let scopes_text = text("scopes")?;
+    let scopes: Vec<&str> = scopes_text.split_whitespace().collect();
+    let cidrs = text("allowed_cidrs")?
+        .split_whitespace()
+        .map(|c| c.parse().map_err(|_| format!("bad cidr {c:?}")))
+        .collect::<Result<_, _>>()?;
+    let rate: i64 = row.try_get("rate_limit_per_minute").map_err(get_err)?;
+    Ok(KeyRecord {
+        id: Uuid::parse_str(id).map_err(|e| e.to_string())?,
+        name: text("name")?,
+        organization_id: row.try_get("organization_id").map_err(get_err)?,
+        tier: Tier::parse(&text("tier")?).ok_or("unknown tier")?,
+        mode: Mode::parse(&text("mode")?).ok_or("unknown mode")?,
+        prefix: text("prefix")?,
+        secret_digest: digest(row.try_get("secret_digest").map_err(get_err)?)?,
+        previous_secret,
+        scopes: ScopeSet::parse(&scopes).map_err(|e| e.to_string())?,
+        allowed_cidrs: cidrs,
+        rate_limit_per_minute: u32::try_from(rate).map_err(|e| e.to_string())?,
+        state,
+        created_at: time(row.try_get("created_at").map_err(get_err)?)?,
+        last_used_at: opt_time(opt_i64("last_used_at")?)?,
+        expires_at: opt_time(opt_i64("expires_at")?)?,
+        rotated_at: opt_time(opt_i64("rotated_at")?)?,
+        created_by: text("created_by")?,
+        version: row.try_get("version").map_err(get_err)?,
+    })
+}
+
+/// Binds a key's columns, in `KEY_COLUMNS` order, to `$1..$21`.
+pub fn bind_key<'q>(
+    query: AnyQuery<'q>,
+    key: &KeyRecord,
+) -> AnyQuery<'q> {
+    let (status, revoked_at, revoked_reason) = match &key.state {
+        KeyState::Revoked { at, reason } => ("revoked", Some(micros(*at)), Some(reason.as_str())),
+        other => (other.as_str(), None, None),
+    };
+    query
+        .bind(key.id.to_string())
+        .bind(key.name.as_str())
+        .bind(key.organization_id.as_deref())
+        .bind(key.tier.as_str())
+        .bind(key.mode.as_str())
+        .bind(key.prefix.as_str())
+        .bind(key.secret_digest.0.to_vec())
+        .bind(key.previous_secret.as_ref().map(|p| p.digest.0.to_vec()))
+        .bind(key.previous_secret.as_ref().map(|p| micros(p.expires_at)))
+        .bind(join(key.scopes.iter().map(|s| s.as_str())))
+        .bind(join(&key.allowed_cidrs))
+        .bind(i64::from(key.rate_limit_per_minute))
+        .bind(status)
+        .bind(micros(key.created_at))
+        .bind(key.last_used_at.map(micros))
+        .bind(key.expires_at.map(micros))
+        .bind(revoked_at)
+        .bind(revoked_reason)
+        .bind(key.rotated_at.map(micros))
+        .bind(key.created_by.as_str())
+        .bind(key.version)
+}
+
+/// Binds an event's columns to the next six placeholders.
+pub fn bind_event<'q>(
+    query: AnyQuery<'q>,
+    event: &NewEvent,
+) -> AnyQuery<'q> {
+    query
+        .bind(event.kind.as_str())
+        .bind(event.key_id.to_string())
+        .bind(event.organization_id.as_deref())
+        .bind(event.actor.to_string())
+        .bind(micros(event.at))
+        .bind(event.reason.as_str())
+}

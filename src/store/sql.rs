@@ -1,0 +1,207 @@
+//! The store's SQL, shared by both dialects.
+
+use async_trait::async_trait;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::row::{bind_event, bind_key, key_from_row, micros, KEY_COLUMNS};
+use super::{postgres, sqlite, KeyQuery, KeyReader, KeyStore, StoreError};
+use crate::domain::event::NewEvent;
+use crate::domain::key::KeyRecord;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+/// A PostgreSQL or SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+// The event's sequence is the log's maximum plus one, computed inside the
+// writing transaction; each dialect makes sure writers take turns (see
+// `begin_write`), so sequences are gap-free and in commit order.
+const INSERT_EVENT: &str = "INSERT INTO key_events (seq, kind, key_id, organization_id, actor, at, reason) \
+    SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6 FROM key_events RETURNING seq";
+
+impl SqlStore {
+    /// Connects to `sqlite://…` (created when missing) or `postgres://…` and
+    /// applies the embedded migrations.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (dialect, url) = if sqlite::handles(url) {
+            (Dialect::Sqlite, sqlite::connect_url(url))
+        } else if postgres::handles(url) {
+            (Dialect::Postgres, url.to_owned())
+        } else {
+            return Err(StoreError::UnsupportedUrl(redact(url)));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(match dialect {
+                Dialect::Postgres => 16,
+                Dialect::Sqlite => 8,
+            })
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(&url)
+            .await?;
+        let store = Self { pool, dialect };
+        match dialect {
+            Dialect::Sqlite => {
+                sqlite::prepare(&store.pool).await?;
+                sqlite::migrator().run(&store.pool).await?;
+            }
+            Dialect::Postgres => postgres::migrator().run(&store.pool).await?,
+        }
+        Ok(store)
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            postgres::serialize_writers(&mut tx).await?;
+        }
+        // SQLite: every write transaction starts with a write, which takes the
+        // database's single write lock (waiting up to the busy timeout).
+        Ok(tx)
+    }
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[async_trait]
+impl KeyReader for SqlStore {
+    #[instrument(name = "keystore.get", skip(self), err)]
+    async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"));
+        let row = sqlx::query(sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqlStore {
+    #[instrument(name = "keystore.insert", skip_all, fields(key_id = %key.id), err)]
+    async fn insert_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<i64, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let sql = sqlx::AssertSqlSafe(format!(
+            "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+        ));
+        bind_key(sqlx::query(sql), key).execute(&mut *tx).await?;
+        let seq: i64 = bind_event(sqlx::query(INSERT_EVENT), event).fetch_one(&mut *tx).await?.try_get(0)?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    #[instrument(name = "keystore.update", skip_all, fields(key_id = %key.id), err)]
+    async fn update_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<Option<KeyRecord>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let mut next = key.clone();
+        next.version += 1;
+        let assignments = KEY_COLUMNS
+            .split(", ")
+            .enumerate()
+            .skip(1)
+            .map(|(i, col)| format!("{col} = ${}", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = sqlx::AssertSqlSafe(format!("UPDATE api_keys SET {assignments} WHERE id = $1 AND version = $22"));
+        let done = bind_key(sqlx::query(sql), &next).bind(key.version).execute(&mut *tx).await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        bind_event(sqlx::query(INSERT_EVENT), event).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Some(next))
+    }
+
+    #[instrument(name = "keystore.delete", skip(self, event), err)]
+    async fn delete_key(&self, id: Uuid, version: i64, event: &NewEvent) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND version = $2")
+            .bind(id.to_string())
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        bind_event(sqlx::query(INSERT_EVENT), event).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    #[instrument(name = "keystore.list", skip(self), err)]
+    async fn list_keys(&self, q: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError> {
+        // One statement for every filter combination: an absent filter binds NULL.
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys \
+             WHERE ($1 IS NULL OR organization_id = $1) \
+               AND ($2 IS NULL OR mode = $2) \
+               AND ($3 = 1 OR status <> 'revoked') \
+               AND ($4 IS NULL OR created_at > $4 OR (created_at = $4 AND id > $5)) \
+             ORDER BY created_at, id LIMIT $6"
+        ));
+        let (after_at, after_id) = match q.after {
+            Some((at, id)) => (Some(micros(at)), id.to_string()),
+            None => (None, String::new()),
+        };
+        let rows = sqlx::query(sql)
+            .bind(q.organization_id.as_deref())
+            .bind(q.mode.map(|m| m.as_str()))
+            .bind(i64::from(q.include_revoked))
+            .bind(after_at)
+            .bind(after_id)
+            .bind(i64::from(q.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    #[instrument(name = "keystore.shared_secret", skip(self), err)]
+    async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let mut fresh = [0u8; 32];
+        getrandom::fill(&mut fresh).map_err(|e| StoreError::Corrupt { id: name.into(), why: e.to_string() })?;
+        // Whichever replica inserts first wins; everyone reads the winner.
+        sqlx::query("INSERT INTO keygate_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(fresh.to_vec())
+            .execute(&self.pool)
+            .await?;
+        let value: Vec<u8> =
+            sqlx::query("SELECT value FROM keygate_settings WHERE name = $1").bind(name).fetch_one(&self.pool).await?.try_get(0)?;
+        value.try_into().map_err(|_| StoreError::Corrupt { id: name.into(), why: "setting is not 32 bytes".into() })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("sqlite://keygate.db"), "sqlite://keygate.db");
+    }
+}

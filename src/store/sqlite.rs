@@ -1,0 +1,34 @@
+//! SQLite specifics: the embedded default, one node.
+
+use sqlx::migrate::Migrator;
+use sqlx::AnyPool;
+
+use super::StoreError;
+
+static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/sqlite");
+
+pub(super) fn migrator() -> &'static Migrator {
+    &MIGRATOR
+}
+
+pub(super) fn handles(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
+/// Creates the database file when missing, as `keygate serve` promises.
+pub(super) fn connect_url(url: &str) -> String {
+    if url.contains("mode=") || url.contains(":memory:") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+/// WAL lets Authorize's reads go on while an admin change is written; the
+/// setting is stored in the file, so once is enough.
+pub(super) async fn prepare(pool: &AnyPool) -> Result<(), StoreError> {
+    sqlx::query("PRAGMA journal_mode = WAL").execute(pool).await?;
+    Ok(())
+}
