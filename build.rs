@@ -14,7 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("keygate_descriptor.bin"))
-        .compile_with_config(config, &protos.map(PathBuf::from), &[PathBuf::from("proto"), well_known])?;
+        .compile_with_config(
+            config,
+            &protos.map(PathBuf::from),
+            &[PathBuf::from("proto"), well_known],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

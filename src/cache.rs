@@ -3,8 +3,8 @@
 //! Known keys stay for the TTL; unknown ids are remembered briefly (negative
 //! cache) so a flood of made-up tokens does not become a flood of queries.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -23,7 +23,11 @@ pub struct CacheSettings {
 
 impl Default for CacheSettings {
     fn default() -> Self {
-        Self { capacity: 100_000, ttl: Duration::from_secs(60), negative_ttl: Duration::from_secs(5) }
+        Self {
+            capacity: 100_000,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+        }
     }
 }
 
@@ -40,8 +44,14 @@ impl KeyCache {
     pub fn new(store: Arc<dyn KeyReader>, settings: CacheSettings) -> Self {
         Self {
             store,
-            known: Cache::builder().max_capacity(settings.capacity).time_to_live(settings.ttl).build(),
-            unknown: Cache::builder().max_capacity(settings.capacity).time_to_live(settings.negative_ttl).build(),
+            known: Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(settings.ttl)
+                .build(),
+            unknown: Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(settings.negative_ttl)
+                .build(),
             epoch: AtomicU64::new(0),
         }
     }

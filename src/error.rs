@@ -33,7 +33,10 @@ pub enum Error {
 
 impl Error {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { field, reason: reason.into() }
+        Error::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -54,7 +57,11 @@ impl From<Error> for Status {
             // Store details (hosts, SQL) stay in the log, not in the answer.
             Code::Unavailable | Code::Internal => {
                 tracing::error!(error = %e, "request failed");
-                let message = if code == Code::Unavailable { "key store unavailable" } else { "internal error" };
+                let message = if code == Code::Unavailable {
+                    "key store unavailable"
+                } else {
+                    "internal error"
+                };
                 Status::new(code, message)
             }
             _ => Status::new(code, e.to_string()),
@@ -74,6 +81,9 @@ mod tests {
         let s: Status = Error::Denied(DenyReason::IpNotAllowed).into();
         assert_eq!(s.code(), Code::PermissionDenied);
         let s: Status = Error::invalid("name", "must not be empty").into();
-        assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "name: must not be empty"));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::InvalidArgument, "name: must not be empty")
+        );
     }
 }

@@ -38,9 +38,23 @@ impl Keygate {
         let store = Arc::new(SqlStore::connect(&settings.database_url).await?);
         let page_key = store.shared_secret("page_token_key").await?;
         let cache = Arc::new(KeyCache::new(store.clone(), settings.cache));
-        let authorizer = Arc::new(Authorizer::new(cache.clone(), Arc::new(settings.policy), clock.clone()));
-        let keys = Arc::new(KeyService::new(store.clone(), cache, clock, settings.brand, page_key));
-        Ok(Self { authorizer, keys, store })
+        let authorizer = Arc::new(Authorizer::new(
+            cache.clone(),
+            Arc::new(settings.policy),
+            clock.clone(),
+        ));
+        let keys = Arc::new(KeyService::new(
+            store.clone(),
+            cache,
+            clock,
+            settings.brand,
+            page_key,
+        ));
+        Ok(Self {
+            authorizer,
+            keys,
+            store,
+        })
     }
 
     /// Serves gRPC on `listener` until `shutdown` completes, then lets
@@ -54,9 +68,15 @@ impl Keygate {
         let authorizer = AuthorizerApi::new(self.authorizer.clone()).into_server();
         let admin = AdminApi::new(self.authorizer.clone(), self.keys.clone()).into_server();
         // Migrations ran in `open`, so the store has answered by now.
-        health.set_serving::<pb::keygate::v1::authorizer_server::AuthorizerServer<AuthorizerApi>>().await;
-        health.set_serving::<pb::keygate::v1::key_admin_server::KeyAdminServer<AdminApi>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        health
+            .set_serving::<pb::keygate::v1::authorizer_server::AuthorizerServer<AuthorizerApi>>()
+            .await;
+        health
+            .set_serving::<pb::keygate::v1::key_admin_server::KeyAdminServer<AdminApi>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

@@ -24,7 +24,10 @@ impl AdminApi {
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        Ok(caller::authenticate(&self.authorizer, request.metadata(), request.remote_addr()).await?)
+        Ok(
+            caller::authenticate(&self.authorizer, request.metadata(), request.remote_addr())
+                .await?,
+        )
     }
 
     fn api_key(&self, key: &crate::domain::key::KeyRecord) -> ApiKey {
@@ -34,11 +37,17 @@ impl AdminApi {
 
 #[tonic::async_trait]
 impl key_admin_server::KeyAdmin for AdminApi {
-    async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<CreateKeyResponse>, Status> {
+    async fn create_key(
+        &self,
+        request: Request<CreateKeyRequest>,
+    ) -> Result<Response<CreateKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
         let spec = convert::new_key(request.into_inner())?;
         let (key, token) = self.keys.create(&caller, spec).await?;
-        Ok(Response::new(CreateKeyResponse { key: Some(self.api_key(&key)), token }))
+        Ok(Response::new(CreateKeyResponse {
+            key: Some(self.api_key(&key)),
+            token,
+        }))
     }
 
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<ApiKey>, Status> {
@@ -48,7 +57,10 @@ impl key_admin_server::KeyAdmin for AdminApi {
         Ok(Response::new(self.api_key(&key)))
     }
 
-    async fn list_keys(&self, request: Request<ListKeysRequest>) -> Result<Response<ListKeysResponse>, Status> {
+    async fn list_keys(
+        &self,
+        request: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
         let caller = self.caller(&request).await?;
         let spec = convert::list_spec(request.into_inner())?;
         let (keys, next) = self.keys.list(&caller, spec).await?;
@@ -58,18 +70,30 @@ impl key_admin_server::KeyAdmin for AdminApi {
         }))
     }
 
-    async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
+    async fn rotate_key(
+        &self,
+        request: Request<RotateKeyRequest>,
+    ) -> Result<Response<RotateKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
         let id = convert::key_id("key_id", &r.key_id)?;
         let grace = convert::grace_period(r.grace_period.as_ref())?;
         let (key, token) = self.keys.rotate(&caller, id, grace).await?;
-        let previous_secret_expires_at =
-            key.previous_secret.as_ref().map(|p| convert::timestamp(p.expires_at));
-        Ok(Response::new(RotateKeyResponse { key: Some(self.api_key(&key)), token, previous_secret_expires_at }))
+        let previous_secret_expires_at = key
+            .previous_secret
+            .as_ref()
+            .map(|p| convert::timestamp(p.expires_at));
+        Ok(Response::new(RotateKeyResponse {
+            key: Some(self.api_key(&key)),
+            token,
+            previous_secret_expires_at,
+        }))
     }
 
-    async fn revoke_key(&self, request: Request<RevokeKeyRequest>) -> Result<Response<ApiKey>, Status> {
+    async fn revoke_key(
+        &self,
+        request: Request<RevokeKeyRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
         let id = convert::key_id("key_id", &r.key_id)?;
@@ -78,21 +102,30 @@ impl key_admin_server::KeyAdmin for AdminApi {
         Ok(Response::new(self.api_key(&key)))
     }
 
-    async fn disable_key(&self, request: Request<DisableKeyRequest>) -> Result<Response<ApiKey>, Status> {
+    async fn disable_key(
+        &self,
+        request: Request<DisableKeyRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
         let caller = self.caller(&request).await?;
         let id = convert::key_id("key_id", &request.get_ref().key_id)?;
         let key = self.keys.disable(&caller, id).await?;
         Ok(Response::new(self.api_key(&key)))
     }
 
-    async fn enable_key(&self, request: Request<EnableKeyRequest>) -> Result<Response<ApiKey>, Status> {
+    async fn enable_key(
+        &self,
+        request: Request<EnableKeyRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
         let caller = self.caller(&request).await?;
         let id = convert::key_id("key_id", &request.get_ref().key_id)?;
         let key = self.keys.enable(&caller, id).await?;
         Ok(Response::new(self.api_key(&key)))
     }
 
-    async fn delete_key(&self, request: Request<DeleteKeyRequest>) -> Result<Response<DeleteKeyResponse>, Status> {
+    async fn delete_key(
+        &self,
+        request: Request<DeleteKeyRequest>,
+    ) -> Result<Response<DeleteKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
         let id = convert::key_id("key_id", &request.get_ref().key_id)?;
         self.keys.delete(&caller, id).await?;

@@ -25,9 +25,17 @@ impl AuthorizerApi {
 
 #[tonic::async_trait]
 impl authorizer_server::Authorizer for AuthorizerApi {
-    async fn authorize(&self, request: Request<AuthorizeRequest>) -> Result<Response<AuthorizeResponse>, Status> {
+    async fn authorize(
+        &self,
+        request: Request<AuthorizeRequest>,
+    ) -> Result<Response<AuthorizeResponse>, Status> {
         let r = request.get_ref();
-        let input = AuthorizeInput { token: &r.token, route: &r.route, ip: &r.ip, required_scopes: &r.required_scopes };
+        let input = AuthorizeInput {
+            token: &r.token,
+            route: &r.route,
+            ip: &r.ip,
+            required_scopes: &r.required_scopes,
+        };
         let outcome = self.authorizer.authorize(input).await?;
         Ok(Response::new(convert::authorize_response(outcome)))
     }

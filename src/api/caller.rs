@@ -26,7 +26,10 @@ pub async fn authenticate(
     peer: Option<SocketAddr>,
 ) -> Result<Caller, Error> {
     let token = credential(metadata).ok_or(Error::Denied(DenyReason::MissingToken))?;
-    let key = authorizer.authenticate(token).await?.map_err(Error::Denied)?;
+    let key = authorizer
+        .authenticate(token)
+        .await?
+        .map_err(Error::Denied)?;
     if !decision::ip_allowed(&key, peer.map(|p| p.ip())) {
         return Err(Error::Denied(DenyReason::IpNotAllowed));
     }

@@ -5,8 +5,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use crate::domain::decision::DenyReason;
-use crate::domain::key::{self, KeyRecord, KeyState, KeyStatus, Mode, Tier, MAX_GRACE};
-use crate::domain::scope::{ScopeSet, MAX_SCOPES};
+use crate::domain::key::{self, KeyRecord, KeyState, KeyStatus, MAX_GRACE, Mode, Tier};
+use crate::domain::scope::{MAX_SCOPES, ScopeSet};
 use crate::domain::token;
 use crate::error::Error;
 use crate::pb::keygate::v1 as pb;
@@ -19,7 +19,10 @@ const MAX_PAGE_SIZE: u32 = 1000;
 const MAX_RATE_LIMIT: u32 = 1_000_000;
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 fn from_timestamp(field: &'static str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>, Error> {
@@ -31,7 +34,10 @@ fn from_timestamp(field: &'static str, t: &prost_types::Timestamp) -> Result<Dat
 }
 
 pub fn duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration { seconds: d.num_seconds(), nanos: d.subsec_nanos() }
+    prost_types::Duration {
+        seconds: d.num_seconds(),
+        nanos: d.subsec_nanos(),
+    }
 }
 
 pub fn mode(m: Mode) -> pb::Mode {
@@ -100,8 +106,16 @@ pub fn api_key(k: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
 
 pub fn authorize_response(o: Outcome) -> pb::AuthorizeResponse {
     let mut r = pb::AuthorizeResponse {
-        decision: if o.deny.is_none() { pb::Decision::Allow } else { pb::Decision::Deny }.into(),
-        reason: o.deny.map_or(pb::DenyReason::Unspecified, deny_reason).into(),
+        decision: if o.deny.is_none() {
+            pb::Decision::Allow
+        } else {
+            pb::Decision::Deny
+        }
+        .into(),
+        reason: o
+            .deny
+            .map_or(pb::DenyReason::Unspecified, deny_reason)
+            .into(),
         http_status: o.deny.map_or(200, |d| u32::from(d.http_status())),
         message: o.deny.map_or("OK", |d| d.message()).to_owned(),
         required_scope: o.required_scope.unwrap_or_default(),
@@ -127,13 +141,21 @@ pub fn key_id(field: &'static str, id: &str) -> Result<Uuid, Error> {
     })
 }
 
-fn text(field: &'static str, value: &str, max_chars: usize, required: bool) -> Result<String, Error> {
+fn text(
+    field: &'static str,
+    value: &str,
+    max_chars: usize,
+    required: bool,
+) -> Result<String, Error> {
     let value = value.trim();
     if required && value.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
     if value.chars().count() > max_chars {
-        return Err(Error::invalid(field, format!("must be at most {max_chars} characters")));
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max_chars} characters"),
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(Error::invalid(field, "must not contain control characters"));
@@ -145,7 +167,10 @@ fn organization(value: &str) -> Result<Option<String>, Error> {
     match value.trim() {
         "" => Ok(None),
         org if key::is_valid_organization_id(org) => Ok(Some(org.to_owned())),
-        _ => Err(Error::invalid("organization_id", "must be 1-128 letters, digits, '_', '-', '.' or ':'")),
+        _ => Err(Error::invalid(
+            "organization_id",
+            "must be 1-128 letters, digits, '_', '-', '.' or ':'",
+        )),
     }
 }
 
@@ -169,22 +194,42 @@ pub fn new_key(r: pb::CreateKeyRequest) -> Result<NewKeySpec, Error> {
     };
     let organization_id = organization(&r.organization_id)?;
     if tier == Tier::System && organization_id.is_some() {
-        return Err(Error::invalid("organization_id", "must be empty for SYSTEM keys"));
+        return Err(Error::invalid(
+            "organization_id",
+            "must be empty for SYSTEM keys",
+        ));
     }
     // Unspecified is TEST: a key reaches real funds only when asked to.
     let mode = mode_filter(r.mode)?.unwrap_or(Mode::Test);
     if r.scopes.len() > MAX_SCOPES {
-        return Err(Error::invalid("scopes", format!("at most {MAX_SCOPES} scopes")));
+        return Err(Error::invalid(
+            "scopes",
+            format!("at most {MAX_SCOPES} scopes"),
+        ));
     }
     let scopes = ScopeSet::parse(&r.scopes).map_err(|e| Error::invalid("scopes", e.to_string()))?;
     if r.allowed_cidrs.len() > MAX_CIDRS {
-        return Err(Error::invalid("allowed_cidrs", format!("at most {MAX_CIDRS} entries")));
+        return Err(Error::invalid(
+            "allowed_cidrs",
+            format!("at most {MAX_CIDRS} entries"),
+        ));
     }
-    let allowed_cidrs = r.allowed_cidrs.iter().map(|c| cidr(c)).collect::<Result<Vec<_>, _>>()?;
+    let allowed_cidrs = r
+        .allowed_cidrs
+        .iter()
+        .map(|c| cidr(c))
+        .collect::<Result<Vec<_>, _>>()?;
     if r.rate_limit_per_minute > MAX_RATE_LIMIT {
-        return Err(Error::invalid("rate_limit_per_minute", format!("must be at most {MAX_RATE_LIMIT}")));
+        return Err(Error::invalid(
+            "rate_limit_per_minute",
+            format!("must be at most {MAX_RATE_LIMIT}"),
+        ));
     }
-    let expires_at = r.expires_at.as_ref().map(|t| from_timestamp("expires_at", t)).transpose()?;
+    let expires_at = r
+        .expires_at
+        .as_ref()
+        .map(|t| from_timestamp("expires_at", t))
+        .transpose()?;
     Ok(NewKeySpec {
         name,
         organization_id,
@@ -200,16 +245,24 @@ pub fn new_key(r: pb::CreateKeyRequest) -> Result<NewKeySpec, Error> {
 /// A CIDR, or a single address meaning just that address.
 fn cidr(value: &str) -> Result<IpNet, Error> {
     let value = value.trim();
-    let parsed = value.parse::<IpNet>().or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from));
+    let parsed = value
+        .parse::<IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from));
     parsed.map(|net| net.trunc()).map_err(|_| {
         let shown = crate::service::authorize::truncate(value, 64);
-        Error::invalid("allowed_cidrs", format!("{shown:?} is not a CIDR or IP address"))
+        Error::invalid(
+            "allowed_cidrs",
+            format!("{shown:?} is not a CIDR or IP address"),
+        )
     })
 }
 
 pub fn list_spec(r: pb::ListKeysRequest) -> Result<ListSpec, Error> {
     if r.page_size > MAX_PAGE_SIZE {
-        return Err(Error::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")));
+        return Err(Error::invalid(
+            "page_size",
+            format!("must be at most {MAX_PAGE_SIZE}"),
+        ));
     }
     Ok(ListSpec {
         organization_id: organization(&r.organization_id)?,
@@ -221,12 +274,15 @@ pub fn list_spec(r: pb::ListKeysRequest) -> Result<ListSpec, Error> {
 }
 
 pub fn grace_period(d: Option<&prost_types::Duration>) -> Result<Duration, Error> {
-    let Some(d) = d else { return Ok(Duration::zero()) };
+    let Some(d) = d else {
+        return Ok(Duration::zero());
+    };
     let bad = || Error::invalid("grace_period", "must be between 0 and 7 days");
     if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
         return Err(bad());
     }
-    let grace = Duration::try_seconds(d.seconds).ok_or_else(bad)? + Duration::nanoseconds(i64::from(d.nanos));
+    let grace = Duration::try_seconds(d.seconds).ok_or_else(bad)?
+        + Duration::nanoseconds(i64::from(d.nanos));
     if grace > MAX_GRACE {
         return Err(bad());
     }
@@ -269,12 +325,29 @@ mod tests {
             ("name", Box::new(|r| r.name = "x".repeat(201))),
             ("name", Box::new(|r| r.name = "a\nb".into())),
             ("scopes", Box::new(|r| r.scopes = vec!["links:view".into()])),
-            ("allowed_cidrs", Box::new(|r| r.allowed_cidrs = vec!["10.0.0.0/33".into()])),
+            (
+                "allowed_cidrs",
+                Box::new(|r| r.allowed_cidrs = vec!["10.0.0.0/33".into()]),
+            ),
             ("tier", Box::new(|r| r.tier = 9)),
             ("mode", Box::new(|r| r.mode = 9)),
-            ("organization_id", Box::new(|r| r.organization_id = "bad org".into())),
-            ("organization_id", Box::new(|r| r.tier = pb::KeyTier::System as i32)),
-            ("expires_at", Box::new(|r| r.expires_at = Some(prost_types::Timestamp { seconds: 0, nanos: -1 }))),
+            (
+                "organization_id",
+                Box::new(|r| r.organization_id = "bad org".into()),
+            ),
+            (
+                "organization_id",
+                Box::new(|r| r.tier = pb::KeyTier::System as i32),
+            ),
+            (
+                "expires_at",
+                Box::new(|r| {
+                    r.expires_at = Some(prost_types::Timestamp {
+                        seconds: 0,
+                        nanos: -1,
+                    })
+                }),
+            ),
         ];
         for (field, edit) in cases {
             assert_eq!(field_of(create(edit).unwrap_err()), field);
@@ -292,7 +365,10 @@ mod tests {
     fn grace_periods() {
         let d = |seconds| prost_types::Duration { seconds, nanos: 0 };
         assert_eq!(grace_period(None).unwrap(), Duration::zero());
-        assert_eq!(grace_period(Some(&d(7 * 86_400))).unwrap(), Duration::days(7));
+        assert_eq!(
+            grace_period(Some(&d(7 * 86_400))).unwrap(),
+            Duration::days(7)
+        );
         assert!(grace_period(Some(&d(7 * 86_400 + 1))).is_err());
         assert!(grace_period(Some(&d(-1))).is_err());
     }

@@ -34,12 +34,24 @@ pub async fn run(args: BootstrapArgs) -> Result<(), String> {
     }
     let mode = Mode::parse(&args.mode).unwrap_or(Mode::Live);
     let url = args.store.url();
-    let settings = Settings { database_url: url.clone(), policy: RouteTable::default(), brand, cache: Default::default() };
+    let settings = Settings {
+        database_url: url.clone(),
+        policy: RouteTable::default(),
+        brand,
+        cache: Default::default(),
+    };
     let keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await
         .map_err(|e| format!("opening {}: {e}", sql_redact(&url)))?;
-    let (key, token) = keygate.keys.bootstrap(name, mode).await.map_err(|e| e.to_string())?;
-    eprintln!("Created SYSTEM key {} ({}) with scope *:*.", key.id, key.name);
+    let (key, token) = keygate
+        .keys
+        .bootstrap(name, mode)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "Created SYSTEM key {} ({}) with scope *:*.",
+        key.id, key.name
+    );
     eprintln!("Store this token now: it is shown once and cannot be recovered.");
     println!("{token}");
     Ok(())

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use tokio::net::TcpListener;
 
-use super::{init_logging, parse_duration, LogFormat, StoreArgs};
+use super::{LogFormat, StoreArgs, init_logging, parse_duration};
 use crate::cache::CacheSettings;
 use crate::domain::clock::SystemClock;
 use crate::domain::policy::RouteTable;
@@ -48,11 +48,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let brand = Brand::new(&args.brand).map_err(|e| format!("--brand: {e}"))?;
     let policy = match &args.policy {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("--policy {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--policy {}: {e}", path.display()))?;
             RouteTable::from_toml(&text).map_err(|e| format!("--policy {}: {e}", path.display()))?
         }
         None => {
-            tracing::warn!("no --policy given: Authorize allows only calls that name required_scopes");
+            tracing::warn!(
+                "no --policy given: Authorize allows only calls that name required_scopes"
+            );
             RouteTable::default()
         }
     };
@@ -70,9 +73,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await
         .map_err(|e| format!("opening {}: {e}", sql_redact(&url)))?;
-    let listener = TcpListener::bind(args.listen).await.map_err(|e| format!("--listen {}: {e}", args.listen))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", args.listen))?;
     tracing::info!(listen = %args.listen, database = %sql_redact(&url), "keygate serving");
-    keygate.serve(listener, shutdown_signal()).await.map_err(|e| format!("serving: {e}"))?;
+    keygate
+        .serve(listener, shutdown_signal())
+        .await
+        .map_err(|e| format!("serving: {e}"))?;
     tracing::info!("keygate stopped");
     Ok(())
 }

@@ -70,13 +70,22 @@ pub enum Requirement<'a> {
 /// route needed (on allow) or the one the key lacks (on deny).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<'a> {
-    Allow { required_scope: Option<&'a Scope> },
-    Deny { reason: DenyReason, required_scope: Option<&'a Scope> },
+    Allow {
+        required_scope: Option<&'a Scope>,
+    },
+    Deny {
+        reason: DenyReason,
+        required_scope: Option<&'a Scope>,
+    },
 }
 
 /// Checks the presented secret and the key's state. The secret is checked
 /// first, so a caller without it learns nothing about the key.
-pub fn authenticate(key: &KeyRecord, token: &ParsedToken<'_>, now: DateTime<Utc>) -> Result<(), DenyReason> {
+pub fn authenticate(
+    key: &KeyRecord,
+    token: &ParsedToken<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), DenyReason> {
     // The prefix carries brand and mode: a live token must not pass for a test key.
     if token.prefix != key.prefix {
         return Err(DenyReason::InvalidToken);
@@ -121,17 +130,33 @@ pub fn authorize<'a>(
     policy: &'a RouteTable,
 ) -> Verdict<'a> {
     if !ip_allowed(key, ip) {
-        return Verdict::Deny { reason: DenyReason::IpNotAllowed, required_scope: None };
+        return Verdict::Deny {
+            reason: DenyReason::IpNotAllowed,
+            required_scope: None,
+        };
     }
     match requirement {
         Requirement::Scopes(needed) => match key.scopes.first_missing(needed) {
-            None => Verdict::Allow { required_scope: None },
-            Some(missing) => Verdict::Deny { reason: DenyReason::InsufficientScope, required_scope: Some(missing) },
+            None => Verdict::Allow {
+                required_scope: None,
+            },
+            Some(missing) => Verdict::Deny {
+                reason: DenyReason::InsufficientScope,
+                required_scope: Some(missing),
+            },
         },
         Requirement::Route(route) => match policy.required_scope(route) {
-            None => Verdict::Deny { reason: DenyReason::RouteNotFound, required_scope: None },
-            Some(needed) if key.scopes.grants(needed) => Verdict::Allow { required_scope: Some(needed) },
-            Some(needed) => Verdict::Deny { reason: DenyReason::InsufficientScope, required_scope: Some(needed) },
+            None => Verdict::Deny {
+                reason: DenyReason::RouteNotFound,
+                required_scope: None,
+            },
+            Some(needed) if key.scopes.grants(needed) => Verdict::Allow {
+                required_scope: Some(needed),
+            },
+            Some(needed) => Verdict::Deny {
+                reason: DenyReason::InsufficientScope,
+                required_scope: Some(needed),
+            },
         },
     }
 }
@@ -141,9 +166,9 @@ mod tests {
     use chrono::Duration;
 
     use super::*;
-    use crate::domain::key::fixtures::key_with;
-    use crate::domain::token::{generate, Brand};
     use crate::domain::key::Mode;
+    use crate::domain::key::fixtures::key_with;
+    use crate::domain::token::{Brand, generate};
 
     const POLICY: &str = "[[route]]\nroute = \"POST /v1/checkouts\"\nscope = \"checkout:create\"\n";
 
@@ -155,7 +180,10 @@ mod tests {
     fn current_secret_authenticates_and_others_do_not() {
         let (key, token) = key_with(&["checkout:create"]);
         let now = key.created_at;
-        assert_eq!(authenticate(&key, &ParsedToken::parse(&token).unwrap(), now), Ok(()));
+        assert_eq!(
+            authenticate(&key, &ParsedToken::parse(&token).unwrap(), now),
+            Ok(())
+        );
         let other = generate(&Brand::default(), Mode::Live, key.id).unwrap();
         assert_eq!(
             authenticate(&key, &ParsedToken::parse(&other.token).unwrap(), now),
@@ -175,13 +203,22 @@ mod tests {
         let now = key.created_at;
         key.expires_at = Some(now + Duration::seconds(1));
         assert_eq!(authenticate(&key, &parsed, now), Ok(()));
-        assert_eq!(authenticate(&key, &parsed, now + Duration::seconds(1)), Err(DenyReason::ExpiredToken));
+        assert_eq!(
+            authenticate(&key, &parsed, now + Duration::seconds(1)),
+            Err(DenyReason::ExpiredToken)
+        );
         key.expires_at = None;
         key.disable().unwrap();
-        assert_eq!(authenticate(&key, &parsed, now), Err(DenyReason::InvalidToken));
+        assert_eq!(
+            authenticate(&key, &parsed, now),
+            Err(DenyReason::InvalidToken)
+        );
         key.enable().unwrap();
         key.revoke("x".into(), now).unwrap();
-        assert_eq!(authenticate(&key, &parsed, now), Err(DenyReason::InvalidToken));
+        assert_eq!(
+            authenticate(&key, &parsed, now),
+            Err(DenyReason::InvalidToken)
+        );
     }
 
     #[test]
@@ -193,7 +230,10 @@ mod tests {
         let old = ParsedToken::parse(&old).unwrap();
         let new = ParsedToken::parse(&new.token).unwrap();
         assert_eq!(authenticate(&key, &old, now + Duration::minutes(4)), Ok(()));
-        assert_eq!(authenticate(&key, &old, now + Duration::minutes(5)), Err(DenyReason::ExpiredToken));
+        assert_eq!(
+            authenticate(&key, &old, now + Duration::minutes(5)),
+            Err(DenyReason::ExpiredToken)
+        );
         assert_eq!(authenticate(&key, &new, now + Duration::days(30)), Ok(()));
     }
 
@@ -201,7 +241,10 @@ mod tests {
     fn ip_allow_list() {
         let (mut key, _) = key_with(&[]);
         assert!(ip_allowed(&key, None));
-        key.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        key.allowed_cidrs = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
         assert!(ip_allowed(&key, ip("10.1.2.3")));
         assert!(ip_allowed(&key, ip("::ffff:10.1.2.3")));
         assert!(ip_allowed(&key, ip("2001:db8::1")));
@@ -215,25 +258,44 @@ mod tests {
         let policy = RouteTable::from_toml(POLICY).unwrap();
         let (mut key, _) = key_with(&["checkout:create"]);
         let route = Requirement::Route("POST /v1/checkouts");
-        assert!(matches!(authorize(&key, None, route, &policy), Verdict::Allow { required_scope: Some(s) } if s.as_str() == "checkout:create"));
+        assert!(
+            matches!(authorize(&key, None, route, &policy), Verdict::Allow { required_scope: Some(s) } if s.as_str() == "checkout:create")
+        );
         assert!(matches!(
             authorize(&key, None, Requirement::Route("GET /nope"), &policy),
-            Verdict::Deny { reason: DenyReason::RouteNotFound, .. }
+            Verdict::Deny {
+                reason: DenyReason::RouteNotFound,
+                ..
+            }
         ));
-        let needed = [Scope::parse("checkout:create").unwrap(), Scope::parse("invoice:read").unwrap()];
+        let needed = [
+            Scope::parse("checkout:create").unwrap(),
+            Scope::parse("invoice:read").unwrap(),
+        ];
         assert!(matches!(
             authorize(&key, None, Requirement::Scopes(&needed), &policy),
             Verdict::Deny { reason: DenyReason::InsufficientScope, required_scope: Some(s) } if s.as_str() == "invoice:read"
         ));
         key.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
         assert!(matches!(
-            authorize(&key, ip("192.0.2.1"), Requirement::Route("GET /nope"), &policy),
-            Verdict::Deny { reason: DenyReason::IpNotAllowed, .. }
+            authorize(
+                &key,
+                ip("192.0.2.1"),
+                Requirement::Route("GET /nope"),
+                &policy
+            ),
+            Verdict::Deny {
+                reason: DenyReason::IpNotAllowed,
+                ..
+            }
         ));
         key.scopes = Default::default();
         assert!(matches!(
             authorize(&key, ip("10.0.0.1"), route, &policy),
-            Verdict::Deny { reason: DenyReason::InsufficientScope, required_scope: Some(_) }
+            Verdict::Deny {
+                reason: DenyReason::InsufficientScope,
+                required_scope: Some(_)
+            }
         ));
     }
 

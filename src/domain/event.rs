@@ -26,9 +26,16 @@ impl EventKind {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Created, Self::Rotated, Self::Revoked, Self::Disabled, Self::Enabled, Self::Deleted]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        [
+            Self::Created,
+            Self::Rotated,
+            Self::Revoked,
+            Self::Disabled,
+            Self::Enabled,
+            Self::Deleted,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
     }
 }
 

@@ -92,7 +92,9 @@ pub struct PreviousSecret {
 /// An organization id: 1–128 characters of letters, digits, `_`, `-`, `.` and `:`.
 pub fn is_valid_organization_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
-        && id.bytes().all(|c| c.is_ascii_alphanumeric() || b"_-.:".contains(&c))
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"_-.:".contains(&c))
 }
 
 /// Longest grace period a rotation may give the previous secret.
@@ -184,11 +186,19 @@ impl KeyRecord {
     /// Installs a new secret; the current one stays valid for `grace` (0 kills it
     /// at once). A secret still in an earlier grace period dies now: there is
     /// never more than one previous secret.
-    pub fn rotate(&mut self, new_digest: SecretDigest, grace: Duration, now: DateTime<Utc>) -> Result<(), LifecycleError> {
+    pub fn rotate(
+        &mut self,
+        new_digest: SecretDigest,
+        grace: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<(), LifecycleError> {
         if matches!(self.state, KeyState::Revoked { .. }) {
             return Err(LifecycleError::Revoked);
         }
-        self.previous_secret = Some(PreviousSecret { digest: self.secret_digest, expires_at: now + grace });
+        self.previous_secret = Some(PreviousSecret {
+            digest: self.secret_digest,
+            expires_at: now + grace,
+        });
         self.secret_digest = new_digest;
         self.rotated_at = Some(now);
         Ok(())
@@ -198,7 +208,7 @@ impl KeyRecord {
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::*;
-    use crate::domain::token::{generate, Brand};
+    use crate::domain::token::{Brand, generate};
 
     /// An active ORGANIZATION key of org_1 with the given scopes, and its token.
     pub fn key_with(scopes: &[&str]) -> (KeyRecord, String) {
@@ -242,7 +252,10 @@ mod tests {
         assert_eq!(k.revoke("again".into(), now), Err(LifecycleError::Revoked));
         assert_eq!(k.enable(), Err(LifecycleError::Revoked));
         assert_eq!(k.disable(), Err(LifecycleError::Revoked));
-        assert_eq!(k.rotate(SecretDigest([0; 32]), Duration::zero(), now), Err(LifecycleError::Revoked));
+        assert_eq!(
+            k.rotate(SecretDigest([0; 32]), Duration::zero(), now),
+            Err(LifecycleError::Revoked)
+        );
         assert_eq!(k.status(now), KeyStatus::Revoked);
     }
 
@@ -261,8 +274,10 @@ mod tests {
         let (mut k, _) = key_with(&[]);
         let now = k.created_at;
         let first = k.secret_digest;
-        k.rotate(SecretDigest([1; 32]), Duration::hours(1), now).unwrap();
-        k.rotate(SecretDigest([2; 32]), Duration::hours(1), now).unwrap();
+        k.rotate(SecretDigest([1; 32]), Duration::hours(1), now)
+            .unwrap();
+        k.rotate(SecretDigest([2; 32]), Duration::hours(1), now)
+            .unwrap();
         let prev = k.previous_secret.clone().unwrap();
         assert_eq!(prev.digest, SecretDigest([1; 32]));
         assert_ne!(prev.digest, first);
@@ -275,6 +290,9 @@ mod tests {
         let (mut k, _) = key_with(&[]);
         k.expires_at = Some(k.created_at + Duration::seconds(10));
         assert_eq!(k.status(k.created_at), KeyStatus::Active);
-        assert_eq!(k.status(k.created_at + Duration::seconds(10)), KeyStatus::Expired);
+        assert_eq!(
+            k.status(k.created_at + Duration::seconds(10)),
+            KeyStatus::Expired
+        );
     }
 }

@@ -36,7 +36,11 @@ pub enum PolicyError {
     #[error("policy is not valid TOML: {0}")]
     Toml(#[from] toml::de::Error),
     #[error("policy route #{index} ({route:?}): {why}")]
-    Entry { index: usize, route: String, why: String },
+    Entry {
+        index: usize,
+        route: String,
+        why: String,
+    },
 }
 
 /// Route patterns to required scopes.
@@ -50,7 +54,9 @@ pub struct RouteTable {
 
 impl std::fmt::Debug for RouteTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouteTable").field("routes", &self.len).finish()
+        f.debug_struct("RouteTable")
+            .field("routes", &self.len)
+            .finish()
     }
 }
 
@@ -59,7 +65,11 @@ impl RouteTable {
         let file: PolicyFile = toml::from_str(text)?;
         let mut table = RouteTable::default();
         for (i, entry) in file.route.into_iter().enumerate() {
-            let fail = |why: String| PolicyError::Entry { index: i + 1, route: entry.route.clone(), why };
+            let fail = |why: String| PolicyError::Entry {
+                index: i + 1,
+                route: entry.route.clone(),
+                why,
+            };
             let scope = Scope::parse(&entry.scope).map_err(|e| fail(e.to_string()))?;
             table.insert(&entry.route, scope).map_err(fail)?;
         }
@@ -114,7 +124,10 @@ impl RouteTable {
             return None;
         }
         let by_method = method.and_then(|m| {
-            self.by_method.iter().find(|(name, _)| name.eq_ignore_ascii_case(m)).map(|(_, r)| r)
+            self.by_method
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(m))
+                .map(|(_, r)| r)
         });
         by_method
             .and_then(|r| r.at(path).ok())
@@ -135,7 +148,9 @@ fn split_route(route: &str) -> (Option<&str>, &str) {
 /// it literally could grant one route's scope to another, so it matches nothing.
 fn is_ambiguous(path: &str) -> bool {
     let lower_has = |needle: &str| {
-        path.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+        path.as_bytes()
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
     };
     path.split('/').any(|seg| seg == "." || seg == "..")
         || path.contains("//")
@@ -172,14 +187,29 @@ mod tests {
     fn matches_segments_methods_and_grpc() {
         let t = RouteTable::from_toml(EXAMPLE).unwrap();
         assert_eq!(t.len(), 4);
-        assert_eq!(scope_for(&t, "GET /v1/transactions/tx_1").as_deref(), Some("transaction:read"));
-        assert_eq!(scope_for(&t, "get /v1/transactions/tx_1?expand=x").as_deref(), Some("transaction:read"));
+        assert_eq!(
+            scope_for(&t, "GET /v1/transactions/tx_1").as_deref(),
+            Some("transaction:read")
+        );
+        assert_eq!(
+            scope_for(&t, "get /v1/transactions/tx_1?expand=x").as_deref(),
+            Some("transaction:read")
+        );
         assert_eq!(scope_for(&t, "GET /v1/transactions/tx_1/refunds"), None);
         assert_eq!(scope_for(&t, "DELETE /v1/transactions/tx_1"), None);
-        assert_eq!(scope_for(&t, "POST /v1/checkouts").as_deref(), Some("checkout:create"));
-        assert_eq!(scope_for(&t, "/payments.v1.Refunds/Create").as_deref(), Some("transaction:update"));
+        assert_eq!(
+            scope_for(&t, "POST /v1/checkouts").as_deref(),
+            Some("checkout:create")
+        );
+        assert_eq!(
+            scope_for(&t, "/payments.v1.Refunds/Create").as_deref(),
+            Some("transaction:update")
+        );
         assert_eq!(scope_for(&t, "/payments.v1.Refunds/"), None);
-        assert_eq!(scope_for(&t, "HEAD /v1/health").as_deref(), Some("health:read"));
+        assert_eq!(
+            scope_for(&t, "HEAD /v1/health").as_deref(),
+            Some("health:read")
+        );
         assert_eq!(scope_for(&t, "nonsense"), None);
         assert_eq!(scope_for(&t, ""), None);
     }
@@ -202,16 +232,36 @@ mod tests {
     #[test]
     fn errors_name_the_entry() {
         let cases = [
-            ("[[route]]\nroute = \"GET /a\"\nscope = \"bad\"", "#1", "invalid scope"),
-            ("[[route]]\nroute = \"GET a\"\nscope = \"a:read\"", "#1", "must start with"),
-            ("[[route]]\nroute = \"GET /a/*/b\"\nscope = \"a:read\"", "#1", "'*'"),
-            ("[[route]]\nroute = \"get /a\"\nscope = \"a:read\"", "#1", "upper-case"),
+            (
+                "[[route]]\nroute = \"GET /a\"\nscope = \"bad\"",
+                "#1",
+                "invalid scope",
+            ),
+            (
+                "[[route]]\nroute = \"GET a\"\nscope = \"a:read\"",
+                "#1",
+                "must start with",
+            ),
+            (
+                "[[route]]\nroute = \"GET /a/*/b\"\nscope = \"a:read\"",
+                "#1",
+                "'*'",
+            ),
+            (
+                "[[route]]\nroute = \"get /a\"\nscope = \"a:read\"",
+                "#1",
+                "upper-case",
+            ),
             (
                 "[[route]]\nroute = \"GET /a/{id}\"\nscope = \"a:read\"\n[[route]]\nroute = \"GET /a/{name}\"\nscope = \"a:read\"",
                 "#2",
                 "GET /a/{name}",
             ),
-            ("[[route]]\nroute = \"GET /a\"\nscope = \"a:read\"\nextra = 1", "", "unknown field"),
+            (
+                "[[route]]\nroute = \"GET /a\"\nscope = \"a:read\"\nextra = 1",
+                "",
+                "unknown field",
+            ),
         ];
         for (text, entry, needle) in cases {
             let msg = RouteTable::from_toml(text).unwrap_err().to_string();

@@ -37,18 +37,30 @@ pub struct ScopeError {
 
 impl Scope {
     pub fn parse(text: &str) -> Result<Self, ScopeError> {
-        let err = |why| ScopeError { scope: text.chars().take(MAX_SCOPE_LEN).collect(), why };
+        let err = |why| ScopeError {
+            scope: text.chars().take(MAX_SCOPE_LEN).collect(),
+            why,
+        };
         if text.len() > MAX_SCOPE_LEN {
             return Err(err("longer than 100 characters"));
         }
-        let (resource, action) = text.split_once(':').ok_or_else(|| err("expected resource:action"))?;
+        let (resource, action) = text
+            .split_once(':')
+            .ok_or_else(|| err("expected resource:action"))?;
         let resource_len = match resource {
             "*" => None,
             "" => return Err(err("empty resource")),
-            r if r.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.".contains(&c)) => {
+            r if r
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.".contains(&c)) =>
+            {
                 Some(r.len())
             }
-            _ => return Err(err("resource must be lowercase letters, digits, '_', '-', '.' or '*'")),
+            _ => {
+                return Err(err(
+                    "resource must be lowercase letters, digits, '_', '-', '.' or '*'",
+                ));
+            }
         };
         let actions = match action {
             "create" => CREATE,
@@ -58,9 +70,17 @@ impl Scope {
             "execute" => EXECUTE,
             "write" => WRITE,
             "*" => ALL,
-            _ => return Err(err("action must be create, read, update, delete, execute, write or *")),
+            _ => {
+                return Err(err(
+                    "action must be create, read, update, delete, execute, write or *",
+                ));
+            }
         };
-        Ok(Self { text: text.to_owned(), resource_len, actions })
+        Ok(Self {
+            text: text.to_owned(),
+            resource_len,
+            actions,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -126,7 +146,10 @@ impl ScopeSet {
     }
 
     /// The first scope of `other` that this set does not grant.
-    pub fn first_missing<'a>(&self, other: impl IntoIterator<Item = &'a Scope>) -> Option<&'a Scope> {
+    pub fn first_missing<'a>(
+        &self,
+        other: impl IntoIterator<Item = &'a Scope>,
+    ) -> Option<&'a Scope> {
         other.into_iter().find(|s| !self.grants(s))
     }
 
@@ -167,7 +190,16 @@ mod tests {
 
     #[test]
     fn malformed_scopes_name_themselves() {
-        for bad in ["links", "links:", ":read", "Links:read", "links:view", "links:read:x", "a b:read", ""] {
+        for bad in [
+            "links",
+            "links:",
+            ":read",
+            "Links:read",
+            "links:view",
+            "links:read:x",
+            "a b:read",
+            "",
+        ] {
             let err = Scope::parse(bad).unwrap_err();
             assert_eq!(err.scope, bad);
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
@@ -177,7 +209,14 @@ mod tests {
 
     #[test]
     fn seed_scopes_parse() {
-        for ok in ["checkout:create", "data_io:execute", "portal:create", "links:write", "api_key:*", "payments.v1:read"] {
+        for ok in [
+            "checkout:create",
+            "data_io:execute",
+            "portal:create",
+            "links:write",
+            "api_key:*",
+            "payments.v1:read",
+        ] {
             assert_eq!(s(ok).as_str(), ok);
         }
     }
@@ -187,6 +226,9 @@ mod tests {
         let set = ScopeSet::parse(&["links:read", "links:read", "sessions:write"]).unwrap();
         assert_eq!(set.len(), 2);
         let needed = [s("links:read"), s("sessions:create"), s("events:read")];
-        assert_eq!(set.first_missing(&needed).map(Scope::as_str), Some("events:read"));
+        assert_eq!(
+            set.first_missing(&needed).map(Scope::as_str),
+            Some("events:read")
+        );
     }
 }

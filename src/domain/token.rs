@@ -59,7 +59,8 @@ fn is_brand(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_BRAND_LEN
         && b[0].is_ascii_lowercase()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
 }
 
 /// SHA-256 of a secret: the only form in which a secret is stored.
@@ -92,7 +93,9 @@ pub struct NewToken {
 
 impl std::fmt::Debug for NewToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewToken").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("NewToken")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -117,7 +120,9 @@ pub struct ParsedToken<'a> {
 
 impl std::fmt::Debug for ParsedToken<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ParsedToken").field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("ParsedToken")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -212,7 +217,11 @@ pub fn generate(brand: &Brand, mode: Mode, key_id: Uuid) -> Result<NewToken, get
     token.push_str(&secret);
     let crc = crc32fast::hash(token.as_bytes());
     push_base62(&mut token, u128::from(crc), CHECKSUM_LEN);
-    Ok(NewToken { token, prefix, digest })
+    Ok(NewToken {
+        token,
+        prefix,
+        digest,
+    })
 }
 
 fn push_base62(out: &mut String, mut value: u128, width: usize) {
@@ -251,7 +260,11 @@ mod tests {
             let (t, id) = fresh(mode);
             assert!(t.token.starts_with(&format!("kg_{}_", mode.as_str())));
             assert_eq!(t.token.len(), 79);
-            assert!(t.token.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'));
+            assert!(
+                t.token
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_')
+            );
             let parsed = ParsedToken::parse(&t.token).unwrap();
             assert_eq!(parsed.key_id, id);
             assert_eq!(parsed.mode, mode);
@@ -263,8 +276,18 @@ mod tests {
     #[test]
     fn bearer_scheme_is_accepted() {
         let (t, id) = fresh(Mode::Live);
-        assert_eq!(ParsedToken::parse(&format!("Bearer {}", t.token)).unwrap().key_id, id);
-        assert_eq!(ParsedToken::parse(&format!("bearer {}", t.token)).unwrap().key_id, id);
+        assert_eq!(
+            ParsedToken::parse(&format!("Bearer {}", t.token))
+                .unwrap()
+                .key_id,
+            id
+        );
+        assert_eq!(
+            ParsedToken::parse(&format!("bearer {}", t.token))
+                .unwrap()
+                .key_id,
+            id
+        );
     }
 
     #[test]
@@ -275,20 +298,43 @@ mod tests {
             let mut bytes = t.token.clone().into_bytes();
             bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
             let typo = String::from_utf8(bytes).unwrap();
-            assert_eq!(ParsedToken::parse(&typo).unwrap_err(), TokenError::Malformed, "{i}");
+            assert_eq!(
+                ParsedToken::parse(&typo).unwrap_err(),
+                TokenError::Malformed,
+                "{i}"
+            );
         }
     }
 
     #[test]
     fn garbage_is_malformed_and_empty_is_missing() {
-        for input in ["x", "kg_live_", "kg_prod_abc", "Bearer abc", "kg_live_ünïcödé", "_live_x", "KG_live_x"] {
-            assert_eq!(ParsedToken::parse(input).unwrap_err(), TokenError::Malformed, "{input}");
+        for input in [
+            "x",
+            "kg_live_",
+            "kg_prod_abc",
+            "Bearer abc",
+            "kg_live_ünïcödé",
+            "_live_x",
+            "KG_live_x",
+        ] {
+            assert_eq!(
+                ParsedToken::parse(input).unwrap_err(),
+                TokenError::Malformed,
+                "{input}"
+            );
         }
         for input in ["", "   ", "Bearer ", "Bearer   "] {
-            assert_eq!(ParsedToken::parse(input).unwrap_err(), TokenError::Missing, "{input:?}");
+            assert_eq!(
+                ParsedToken::parse(input).unwrap_err(),
+                TokenError::Missing,
+                "{input:?}"
+            );
         }
         let long = "a".repeat(MAX_TOKEN_INPUT + 1);
-        assert_eq!(ParsedToken::parse(&long).unwrap_err(), TokenError::Malformed);
+        assert_eq!(
+            ParsedToken::parse(&long).unwrap_err(),
+            TokenError::Malformed
+        );
     }
 
     #[test]

@@ -31,7 +31,11 @@ pub struct Outcome {
 
 impl Outcome {
     fn deny(reason: DenyReason) -> Self {
-        Self { deny: Some(reason), key: None, required_scope: None }
+        Self {
+            deny: Some(reason),
+            key: None,
+            required_scope: None,
+        }
     }
 }
 
@@ -43,7 +47,11 @@ pub struct Authorizer {
 
 impl Authorizer {
     pub fn new(keys: Arc<KeyCache>, policy: Arc<RouteTable>, clock: Arc<dyn Clock>) -> Self {
-        Self { keys, policy, clock }
+        Self {
+            keys,
+            policy,
+            clock,
+        }
     }
 
     /// Decides one request. A bad token is a deny, never an error; errors are
@@ -58,7 +66,10 @@ impl Authorizer {
         let requirement = if !required.is_empty() {
             Requirement::Scopes(&required)
         } else if input.route.trim().is_empty() {
-            return Err(Error::invalid("route", "must not be empty unless required_scopes are given"));
+            return Err(Error::invalid(
+                "route",
+                "must not be empty unless required_scopes are given",
+            ));
         } else {
             Requirement::Route(input.route)
         };
@@ -66,16 +77,27 @@ impl Authorizer {
             Ok(key) => key,
             Err(reason) => return Ok(Outcome::deny(reason)),
         };
-        let (deny, required_scope) = match decision::authorize(&key, ip, requirement, &self.policy) {
+        let (deny, required_scope) = match decision::authorize(&key, ip, requirement, &self.policy)
+        {
             Verdict::Allow { required_scope } => (None, required_scope),
-            Verdict::Deny { reason, required_scope } => (Some(reason), required_scope),
+            Verdict::Deny {
+                reason,
+                required_scope,
+            } => (Some(reason), required_scope),
         };
-        Ok(Outcome { deny, required_scope: required_scope.map(|s| s.as_str().to_owned()), key: Some(key) })
+        Ok(Outcome {
+            deny,
+            required_scope: required_scope.map(|s| s.as_str().to_owned()),
+            key: Some(key),
+        })
     }
 
     /// Checks a presented credential: format, key, secret, state, expiry.
     /// The outer error is the store failing; the inner one, the credential.
-    pub async fn authenticate(&self, token: &str) -> Result<Result<Arc<KeyRecord>, DenyReason>, Error> {
+    pub async fn authenticate(
+        &self,
+        token: &str,
+    ) -> Result<Result<Arc<KeyRecord>, DenyReason>, Error> {
         let parsed = match ParsedToken::parse(token) {
             Ok(parsed) => parsed,
             Err(TokenError::Missing) => return Ok(Err(DenyReason::MissingToken)),
@@ -94,9 +116,12 @@ pub fn parse_ip(ip: &str) -> Result<Option<IpAddr>, Error> {
     if ip.is_empty() {
         return Ok(None);
     }
-    ip.parse()
-        .map(Some)
-        .map_err(|_| Error::invalid("ip", format!("{:?} is not an IPv4 or IPv6 address", truncate(ip, 64))))
+    ip.parse().map(Some).map_err(|_| {
+        Error::invalid(
+            "ip",
+            format!("{:?} is not an IPv4 or IPv6 address", truncate(ip, 64)),
+        )
+    })
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary, for messages.

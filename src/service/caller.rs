@@ -36,6 +36,7 @@ impl Caller {
 
     /// Whether the caller may see a key of this organization (`None`: a SYSTEM key).
     pub fn can_see(&self, organization_id: Option<&str>) -> bool {
-        self.is_system() || (organization_id.is_some() && organization_id == self.key.organization_id.as_deref())
+        self.is_system()
+            || (organization_id.is_some() && organization_id == self.key.organization_id.as_deref())
     }
 }

@@ -92,17 +92,26 @@ impl KeyService {
     }
 
     /// Creates a key; the token in the answer is the only copy of its secret.
-    pub async fn create(&self, caller: &Caller, spec: NewKeySpec) -> Result<(KeyRecord, String), Error> {
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        spec: NewKeySpec,
+    ) -> Result<(KeyRecord, String), Error> {
         caller.require(&self.scopes.create)?;
         let organization_id = match spec.tier {
             Tier::System if !caller.is_system() => {
-                return Err(Error::InsufficientScope("only a SYSTEM key can create a SYSTEM key".into()));
+                return Err(Error::InsufficientScope(
+                    "only a SYSTEM key can create a SYSTEM key".into(),
+                ));
             }
             Tier::System => None,
             Tier::Organization => {
-                let org = spec.organization_id.or_else(|| caller.key().organization_id.clone()).ok_or_else(|| {
-                    Error::invalid("organization_id", "is required for ORGANIZATION keys")
-                })?;
+                let org = spec
+                    .organization_id
+                    .or_else(|| caller.key().organization_id.clone())
+                    .ok_or_else(|| {
+                        Error::invalid("organization_id", "is required for ORGANIZATION keys")
+                    })?;
                 if !caller.can_see(Some(&org)) {
                     return Err(Error::NotFound("organization"));
                 }
@@ -110,14 +119,20 @@ impl KeyService {
             }
         };
         if let Some(missing) = caller.key().scopes.first_missing(spec.scopes.iter()) {
-            return Err(Error::InsufficientScope(format!("cannot grant {missing}, which the calling key does not hold")));
+            return Err(Error::InsufficientScope(format!(
+                "cannot grant {missing}, which the calling key does not hold"
+            )));
         }
         let now = self.clock.now();
         if spec.expires_at.is_some_and(|at| at <= now) {
             return Err(Error::invalid("expires_at", "must be in the future"));
         }
         let id = Uuid::new_v4();
-        let NewToken { token, prefix, digest } = self.new_token(spec.mode, id)?;
+        let NewToken {
+            token,
+            prefix,
+            digest,
+        } = self.new_token(spec.mode, id)?;
         let key = KeyRecord {
             id,
             name: spec.name,
@@ -138,7 +153,12 @@ impl KeyService {
             created_by: Actor::Key(caller.key().id).to_string(),
             version: 1,
         };
-        self.store.insert_key(&key, &event(EventKind::Created, &key, caller, now, String::new())).await?;
+        self.store
+            .insert_key(
+                &key,
+                &event(EventKind::Created, &key, caller, now, String::new()),
+            )
+            .await?;
         // The id may sit in the negative cache if someone guessed it first.
         self.cache.invalidate(id);
         tracing::info!(key_id = %id, organization_id = ?key.organization_id, actor = %caller.key().id, "key created");
@@ -151,22 +171,45 @@ impl KeyService {
     }
 
     /// One page of keys, and the token of the next page when there is one.
-    pub async fn list(&self, caller: &Caller, spec: ListSpec) -> Result<(Vec<KeyRecord>, Option<String>), Error> {
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        spec: ListSpec,
+    ) -> Result<(Vec<KeyRecord>, Option<String>), Error> {
         caller.require(&self.scopes.read)?;
         let organization_id = match spec.organization_id {
-            Some(org) if !caller.can_see(Some(&org)) => return Err(Error::NotFound("organization")),
+            Some(org) if !caller.can_see(Some(&org)) => {
+                return Err(Error::NotFound("organization"));
+            }
             Some(org) => Some(org),
             None if caller.is_system() => None,
             None => caller.key().organization_id.clone(),
         };
-        let filter = format!("{organization_id:?}|{:?}|{}", spec.mode, spec.include_revoked);
-        let after = spec.page_token.map(|t| self.pages.decode(&t, &filter)).transpose()?;
-        let limit = if spec.page_size == 0 { 100 } else { spec.page_size };
-        let query = KeyQuery { organization_id, mode: spec.mode, include_revoked: spec.include_revoked, after, limit: limit + 1 };
+        let filter = format!(
+            "{organization_id:?}|{:?}|{}",
+            spec.mode, spec.include_revoked
+        );
+        let after = spec
+            .page_token
+            .map(|t| self.pages.decode(&t, &filter))
+            .transpose()?;
+        let limit = if spec.page_size == 0 {
+            100
+        } else {
+            spec.page_size
+        };
+        let query = KeyQuery {
+            organization_id,
+            mode: spec.mode,
+            include_revoked: spec.include_revoked,
+            after,
+            limit: limit + 1,
+        };
         let mut keys = self.store.list_keys(&query).await?;
         let next = if keys.len() > limit as usize {
             keys.truncate(limit as usize);
-            keys.last().map(|k| self.pages.encode((k.created_at, k.id), &filter))
+            keys.last()
+                .map(|k| self.pages.encode((k.created_at, k.id), &filter))
         } else {
             None
         };
@@ -174,7 +217,12 @@ impl KeyService {
     }
 
     /// New secret, same key id; the old secret works for `grace` more.
-    pub async fn rotate(&self, caller: &Caller, id: Uuid, grace: Duration) -> Result<(KeyRecord, String), Error> {
+    pub async fn rotate(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        grace: Duration,
+    ) -> Result<(KeyRecord, String), Error> {
         caller.require(&self.scopes.update)?;
         let mut token = None;
         let key = self
@@ -191,7 +239,12 @@ impl KeyService {
         Ok((key, token.token))
     }
 
-    pub async fn revoke(&self, caller: &Caller, id: Uuid, reason: String) -> Result<KeyRecord, Error> {
+    pub async fn revoke(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        reason: String,
+    ) -> Result<KeyRecord, Error> {
         caller.require(&self.scopes.update)?;
         self.change(caller, id, EventKind::Revoked, |key, now| {
             key.revoke(reason.clone(), now)?;
@@ -202,14 +255,18 @@ impl KeyService {
 
     pub async fn disable(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
         caller.require(&self.scopes.update)?;
-        self.change(caller, id, EventKind::Disabled, |key, _| Ok(key.disable().map(|()| String::new())?))
-            .await
+        self.change(caller, id, EventKind::Disabled, |key, _| {
+            Ok(key.disable().map(|()| String::new())?)
+        })
+        .await
     }
 
     pub async fn enable(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
         caller.require(&self.scopes.update)?;
-        self.change(caller, id, EventKind::Enabled, |key, _| Ok(key.enable().map(|()| String::new())?))
-            .await
+        self.change(caller, id, EventKind::Enabled, |key, _| {
+            Ok(key.enable().map(|()| String::new())?)
+        })
+        .await
     }
 
     /// Writes a SYSTEM key with `*:*` straight into the store, for the very
@@ -217,7 +274,11 @@ impl KeyService {
     pub async fn bootstrap(&self, name: String, mode: Mode) -> Result<(KeyRecord, String), Error> {
         let now = self.clock.now();
         let id = Uuid::new_v4();
-        let NewToken { token, prefix, digest } = self.new_token(mode, id)?;
+        let NewToken {
+            token,
+            prefix,
+            digest,
+        } = self.new_token(mode, id)?;
         let scopes = ScopeSet::parse(&["*:*"]).map_err(|e| Error::Internal(e.to_string()))?;
         let key = KeyRecord {
             id,
@@ -301,11 +362,18 @@ impl KeyService {
     }
 
     fn new_token(&self, mode: Mode, id: Uuid) -> Result<NewToken, Error> {
-        token::generate(&self.brand, mode, id).map_err(|e| Error::Internal(format!("OS random source failed: {e}")))
+        token::generate(&self.brand, mode, id)
+            .map_err(|e| Error::Internal(format!("OS random source failed: {e}")))
     }
 }
 
-fn event(kind: EventKind, key: &KeyRecord, caller: &Caller, at: DateTime<Utc>, reason: String) -> NewEvent {
+fn event(
+    kind: EventKind,
+    key: &KeyRecord,
+    caller: &Caller,
+    at: DateTime<Utc>,
+    reason: String,
+) -> NewEvent {
     NewEvent {
         kind,
         key_id: key.id,

@@ -2,8 +2,8 @@
 //! query's filters and MAC'd with a secret every replica shares, so an edited
 //! or replayed-elsewhere token is refused rather than misread.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -23,7 +23,8 @@ impl PageTokens {
     }
 
     fn mac(&self, payload: &[u8], filter: &str) -> Hmac<Sha256> {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key)
+            .expect("HMAC takes any key length");
         mac.update(payload);
         mac.update(b"|");
         mac.update(filter.as_bytes());
@@ -38,16 +39,27 @@ impl PageTokens {
     }
 
     pub fn decode(&self, token: &str, filter: &str) -> Result<(DateTime<Utc>, Uuid), Error> {
-        let bad = || Error::invalid("page_token", "malformed, tampered with, or from a different query");
+        let bad = || {
+            Error::invalid(
+                "page_token",
+                "malformed, tampered with, or from a different query",
+            )
+        };
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
         if bytes.len() <= MAC_LEN {
             return Err(bad());
         }
         let (payload, tag) = bytes.split_at(bytes.len() - MAC_LEN);
-        self.mac(payload, filter).verify_truncated_left(tag).map_err(|_| bad())?;
+        self.mac(payload, filter)
+            .verify_truncated_left(tag)
+            .map_err(|_| bad())?;
         let text = std::str::from_utf8(payload).map_err(|_| bad())?;
         let (micros, id) = text.split_once('.').ok_or_else(bad)?;
-        let at = micros.parse().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(bad)?;
+        let at = micros
+            .parse()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(bad)?;
         Ok((at, Uuid::parse_str(id).map_err(|_| bad())?))
     }
 }
@@ -59,14 +71,27 @@ mod tests {
     #[test]
     fn round_trips_and_refuses_edits() {
         let pages = PageTokens::new([7; 32]);
-        let after = (DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(), Uuid::new_v4());
+        let after = (
+            DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            Uuid::new_v4(),
+        );
         let token = pages.encode(after, "org_1");
         assert_eq!(pages.decode(&token, "org_1").unwrap(), after);
-        assert!(pages.decode(&token, "org_2").is_err(), "bound to the filter");
-        assert!(PageTokens::new([8; 32]).decode(&token, "org_1").is_err(), "bound to the key");
+        assert!(
+            pages.decode(&token, "org_2").is_err(),
+            "bound to the filter"
+        );
+        assert!(
+            PageTokens::new([8; 32]).decode(&token, "org_1").is_err(),
+            "bound to the key"
+        );
         let mut edited = token.clone().into_bytes();
         edited[3] = if edited[3] == b'A' { b'B' } else { b'A' };
-        assert!(pages.decode(std::str::from_utf8(&edited).unwrap(), "org_1").is_err());
+        assert!(
+            pages
+                .decode(std::str::from_utf8(&edited).unwrap(), "org_1")
+                .is_err()
+        );
         for junk in ["", "!!!", "AAAA"] {
             let err = pages.decode(junk, "org_1").unwrap_err().to_string();
             assert!(err.starts_with("page_token:"), "{err}");

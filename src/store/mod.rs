@@ -14,10 +14,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::domain::event::NewEvent;
+use crate::domain::event::{Event, NewEvent};
 use crate::domain::key::{KeyRecord, Mode};
 
-pub use sql::{redact as sql_redact, SqlStore};
+pub use sql::{SqlStore, redact as sql_redact};
 
 /// The one read the Authorize path needs.
 #[async_trait]
@@ -34,13 +34,25 @@ pub trait KeyStore: KeyReader {
 
     /// Stores `key` (with `version + 1`) if the stored version is still
     /// `key.version`; `Ok(None)` when another change got there first.
-    async fn update_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<Option<KeyRecord>, StoreError>;
+    async fn update_key(
+        &self,
+        key: &KeyRecord,
+        event: &NewEvent,
+    ) -> Result<Option<KeyRecord>, StoreError>;
 
     /// Deletes the key if its stored version is still `version`; `Ok(false)` otherwise.
-    async fn delete_key(&self, id: Uuid, version: i64, event: &NewEvent) -> Result<bool, StoreError>;
+    async fn delete_key(
+        &self,
+        id: Uuid,
+        version: i64,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError>;
 
     /// Keys in (created_at, id) order.
     async fn list_keys(&self, query: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Up to `limit` events with a sequence above `after`, in sequence order.
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
 
     /// A 32-byte secret shared by every replica, created on first use.
     async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
@@ -78,7 +90,9 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => StoreError::Conflict,
+            sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => {
+                StoreError::Conflict
+            }
             _ => StoreError::Unavailable(e),
         }
     }

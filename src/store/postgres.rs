@@ -20,7 +20,12 @@ const WRITE_LOCK: i64 = 0x006b_6579_6761_7465;
 /// Makes writers take turns until commit, so event sequences are assigned in
 /// commit order with no gaps (a plain SEQUENCE can commit 5 before 4).
 /// Writes are admin changes: rare enough that one lane costs nothing.
-pub(super) async fn serialize_writers(tx: &mut sqlx::Transaction<'static, sqlx::Any>) -> Result<(), StoreError> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITE_LOCK).execute(&mut **tx).await?;
+pub(super) async fn serialize_writers(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(WRITE_LOCK)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }

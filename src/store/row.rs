@@ -1,15 +1,15 @@
 //! Rows ↔ key records. Times are unix microseconds; lists are space-separated.
 
 use chrono::{DateTime, Utc};
-use sqlx::any::AnyRow;
 use sqlx::Row;
+use sqlx::any::AnyRow;
 use uuid::Uuid;
 
 /// A query on the `Any` driver.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
 use super::StoreError;
-use crate::domain::event::NewEvent;
+use crate::domain::event::{Event, EventKind, NewEvent};
 use crate::domain::key::{KeyRecord, KeyState, Mode, PreviousSecret, Tier};
 use crate::domain::scope::ScopeSet;
 use crate::domain::token::SecretDigest;
@@ -31,11 +31,18 @@ fn opt_time(us: Option<i64>) -> Result<Option<DateTime<Utc>>, String> {
 }
 
 fn digest(bytes: Vec<u8>) -> Result<SecretDigest, String> {
-    bytes.try_into().map(SecretDigest).map_err(|_| "digest is not 32 bytes".to_owned())
+    bytes
+        .try_into()
+        .map(SecretDigest)
+        .map_err(|_| "digest is not 32 bytes".to_owned())
 }
 
 pub fn join<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
-    items.into_iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
@@ -53,14 +60,22 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
         "disabled" => KeyState::Disabled,
         "revoked" => KeyState::Revoked {
             at: time(opt_i64("revoked_at")?.ok_or("revoked key without revoked_at")?)?,
-            reason: row.try_get::<Option<String>, _>("revoked_reason").map_err(get_err)?.unwrap_or_default(),
+            reason: row
+                .try_get::<Option<String>, _>("revoked_reason")
+                .map_err(get_err)?
+                .unwrap_or_default(),
         },
         other => return Err(format!("unknown status {other:?}")),
     };
-    let previous_secret = match row.try_get::<Option<Vec<u8>>, _>("previous_secret_digest").map_err(get_err)? {
+    let previous_secret = match row
+        .try_get::<Option<Vec<u8>>, _>("previous_secret_digest")
+        .map_err(get_err)?
+    {
         Some(d) => Some(PreviousSecret {
             digest: digest(d)?,
-            expires_at: time(opt_i64("previous_secret_expires_at")?.ok_or("previous secret without expiry")?)?,
+            expires_at: time(
+                opt_i64("previous_secret_expires_at")?.ok_or("previous secret without expiry")?,
+            )?,
         }),
         None => None,
     };
@@ -94,10 +109,7 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
 }
 
 /// Binds a key's columns, in `KEY_COLUMNS` order, to `$1..$21`.
-pub fn bind_key<'q>(
-    query: AnyQuery<'q>,
-    key: &KeyRecord,
-) -> AnyQuery<'q> {
+pub fn bind_key<'q>(query: AnyQuery<'q>, key: &KeyRecord) -> AnyQuery<'q> {
     let (status, revoked_at, revoked_reason) = match &key.state {
         KeyState::Revoked { at, reason } => ("revoked", Some(micros(*at)), Some(reason.as_str())),
         other => (other.as_str(), None, None),
@@ -127,10 +139,7 @@ pub fn bind_key<'q>(
 }
 
 /// Binds an event's columns to the next six placeholders.
-pub fn bind_event<'q>(
-    query: AnyQuery<'q>,
-    event: &NewEvent,
-) -> AnyQuery<'q> {
+pub fn bind_event<'q>(query: AnyQuery<'q>, event: &NewEvent) -> AnyQuery<'q> {
     query
         .bind(event.kind.as_str())
         .bind(event.key_id.to_string())
@@ -138,4 +147,23 @@ pub fn bind_event<'q>(
         .bind(event.actor.to_string())
         .bind(micros(event.at))
         .bind(event.reason.as_str())
+}
+
+pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
+    let sequence: i64 = row.try_get("seq")?;
+    let corrupt = |why: String| StoreError::Corrupt {
+        id: format!("event {sequence}"),
+        why,
+    };
+    let kind: String = row.try_get("kind")?;
+    let key_id: String = row.try_get("key_id")?;
+    Ok(Event {
+        sequence,
+        kind: EventKind::parse(&kind).ok_or_else(|| corrupt(format!("unknown kind {kind:?}")))?,
+        key_id: Uuid::parse_str(&key_id).map_err(|e| corrupt(e.to_string()))?,
+        organization_id: row.try_get("organization_id")?,
+        actor: row.try_get("actor")?,
+        at: time(row.try_get("at")?).map_err(corrupt)?,
+        reason: row.try_get("reason")?,
+    })
 }

@@ -6,9 +6,9 @@ use sqlx::{AnyPool, Row};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::row::{bind_event, bind_key, key_from_row, micros, KEY_COLUMNS};
-use super::{postgres, sqlite, KeyQuery, KeyReader, KeyStore, StoreError};
-use crate::domain::event::NewEvent;
+use super::row::{KEY_COLUMNS, bind_event, bind_key, event_from_row, key_from_row, micros};
+use super::{KeyQuery, KeyReader, KeyStore, StoreError, postgres, sqlite};
+use crate::domain::event::{Event, NewEvent};
 use crate::domain::key::KeyRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,11 @@ impl SqlStore {
         Ok(store)
     }
 
+    /// Closes every connection; later calls fail as if the database were down.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         let mut tx = self.pool.begin().await?;
         if self.dialect == Dialect::Postgres {
@@ -89,7 +94,10 @@ impl KeyReader for SqlStore {
     #[instrument(name = "keystore.get", skip(self), err)]
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"));
-        let row = sqlx::query(sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 }
@@ -104,13 +112,20 @@ impl KeyStore for SqlStore {
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
         ));
         bind_key(sqlx::query(sql), key).execute(&mut *tx).await?;
-        let seq: i64 = bind_event(sqlx::query(INSERT_EVENT), event).fetch_one(&mut *tx).await?.try_get(0)?;
+        let seq: i64 = bind_event(sqlx::query(INSERT_EVENT), event)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
         tx.commit().await?;
         Ok(seq)
     }
 
     #[instrument(name = "keystore.update", skip_all, fields(key_id = %key.id), err)]
-    async fn update_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<Option<KeyRecord>, StoreError> {
+    async fn update_key(
+        &self,
+        key: &KeyRecord,
+        event: &NewEvent,
+    ) -> Result<Option<KeyRecord>, StoreError> {
         let mut tx = self.begin_write().await?;
         let mut next = key.clone();
         next.version += 1;
@@ -121,18 +136,30 @@ impl KeyStore for SqlStore {
             .map(|(i, col)| format!("{col} = ${}", i + 1))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = sqlx::AssertSqlSafe(format!("UPDATE api_keys SET {assignments} WHERE id = $1 AND version = $22"));
-        let done = bind_key(sqlx::query(sql), &next).bind(key.version).execute(&mut *tx).await?;
+        let sql = sqlx::AssertSqlSafe(format!(
+            "UPDATE api_keys SET {assignments} WHERE id = $1 AND version = $22"
+        ));
+        let done = bind_key(sqlx::query(sql), &next)
+            .bind(key.version)
+            .execute(&mut *tx)
+            .await?;
         if done.rows_affected() == 0 {
             return Ok(None);
         }
-        bind_event(sqlx::query(INSERT_EVENT), event).execute(&mut *tx).await?;
+        bind_event(sqlx::query(INSERT_EVENT), event)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Some(next))
     }
 
     #[instrument(name = "keystore.delete", skip(self, event), err)]
-    async fn delete_key(&self, id: Uuid, version: i64, event: &NewEvent) -> Result<bool, StoreError> {
+    async fn delete_key(
+        &self,
+        id: Uuid,
+        version: i64,
+        event: &NewEvent,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
         let done = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND version = $2")
             .bind(id.to_string())
@@ -142,7 +169,9 @@ impl KeyStore for SqlStore {
         if done.rows_affected() == 0 {
             return Ok(false);
         }
-        bind_event(sqlx::query(INSERT_EVENT), event).execute(&mut *tx).await?;
+        bind_event(sqlx::query(INSERT_EVENT), event)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -174,19 +203,41 @@ impl KeyStore for SqlStore {
         rows.iter().map(key_from_row).collect()
     }
 
+    #[instrument(name = "keystore.events_after", skip(self), err)]
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, key_id, organization_id, actor, at, reason FROM key_events \
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
     #[instrument(name = "keystore.shared_secret", skip(self), err)]
     async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
         let mut fresh = [0u8; 32];
-        getrandom::fill(&mut fresh).map_err(|e| StoreError::Corrupt { id: name.into(), why: e.to_string() })?;
+        getrandom::fill(&mut fresh).map_err(|e| StoreError::Corrupt {
+            id: name.into(),
+            why: e.to_string(),
+        })?;
         // Whichever replica inserts first wins; everyone reads the winner.
         sqlx::query("INSERT INTO keygate_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
             .bind(name)
             .bind(fresh.to_vec())
             .execute(&self.pool)
             .await?;
-        let value: Vec<u8> =
-            sqlx::query("SELECT value FROM keygate_settings WHERE name = $1").bind(name).fetch_one(&self.pool).await?.try_get(0)?;
-        value.try_into().map_err(|_| StoreError::Corrupt { id: name.into(), why: "setting is not 32 bytes".into() })
+        let value: Vec<u8> = sqlx::query("SELECT value FROM keygate_settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        value.try_into().map_err(|_| StoreError::Corrupt {
+            id: name.into(),
+            why: "setting is not 32 bytes".into(),
+        })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

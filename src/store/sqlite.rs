@@ -1,7 +1,7 @@
 //! SQLite specifics: the embedded default, one node.
 
-use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
+use sqlx::migrate::Migrator;
 
 use super::StoreError;
 
@@ -29,6 +29,8 @@ pub(super) fn connect_url(url: &str) -> String {
 /// WAL lets Authorize's reads go on while an admin change is written; the
 /// setting is stored in the file, so once is enough.
 pub(super) async fn prepare(pool: &AnyPool) -> Result<(), StoreError> {
-    sqlx::query("PRAGMA journal_mode = WAL").execute(pool).await?;
+    sqlx::query("PRAGMA journal_mode = WAL")
+        .execute(pool)
+        .await?;
     Ok(())
 }

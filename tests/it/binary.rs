@@ -1,0 +1,210 @@
+//! The `keygate` binary as an operator runs it.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keygate::pb::keygate::v1 as pb;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::harness::{AuthorizerClient, KeyAdminClient, as_key, eventually};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+
+fn keygate(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("KEYGATE_DATABASE_URL")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Stops the server with SIGTERM and returns its stderr.
+fn stop(child: Child) -> String {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+async fn wait_serving(port: u16) {
+    eventually(Duration::from_secs(30), "keygate to serve", || async move {
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).ok()?;
+        let mut health = HealthClient::new(channel.connect().await.ok()?);
+        let status = health
+            .check(HealthCheckRequest {
+                service: "keygate.v1.Authorizer".into(),
+            })
+            .await
+            .ok()?;
+        (status.into_inner().status() == ServingStatus::Serving).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn serve_with_no_database_flag_creates_keygate_db_and_never_logs_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let boot = keygate(dir.path())
+        .args(["bootstrap", "--name", "ops"])
+        .output()
+        .unwrap();
+    assert!(
+        boot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&boot.stderr)
+    );
+    let admin_token = String::from_utf8(boot.stdout).unwrap().trim().to_owned();
+    assert!(admin_token.starts_with("kg_live_"));
+    assert!(String::from_utf8_lossy(&boot.stderr).contains("shown once"));
+    assert!(
+        dir.path().join("keygate.db").exists(),
+        "the embedded default is ./keygate.db"
+    );
+
+    let port = free_port();
+    let child = keygate(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_serving(port).await;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut admin = KeyAdminClient::connect(url.clone()).await.unwrap();
+    let req = pb::CreateKeyRequest {
+        name: "backend".into(),
+        organization_id: "org_1".into(),
+        scopes: vec!["checkout:create".into()],
+        ..Default::default()
+    };
+    let created = admin
+        .create_key(as_key(&admin_token, req))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut authz = AuthorizerClient::connect(url).await.unwrap();
+    let ask = |token: &str| pb::AuthorizeRequest {
+        token: token.into(),
+        required_scopes: vec!["checkout:create".into()],
+        ..Default::default()
+    };
+    let allowed = authz
+        .authorize(ask(&created.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allowed.decision(), pb::Decision::Allow);
+    // A near-miss token: must not be echoed either.
+    let near_miss = format!("{}x", &created.token);
+    let denied = authz.authorize(ask(&near_miss)).await.unwrap().into_inner();
+    assert!(!denied.message.contains(&created.token));
+    let bad_admin = admin
+        .list_keys(as_key(&near_miss, pb::ListKeysRequest::default()))
+        .await
+        .unwrap_err();
+    assert!(!bad_admin.message().contains(&created.token));
+
+    // Close our connections first: a graceful stop waits for them.
+    drop((admin, authz));
+    let logs = tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+    assert!(
+        logs.contains("key created"),
+        "debug logs were captured: {logs}"
+    );
+    for token in [&admin_token, &created.token] {
+        let secret = &token[30..73];
+        assert!(!logs.contains(secret), "a secret reached the log");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_policy_stops_serve_naming_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "[[route]]\nroute = \"GET /ok\"\nscope = \"a:read\"\n[[route]]\nroute = \"GET /x\"\nscope = \"x:view\"\n")
+        .unwrap();
+    let out = keygate(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("route #2") && stderr.contains("x:view"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_shipped_example_policy_loads() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policy.example.toml"))
+        .unwrap();
+    let table = keygate::domain::policy::RouteTable::from_toml(&text).unwrap();
+    assert!(table.len() >= 10, "covers the seeds' resources");
+    assert_eq!(
+        table
+            .required_scope("POST /v1/checkouts")
+            .map(|s| s.as_str()),
+        Some("checkout:create")
+    );
+}
+
+#[test]
+fn every_flag_has_an_environment_variable() {
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "KEYGATE_LISTEN",
+        "KEYGATE_DATABASE_URL",
+        "KEYGATE_POLICY",
+        "KEYGATE_BRAND",
+        "KEYGATE_CACHE_TTL",
+    ] {
+        assert!(help.contains(var), "{var} missing from --help:\n{help}");
+    }
+    assert!(help.contains("0.0.0.0:50051"));
+}
+
+#[test]
+fn unsupported_database_urls_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = keygate(dir.path())
+        .args([
+            "bootstrap",
+            "--name",
+            "x",
+            "--database-url",
+            "mysql://root:hunter2@localhost/db",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("mysql://") && !stderr.contains("hunter2"),
+        "{stderr}"
+    );
+}
