@@ -77,7 +77,7 @@ async fn rotation_with_grace_lets_both_secrets_work_until_it_ends(backend: Backe
         .await
         .unwrap()
         .into_inner();
-    let ends = resp.previous_secret_expires_at.clone().unwrap();
+    let ends = resp.previous_secret_expires_at.unwrap();
     assert_eq!(ends.seconds, crate::harness::epoch().timestamp() + 3600);
     assert_eq!(
         resp.key.as_ref().unwrap().previous_secret_expires_at,

@@ -1,7 +1,7 @@
 //! Integration tests: a real keygate server on an ephemeral loopback port,
+//! called through the generated gRPC clients, against SQLite and PostgreSQL.
 
 #![allow(clippy::unwrap_used)]
-//! called through the generated gRPC clients, against SQLite and PostgreSQL.
 
 mod harness;
 
