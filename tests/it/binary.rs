@@ -13,7 +13,7 @@ use crate::harness::{AuthorizerClient, KeyAdminClient, as_key, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
-fn keygate(dir: &Path) -> Command {
+pub fn keygate(dir: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(dir)
         .env_remove("DATABASE_URL")
@@ -22,7 +22,7 @@ fn keygate(dir: &Path) -> Command {
     cmd
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -31,7 +31,7 @@ fn free_port() -> u16 {
 }
 
 /// Stops the server with SIGTERM and returns its stderr.
-fn stop(child: Child) -> String {
+pub fn stop(child: Child) -> String {
     Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -41,7 +41,7 @@ fn stop(child: Child) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-async fn wait_serving(port: u16) {
+pub async fn wait_serving(port: u16) {
     eventually(Duration::from_secs(30), "keygate to serve", || async move {
         let channel =
             tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).ok()?;

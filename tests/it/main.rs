@@ -12,3 +12,4 @@ mod concurrency;
 mod lifecycle;
 mod listing;
 mod validation;
+mod walkthrough;
