@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keygate/v1/types.proto",
         "proto/keygate/v1/authorizer.proto",
         "proto/keygate/v1/admin.proto",
+        "proto/keygate/v1/feed.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("keygate_descriptor.bin"))

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 use uuid::Uuid;
@@ -31,8 +31,47 @@ impl Default for CacheSettings {
     }
 }
 
+/// Whether this replica is in touch with the event log. A replica out of
+/// touch for longer than `max_staleness` cannot know what was revoked
+/// meanwhile, so it stops answering from memory.
+#[derive(Debug)]
+pub struct Freshness {
+    start: Instant,
+    last_contact_ms: AtomicU64,
+    max_staleness: Duration,
+}
+
+impl Freshness {
+    /// Starts fresh: a replica has just read the log when it starts.
+    pub fn new(max_staleness: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            last_contact_ms: AtomicU64::new(0),
+            max_staleness,
+        }
+    }
+
+    /// Records a successful read of the event log.
+    pub fn touch(&self) {
+        self.last_contact_ms
+            .store(self.elapsed_ms(), Ordering::Release);
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        let since = self
+            .elapsed_ms()
+            .saturating_sub(self.last_contact_ms.load(Ordering::Acquire));
+        u128::from(since) <= self.max_staleness.as_millis()
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 pub struct KeyCache {
     store: Arc<dyn KeyReader>,
+    freshness: Arc<Freshness>,
     known: Cache<Uuid, Arc<KeyRecord>>,
     unknown: Cache<Uuid, ()>,
     /// Bumped by every invalidation. A load that started before an
@@ -41,9 +80,14 @@ pub struct KeyCache {
 }
 
 impl KeyCache {
-    pub fn new(store: Arc<dyn KeyReader>, settings: CacheSettings) -> Self {
+    pub fn new(
+        store: Arc<dyn KeyReader>,
+        settings: CacheSettings,
+        freshness: Arc<Freshness>,
+    ) -> Self {
         Self {
             store,
+            freshness,
             known: Cache::builder()
                 .max_capacity(settings.capacity)
                 .time_to_live(settings.ttl)
@@ -57,7 +101,12 @@ impl KeyCache {
     }
 
     /// The key with this id: from memory when cached, else from the store.
+    /// While out of touch with the event log, always from the store, so an
+    /// unreachable store fails closed instead of serving a revoked key.
     pub async fn get(&self, id: Uuid) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        if !self.freshness.is_fresh() {
+            return Ok(self.store.get_key(id).await?.map(Arc::new));
+        }
         if let Some(key) = self.known.get(&id) {
             return Ok(Some(key));
         }
@@ -75,6 +124,13 @@ impl KeyCache {
             }
         }
         Ok(loaded)
+    }
+
+    /// Forgets everything, as after a RESET.
+    pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.known.invalidate_all();
+        self.unknown.invalidate_all();
     }
 
     /// Forgets what is known about `id`, at once.

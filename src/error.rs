@@ -25,6 +25,9 @@ pub enum Error {
     /// Concurrent changes kept winning; the caller may retry.
     #[error("{0}")]
     Aborted(&'static str),
+    /// A change is in force, but not every live replica confirmed it in time.
+    #[error("{0}")]
+    ReplicasLagging(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -49,6 +52,7 @@ impl From<Error> for Status {
             Error::Denied(reason) if reason.http_status() == 401 => Code::Unauthenticated,
             Error::Denied(_) | Error::InsufficientScope(_) => Code::PermissionDenied,
             Error::Aborted(_) => Code::Aborted,
+            Error::ReplicasLagging(_) => Code::DeadlineExceeded,
             Error::Store(StoreError::Conflict) => Code::AlreadyExists,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(_) | Error::Internal(_) => Code::Internal,

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod cli;
 pub mod domain;
 pub mod error;
+pub mod feed;
 pub mod pb;
 pub mod server;
 pub mod service;

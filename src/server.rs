@@ -2,16 +2,20 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::admin::AdminApi;
 use crate::api::authorizer::AuthorizerApi;
-use crate::cache::{CacheSettings, KeyCache};
+use crate::api::feed::FeedApi;
+use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::domain::clock::Clock;
 use crate::domain::policy::RouteTable;
 use crate::domain::token::Brand;
+use crate::feed::{Feed, FeedSettings};
 use crate::pb;
 use crate::service::{Authorizer, KeyService};
 use crate::store::{KeyStore, SqlStore, StoreError};
@@ -23,6 +27,23 @@ pub struct Settings {
     pub policy: RouteTable,
     pub brand: Brand,
     pub cache: CacheSettings,
+    pub feed: FeedSettings,
+    /// Out of touch with the event log for longer than this, the cache is bypassed.
+    pub max_staleness: Duration,
+}
+
+impl Settings {
+    /// Defaults for everything but where the keys live.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            policy: RouteTable::default(),
+            brand: Brand::default(),
+            cache: CacheSettings::default(),
+            feed: FeedSettings::default(),
+            max_staleness: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A running keygate's parts, connected to its store.
@@ -30,6 +51,8 @@ pub struct Keygate {
     pub authorizer: Arc<Authorizer>,
     pub keys: Arc<KeyService>,
     pub store: Arc<SqlStore>,
+    pub feed: Arc<Feed>,
+    pub cache: Arc<KeyCache>,
 }
 
 impl Keygate {
@@ -37,7 +60,22 @@ impl Keygate {
     pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         let store = Arc::new(SqlStore::connect(&settings.database_url).await?);
         let page_key = store.shared_secret("page_token_key").await?;
-        let cache = Arc::new(KeyCache::new(store.clone(), settings.cache));
+        let freshness = Arc::new(Freshness::new(settings.max_staleness));
+        let cache = Arc::new(KeyCache::new(
+            store.clone(),
+            settings.cache,
+            freshness.clone(),
+        ));
+        let listen_url = store.listen_url().map(str::to_owned);
+        let feed = Feed::new(
+            store.clone(),
+            cache.clone(),
+            freshness,
+            listen_url,
+            settings.feed,
+        )
+        .await?;
+        let feed = Arc::new(feed);
         let authorizer = Arc::new(Authorizer::new(
             cache.clone(),
             Arc::new(settings.policy),
@@ -45,15 +83,18 @@ impl Keygate {
         ));
         let keys = Arc::new(KeyService::new(
             store.clone(),
-            cache,
+            cache.clone(),
             clock,
             settings.brand,
             page_key,
+            feed.wake_handle(),
         ));
         Ok(Self {
             authorizer,
             keys,
             store,
+            feed,
+            cache,
         })
     }
 
@@ -64,9 +105,18 @@ impl Keygate {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        let stopping = CancellationToken::new();
+        tokio::spawn(self.feed.clone().run(stopping.clone()));
         let (health, health_service) = tonic_health::server::health_reporter();
         let authorizer = AuthorizerApi::new(self.authorizer.clone()).into_server();
-        let admin = AdminApi::new(self.authorizer.clone(), self.keys.clone()).into_server();
+        let admin = AdminApi::new(
+            self.authorizer.clone(),
+            self.keys.clone(),
+            self.feed.clone(),
+        )
+        .into_server();
+        let feed = FeedApi::new(self.authorizer.clone(), self.feed.clone(), stopping.clone())
+            .into_server();
         // Migrations ran in `open`, so the store has answered by now.
         health
             .set_serving::<pb::keygate::v1::authorizer_server::AuthorizerServer<AuthorizerApi>>()
@@ -95,7 +145,13 @@ impl Keygate {
             .add_service(reflection_v1alpha)
             .add_service(authorizer)
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .add_service(feed)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                shutdown.await;
+                // Ends Watch streams (with a status to reconnect on) so the
+                // server's drain does not wait on them forever.
+                stopping.cancel();
+            })
             .await
     }
 }

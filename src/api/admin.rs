@@ -1,10 +1,12 @@
 //! keygate.v1.KeyAdmin.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert};
+use crate::feed::Feed;
 use crate::pb::keygate::v1::key_admin_server;
 use crate::pb::keygate::v1::*;
 use crate::service::{Authorizer, Caller, KeyService};
@@ -12,11 +14,25 @@ use crate::service::{Authorizer, Caller, KeyService};
 pub struct AdminApi {
     authorizer: Arc<Authorizer>,
     keys: Arc<KeyService>,
+    feed: Arc<Feed>,
 }
 
 impl AdminApi {
-    pub fn new(authorizer: Arc<Authorizer>, keys: Arc<KeyService>) -> Self {
-        Self { authorizer, keys }
+    pub fn new(authorizer: Arc<Authorizer>, keys: Arc<KeyService>, feed: Arc<Feed>) -> Self {
+        Self {
+            authorizer,
+            keys,
+            feed,
+        }
+    }
+
+    /// With `wait`, how many live replicas applied `sequence` (or
+    /// DEADLINE_EXCEEDED naming the laggards); 0 without.
+    async fn confirm(&self, wait: Option<Duration>, sequence: i64) -> Result<u32, Status> {
+        match wait {
+            Some(timeout) => Ok(self.feed.confirm(sequence, timeout).await?),
+            None => Ok(0),
+        }
     }
 
     pub fn into_server(self) -> key_admin_server::KeyAdminServer<Self> {
@@ -78,38 +94,52 @@ impl key_admin_server::KeyAdmin for AdminApi {
         let r = request.get_ref();
         let id = convert::key_id("key_id", &r.key_id)?;
         let grace = convert::grace_period(r.grace_period.as_ref())?;
-        let (key, token) = self.keys.rotate(&caller, id, grace).await?;
+        let wait = convert::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
+        let (key, token, seq) = self.keys.rotate(&caller, id, grace).await?;
         let previous_secret_expires_at = key
             .previous_secret
             .as_ref()
             .map(|p| convert::timestamp(p.expires_at));
+        let confirmed_replicas = self.confirm(wait, seq).await?;
         Ok(Response::new(RotateKeyResponse {
             key: Some(self.api_key(&key)),
             token,
             previous_secret_expires_at,
+            confirmed_replicas,
         }))
     }
 
     async fn revoke_key(
         &self,
         request: Request<RevokeKeyRequest>,
-    ) -> Result<Response<ApiKey>, Status> {
+    ) -> Result<Response<RevokeKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
         let id = convert::key_id("key_id", &r.key_id)?;
         let reason = convert::revoke_reason(&r.reason)?;
-        let key = self.keys.revoke(&caller, id, reason).await?;
-        Ok(Response::new(self.api_key(&key)))
+        let wait = convert::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
+        let (key, seq) = self.keys.revoke(&caller, id, reason).await?;
+        let confirmed_replicas = self.confirm(wait, seq).await?;
+        Ok(Response::new(RevokeKeyResponse {
+            key: Some(self.api_key(&key)),
+            confirmed_replicas,
+        }))
     }
 
     async fn disable_key(
         &self,
         request: Request<DisableKeyRequest>,
-    ) -> Result<Response<ApiKey>, Status> {
+    ) -> Result<Response<DisableKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let id = convert::key_id("key_id", &request.get_ref().key_id)?;
-        let key = self.keys.disable(&caller, id).await?;
-        Ok(Response::new(self.api_key(&key)))
+        let r = request.get_ref();
+        let id = convert::key_id("key_id", &r.key_id)?;
+        let wait = convert::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
+        let (key, seq) = self.keys.disable(&caller, id).await?;
+        let confirmed_replicas = self.confirm(wait, seq).await?;
+        Ok(Response::new(DisableKeyResponse {
+            key: Some(self.api_key(&key)),
+            confirmed_replicas,
+        }))
     }
 
     async fn enable_key(
@@ -118,7 +148,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
     ) -> Result<Response<ApiKey>, Status> {
         let caller = self.caller(&request).await?;
         let id = convert::key_id("key_id", &request.get_ref().key_id)?;
-        let key = self.keys.enable(&caller, id).await?;
+        let (key, _) = self.keys.enable(&caller, id).await?;
         Ok(Response::new(self.api_key(&key)))
     }
 
@@ -127,8 +157,11 @@ impl key_admin_server::KeyAdmin for AdminApi {
         request: Request<DeleteKeyRequest>,
     ) -> Result<Response<DeleteKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let id = convert::key_id("key_id", &request.get_ref().key_id)?;
-        self.keys.delete(&caller, id).await?;
-        Ok(Response::new(DeleteKeyResponse {}))
+        let r = request.get_ref();
+        let id = convert::key_id("key_id", &r.key_id)?;
+        let wait = convert::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
+        let seq = self.keys.delete(&caller, id).await?;
+        let confirmed_replicas = self.confirm(wait, seq).await?;
+        Ok(Response::new(DeleteKeyResponse { confirmed_replicas }))
     }
 }

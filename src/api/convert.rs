@@ -289,6 +289,29 @@ pub fn grace_period(d: Option<&prost_types::Duration>) -> Result<Duration, Error
     Ok(grace)
 }
 
+/// `None` when the caller does not wait; otherwise how long (default 5 s, at most 60 s).
+pub fn replica_wait(
+    wait: bool,
+    timeout: Option<&prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, Error> {
+    let bad = || Error::invalid("replica_wait_timeout", "must be between 0 and 60 seconds");
+    let timeout = match timeout {
+        None => std::time::Duration::ZERO,
+        Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => return Err(bad()),
+        Some(d) => std::time::Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs()),
+    };
+    if timeout > std::time::Duration::from_secs(60) {
+        return Err(bad());
+    }
+    Ok(wait.then(|| {
+        if timeout.is_zero() {
+            std::time::Duration::from_secs(5)
+        } else {
+            timeout
+        }
+    }))
+}
+
 pub fn revoke_reason(reason: &str) -> Result<String, Error> {
     text("reason", reason, MAX_REASON_CHARS, false)
 }

@@ -4,3 +4,4 @@ pub mod admin;
 pub mod authorizer;
 mod caller;
 pub mod convert;
+pub mod feed;

@@ -7,7 +7,6 @@ use clap::Args;
 use super::StoreArgs;
 use crate::domain::clock::SystemClock;
 use crate::domain::key::Mode;
-use crate::domain::policy::RouteTable;
 use crate::domain::token::Brand;
 use crate::server::{Keygate, Settings};
 use crate::store::sql_redact;
@@ -35,10 +34,8 @@ pub async fn run(args: BootstrapArgs) -> Result<(), String> {
     let mode = Mode::parse(&args.mode).unwrap_or(Mode::Live);
     let url = args.store.url();
     let settings = Settings {
-        database_url: url.clone(),
-        policy: RouteTable::default(),
         brand,
-        cache: Default::default(),
+        ..Settings::new(url.clone())
     };
     let keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await

@@ -13,6 +13,7 @@ use crate::cache::CacheSettings;
 use crate::domain::clock::SystemClock;
 use crate::domain::policy::RouteTable;
 use crate::domain::token::Brand;
+use crate::feed::FeedSettings;
 use crate::server::{Keygate, Settings};
 use crate::store::sql_redact;
 
@@ -39,8 +40,43 @@ pub struct ServeArgs {
     /// Most key records kept in memory.
     #[arg(long, env = "KEYGATE_CACHE_CAPACITY", default_value_t = 100_000)]
     cache_capacity: u64,
+    /// Longest this replica may go without reading the event log before it
+    /// stops answering from its cache (a revoked key lives at most this long
+    /// anywhere, even during a partition).
+    #[arg(long, env = "KEYGATE_MAX_STALENESS", default_value = "30s", value_parser = parse_duration)]
+    max_staleness: Duration,
+    /// Longest wait between two reads of the event log (NOTIFY or a local
+    /// write usually wakes it sooner).
+    #[arg(long, env = "KEYGATE_FEED_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    feed_poll_interval: Duration,
+    /// How often Watch streams get a HEARTBEAT.
+    #[arg(long, env = "KEYGATE_FEED_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
+    feed_heartbeat: Duration,
+    /// How far back (in events) a Watch can resume; older positions get RESET.
+    #[arg(long, env = "KEYGATE_FEED_MAX_REPLAY", default_value_t = 100_000)]
+    feed_max_replay: i64,
+    /// How often this replica records its applied sequence in the store; a
+    /// replica silent for 5 times this is no longer live.
+    #[arg(long, env = "KEYGATE_REPLICA_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
+    replica_heartbeat: Duration,
+    /// This replica's name in ListReplicas (default: hostname:port).
+    #[arg(long, env = "KEYGATE_REPLICA_NAME")]
+    replica_name: Option<String>,
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn default_replica_name(listen: SocketAddr) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "keygate".into());
+    format!("{host}:{}", listen.port())
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), String> {
@@ -69,6 +105,18 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             ttl: args.cache_ttl,
             negative_ttl: args.negative_cache_ttl,
         },
+        feed: FeedSettings {
+            poll_interval: args.feed_poll_interval,
+            heartbeat: args.feed_heartbeat,
+            replica_heartbeat: args.replica_heartbeat,
+            replica_live_window: args.replica_heartbeat * 5,
+            max_replay: args.feed_max_replay,
+            name: args
+                .replica_name
+                .clone()
+                .unwrap_or_else(|| default_replica_name(args.listen)),
+        },
+        max_staleness: args.max_staleness,
     };
     let keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await

@@ -55,6 +55,9 @@ struct Scopes {
 }
 
 pub struct KeyService {
+    /// Wakes the revocation feed after a local write, so this replica's
+    /// subscribers hear of it without waiting for a poll or a NOTIFY.
+    changed: Arc<tokio::sync::Notify>,
     store: Arc<dyn KeyStore>,
     cache: Arc<KeyCache>,
     clock: Arc<dyn Clock>,
@@ -70,9 +73,11 @@ impl KeyService {
         clock: Arc<dyn Clock>,
         brand: Brand,
         page_key: [u8; 32],
+        changed: Arc<tokio::sync::Notify>,
     ) -> Self {
         let scope = |s| Scope::parse(s).expect("built-in scope parses");
         Self {
+            changed,
             store,
             cache,
             clock,
@@ -222,10 +227,10 @@ impl KeyService {
         caller: &Caller,
         id: Uuid,
         grace: Duration,
-    ) -> Result<(KeyRecord, String), Error> {
+    ) -> Result<(KeyRecord, String, i64), Error> {
         caller.require(&self.scopes.update)?;
         let mut token = None;
-        let key = self
+        let (key, seq) = self
             .change(caller, id, EventKind::Rotated, |key, now| {
                 let fresh = match &token {
                     Some(t) => t,
@@ -236,7 +241,7 @@ impl KeyService {
             })
             .await?;
         let token = token.ok_or_else(|| Error::Internal("rotation produced no token".into()))?;
-        Ok((key, token.token))
+        Ok((key, token.token, seq))
     }
 
     pub async fn revoke(
@@ -244,7 +249,7 @@ impl KeyService {
         caller: &Caller,
         id: Uuid,
         reason: String,
-    ) -> Result<KeyRecord, Error> {
+    ) -> Result<(KeyRecord, i64), Error> {
         caller.require(&self.scopes.update)?;
         self.change(caller, id, EventKind::Revoked, |key, now| {
             key.revoke(reason.clone(), now)?;
@@ -253,7 +258,7 @@ impl KeyService {
         .await
     }
 
-    pub async fn disable(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
+    pub async fn disable(&self, caller: &Caller, id: Uuid) -> Result<(KeyRecord, i64), Error> {
         caller.require(&self.scopes.update)?;
         self.change(caller, id, EventKind::Disabled, |key, _| {
             Ok(key.disable().map(|()| String::new())?)
@@ -261,7 +266,7 @@ impl KeyService {
         .await
     }
 
-    pub async fn enable(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
+    pub async fn enable(&self, caller: &Caller, id: Uuid) -> Result<(KeyRecord, i64), Error> {
         caller.require(&self.scopes.update)?;
         self.change(caller, id, EventKind::Enabled, |key, _| {
             Ok(key.enable().map(|()| String::new())?)
@@ -313,17 +318,19 @@ impl KeyService {
         Ok((key, token))
     }
 
-    /// Removes the key for good; its events stay in the log.
-    pub async fn delete(&self, caller: &Caller, id: Uuid) -> Result<(), Error> {
+    /// Removes the key for good; its events stay in the log. Returns the
+    /// event's sequence.
+    pub async fn delete(&self, caller: &Caller, id: Uuid) -> Result<i64, Error> {
         caller.require(&self.scopes.delete)?;
         for _ in 0..MAX_ATTEMPTS {
             let key = self.load_visible(caller, id).await?;
             let now = self.clock.now();
             let ev = event(EventKind::Deleted, &key, caller, now, String::new());
-            if self.store.delete_key(id, key.version, &ev).await? {
+            if let Some(seq) = self.store.delete_key(id, key.version, &ev).await? {
                 self.cache.invalidate(id);
+                self.changed.notify_one();
                 tracing::info!(key_id = %id, actor = %caller.key().id, "key deleted");
-                return Ok(());
+                return Ok(seq);
             }
         }
         Err(Error::Aborted("the key kept changing concurrently; retry"))
@@ -338,7 +345,7 @@ impl KeyService {
         id: Uuid,
         kind: EventKind,
         mut apply: impl FnMut(&mut KeyRecord, DateTime<Utc>) -> Result<String, Error>,
-    ) -> Result<KeyRecord, Error> {
+    ) -> Result<(KeyRecord, i64), Error> {
         for _ in 0..MAX_ATTEMPTS {
             let mut key = self.load_visible(caller, id).await?;
             let now = self.clock.now();
@@ -346,6 +353,7 @@ impl KeyService {
             let ev = event(kind, &key, caller, now, reason);
             if let Some(stored) = self.store.update_key(&key, &ev).await? {
                 self.cache.invalidate(id);
+                self.changed.notify_one();
                 tracing::info!(key_id = %id, actor = %caller.key().id, event = kind.as_str(), "key changed");
                 return Ok(stored);
             }

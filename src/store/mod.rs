@@ -5,7 +5,7 @@
 //! connection set-up, migrations and how event sequences are serialised, lives
 //! in `postgres.rs` and `sqlite.rs`.
 
-mod postgres;
+pub mod postgres;
 mod row;
 mod sql;
 mod sqlite;
@@ -33,20 +33,22 @@ pub trait KeyStore: KeyReader {
     async fn insert_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<i64, StoreError>;
 
     /// Stores `key` (with `version + 1`) if the stored version is still
-    /// `key.version`; `Ok(None)` when another change got there first.
+    /// `key.version`, returning it and the event's sequence; `Ok(None)` when
+    /// another change got there first.
     async fn update_key(
         &self,
         key: &KeyRecord,
         event: &NewEvent,
-    ) -> Result<Option<KeyRecord>, StoreError>;
+    ) -> Result<Option<(KeyRecord, i64)>, StoreError>;
 
-    /// Deletes the key if its stored version is still `version`; `Ok(false)` otherwise.
+    /// Deletes the key if its stored version is still `version`, returning the
+    /// event's sequence; `Ok(None)` otherwise.
     async fn delete_key(
         &self,
         id: Uuid,
         version: i64,
         event: &NewEvent,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<i64>, StoreError>;
 
     /// Keys in (created_at, id) order.
     async fn list_keys(&self, query: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError>;
@@ -54,11 +56,29 @@ pub trait KeyStore: KeyReader {
     /// Up to `limit` events with a sequence above `after`, in sequence order.
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
 
+    /// The highest event sequence, 0 when the log is empty.
+    async fn head_sequence(&self) -> Result<i64, StoreError>;
+
+    /// Records a replica's position in the event log and its heartbeat.
+    async fn record_replica(&self, replica: &ReplicaStatus) -> Result<(), StoreError>;
+
+    /// Every replica that has recorded itself, by name.
+    async fn list_replicas(&self) -> Result<Vec<ReplicaStatus>, StoreError>;
+
     /// A 32-byte secret shared by every replica, created on first use.
     async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
 
     /// Answers when the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// A replica's row in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub replica_id: Uuid,
+    pub name: String,
+    pub applied_sequence: i64,
+    pub heartbeat_at: DateTime<Utc>,
 }
 
 /// Which keys to list.

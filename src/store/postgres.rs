@@ -29,3 +29,17 @@ pub(super) async fn serialize_writers(
         .await?;
     Ok(())
 }
+
+/// The channel every replica LISTENs on; a notification is only a wake-up,
+/// replicas read the events themselves by sequence.
+pub const EVENTS_CHANNEL: &str = "keygate_events";
+
+pub(super) async fn notify_event(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(EVENTS_CHANNEL)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

@@ -8,7 +8,7 @@ use uuid::Uuid;
 /// A query on the `Any` driver.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
-use super::StoreError;
+use super::{ReplicaStatus, StoreError};
 use crate::domain::event::{Event, EventKind, NewEvent};
 use crate::domain::key::{KeyRecord, KeyState, Mode, PreviousSecret, Tier};
 use crate::domain::scope::ScopeSet;
@@ -165,5 +165,19 @@ pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
         actor: row.try_get("actor")?,
         at: time(row.try_get("at")?).map_err(corrupt)?,
         reason: row.try_get("reason")?,
+    })
+}
+
+pub fn replica_from_row(row: &AnyRow) -> Result<ReplicaStatus, StoreError> {
+    let id: String = row.try_get("replica_id")?;
+    let corrupt = |why: String| StoreError::Corrupt {
+        id: format!("replica {id}"),
+        why,
+    };
+    Ok(ReplicaStatus {
+        replica_id: Uuid::parse_str(&id).map_err(|e| corrupt(e.to_string()))?,
+        name: row.try_get("name")?,
+        applied_sequence: row.try_get("applied_sequence")?,
+        heartbeat_at: time(row.try_get("heartbeat_at")?).map_err(corrupt)?,
     })
 }

@@ -6,8 +6,10 @@ use sqlx::{AnyPool, Row};
 use tracing::instrument;
 use uuid::Uuid;
 
-use super::row::{KEY_COLUMNS, bind_event, bind_key, event_from_row, key_from_row, micros};
-use super::{KeyQuery, KeyReader, KeyStore, StoreError, postgres, sqlite};
+use super::row::{
+    KEY_COLUMNS, bind_event, bind_key, event_from_row, key_from_row, micros, replica_from_row,
+};
+use super::{KeyQuery, KeyReader, KeyStore, ReplicaStatus, StoreError, postgres, sqlite};
 use crate::domain::event::{Event, NewEvent};
 use crate::domain::key::KeyRecord;
 
@@ -18,10 +20,20 @@ pub(super) enum Dialect {
 }
 
 /// A PostgreSQL or SQLite store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
+    url: String,
+}
+
+impl std::fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("dialect", &self.dialect)
+            .field("url", &redact(&self.url))
+            .finish()
+    }
 }
 
 // The event's sequence is the log's maximum plus one, computed inside the
@@ -50,7 +62,7 @@ impl SqlStore {
             .acquire_timeout(std::time::Duration::from_secs(5))
             .connect(&url)
             .await?;
-        let store = Self { pool, dialect };
+        let store = Self { pool, dialect, url };
         match dialect {
             Dialect::Sqlite => {
                 sqlite::prepare(&store.pool).await?;
@@ -64,6 +76,28 @@ impl SqlStore {
     /// Closes every connection; later calls fail as if the database were down.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Appends the event and, on PostgreSQL, wakes every replica's listener
+    /// (NOTIFY is delivered at commit, so nobody reads ahead of it).
+    async fn append_event(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        event: &NewEvent,
+    ) -> Result<i64, StoreError> {
+        let seq: i64 = bind_event(sqlx::query(INSERT_EVENT), event)
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get(0)?;
+        if self.dialect == Dialect::Postgres {
+            postgres::notify_event(tx).await?;
+        }
+        Ok(seq)
+    }
+
+    /// The PostgreSQL URL to LISTEN on, for the revocation feed; `None` on SQLite.
+    pub fn listen_url(&self) -> Option<&str> {
+        (self.dialect == Dialect::Postgres).then_some(self.url.as_str())
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
@@ -112,10 +146,7 @@ impl KeyStore for SqlStore {
              ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
         ));
         bind_key(sqlx::query(sql), key).execute(&mut *tx).await?;
-        let seq: i64 = bind_event(sqlx::query(INSERT_EVENT), event)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
+        let seq = self.append_event(&mut tx, event).await?;
         tx.commit().await?;
         Ok(seq)
     }
@@ -125,7 +156,7 @@ impl KeyStore for SqlStore {
         &self,
         key: &KeyRecord,
         event: &NewEvent,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<(KeyRecord, i64)>, StoreError> {
         let mut tx = self.begin_write().await?;
         let mut next = key.clone();
         next.version += 1;
@@ -146,11 +177,9 @@ impl KeyStore for SqlStore {
         if done.rows_affected() == 0 {
             return Ok(None);
         }
-        bind_event(sqlx::query(INSERT_EVENT), event)
-            .execute(&mut *tx)
-            .await?;
+        let seq = self.append_event(&mut tx, event).await?;
         tx.commit().await?;
-        Ok(Some(next))
+        Ok(Some((next, seq)))
     }
 
     #[instrument(name = "keystore.delete", skip(self, event), err)]
@@ -159,7 +188,7 @@ impl KeyStore for SqlStore {
         id: Uuid,
         version: i64,
         event: &NewEvent,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.begin_write().await?;
         let done = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND version = $2")
             .bind(id.to_string())
@@ -167,13 +196,11 @@ impl KeyStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
-            return Ok(false);
+            return Ok(None);
         }
-        bind_event(sqlx::query(INSERT_EVENT), event)
-            .execute(&mut *tx)
-            .await?;
+        let seq = self.append_event(&mut tx, event).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(seq))
     }
 
     #[instrument(name = "keystore.list", skip(self), err)]
@@ -214,6 +241,34 @@ impl KeyStore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    async fn head_sequence(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM key_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn record_replica(&self, r: &ReplicaStatus) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO replicas (replica_id, name, applied_sequence, heartbeat_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (replica_id) DO UPDATE SET name = $2, applied_sequence = $3, heartbeat_at = $4",
+        )
+        .bind(r.replica_id.to_string())
+        .bind(r.name.as_str())
+        .bind(r.applied_sequence)
+        .bind(micros(r.heartbeat_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_replicas(&self) -> Result<Vec<ReplicaStatus>, StoreError> {
+        let rows = sqlx::query("SELECT replica_id, name, applied_sequence, heartbeat_at FROM replicas ORDER BY name, replica_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(replica_from_row).collect()
     }
 
     #[instrument(name = "keystore.shared_secret", skip(self), err)]

@@ -99,6 +99,7 @@ async fn another_organizations_keys_are_not_found(backend: Backend) {
                 pb::RotateKeyRequest {
                     key_id: id(),
                     grace_period: None,
+                    ..Default::default()
                 },
             ))
             .await
@@ -109,12 +110,19 @@ async fn another_organizations_keys_are_not_found(backend: Backend) {
                 pb::RevokeKeyRequest {
                     key_id: id(),
                     reason: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
             .map(drop),
         admin
-            .disable_key(as_key(&org_a_admin, pb::DisableKeyRequest { key_id: id() }))
+            .disable_key(as_key(
+                &org_a_admin,
+                pb::DisableKeyRequest {
+                    key_id: id(),
+                    ..Default::default()
+                },
+            ))
             .await
             .map(drop),
         admin
@@ -122,7 +130,13 @@ async fn another_organizations_keys_are_not_found(backend: Backend) {
             .await
             .map(drop),
         admin
-            .delete_key(as_key(&org_a_admin, pb::DeleteKeyRequest { key_id: id() }))
+            .delete_key(as_key(
+                &org_a_admin,
+                pb::DeleteKeyRequest {
+                    key_id: id(),
+                    ..Default::default()
+                },
+            ))
             .await
             .map(drop),
         admin

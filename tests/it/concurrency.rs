@@ -24,6 +24,7 @@ async fn concurrent_rotations_leave_exactly_one_current_secret(backend: Backend)
             pb::RotateKeyRequest {
                 key_id: key.key_id.clone(),
                 grace_period: None,
+                ..Default::default()
             },
         );
         tasks.push(tokio::spawn(async move { admin.rotate_key(req).await }));
@@ -79,6 +80,7 @@ async fn concurrent_revocations_record_one_revocation(backend: Backend) {
             pb::RevokeKeyRequest {
                 key_id: key.key_id.clone(),
                 reason: format!("r{i}"),
+                ..Default::default()
             },
         );
         tasks.push(tokio::spawn(async move { admin.revoke_key(req).await }));

@@ -13,11 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keygate::cache::CacheSettings;
 use keygate::domain::clock::{Clock, ManualClock};
 use keygate::domain::key::Mode;
 use keygate::domain::policy::RouteTable;
-use keygate::domain::token::Brand;
 use keygate::pb::keygate::v1 as pb;
 use keygate::server::{Keygate, Settings};
 use keygate::store::SqlStore;
@@ -140,12 +138,10 @@ impl TestServer {
         postgres_db: PostgresDb,
     ) -> Option<Self> {
         let clock = Arc::new(ManualClock::new(epoch()));
-        let settings = Settings {
-            database_url: database_url.clone(),
-            policy: RouteTable::from_toml(POLICY).expect("test policy"),
-            brand: Brand::default(),
-            cache: CacheSettings::default(),
-        };
+        let mut settings = Settings::new(database_url.clone());
+        settings.policy = RouteTable::from_toml(POLICY).expect("test policy");
+        settings.feed.heartbeat = Duration::from_millis(500);
+        settings.feed.poll_interval = Duration::from_millis(200);
         let keygate = Keygate::open(settings, clock.clone() as Arc<dyn Clock>)
             .await
             .expect("open keygate");

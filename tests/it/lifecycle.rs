@@ -37,6 +37,7 @@ async fn rotation_without_grace_kills_the_old_secret_at_once(backend: Backend) {
     let req = pb::RotateKeyRequest {
         key_id: key.key_id.clone(),
         grace_period: None,
+        ..Default::default()
     };
     let resp = s
         .admin()
@@ -69,6 +70,7 @@ async fn rotation_with_grace_lets_both_secrets_work_until_it_ends(backend: Backe
     let req = pb::RotateKeyRequest {
         key_id: key.key_id.clone(),
         grace_period: grace(3600),
+        ..Default::default()
     };
     let resp = s
         .admin()
@@ -130,12 +132,15 @@ async fn revocation_is_immediate_final_and_audited(backend: Backend) {
     let req = pb::RevokeKeyRequest {
         key_id: key.key_id.clone(),
         reason: "leaked in a public repo".into(),
+        ..Default::default()
     };
     let revoked = admin
         .revoke_key(as_key(&s.admin_token, req))
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+        .key
+        .unwrap();
     assert_eq!(revoked.status(), pb::KeyStatus::Revoked);
     assert!(revoked.revoked_at.is_some());
     assert_eq!(revoked.revoked_reason, "leaked in a public repo");
@@ -160,6 +165,7 @@ async fn revocation_is_immediate_final_and_audited(backend: Backend) {
             pb::RotateKeyRequest {
                 key_id: id(),
                 grace_period: None,
+                ..Default::default()
             },
         ))
         .await
@@ -171,6 +177,7 @@ async fn revocation_is_immediate_final_and_audited(backend: Backend) {
             pb::RevokeKeyRequest {
                 key_id: id(),
                 reason: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -208,11 +215,17 @@ async fn disable_and_enable_are_reversible(backend: Backend) {
     let k = admin
         .disable_key(as_key(
             &s.admin_token,
-            pb::DisableKeyRequest { key_id: id() },
+            pb::DisableKeyRequest {
+                key_id: id(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap();
-    assert_eq!(k.into_inner().status(), pb::KeyStatus::Disabled);
+    assert_eq!(
+        k.into_inner().key.unwrap().status(),
+        pb::KeyStatus::Disabled
+    );
     assert_eq!(
         s.authorize(&token, ROUTE, "").await.reason(),
         pb::DenyReason::InvalidToken
@@ -220,7 +233,10 @@ async fn disable_and_enable_are_reversible(backend: Backend) {
     let err = admin
         .disable_key(as_key(
             &s.admin_token,
-            pb::DisableKeyRequest { key_id: id() },
+            pb::DisableKeyRequest {
+                key_id: id(),
+                ..Default::default()
+            },
         ))
         .await
         .unwrap_err();
@@ -263,6 +279,7 @@ async fn deleted_keys_are_gone_but_their_events_stay(backend: Backend) {
             &s.admin_token,
             pb::DeleteKeyRequest {
                 key_id: key.key_id.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -286,6 +303,7 @@ async fn deleted_keys_are_gone_but_their_events_stay(backend: Backend) {
             &s.admin_token,
             pb::DeleteKeyRequest {
                 key_id: key.key_id.clone(),
+                ..Default::default()
             },
         ))
         .await;
@@ -309,6 +327,7 @@ async fn event_sequences_increase_without_gaps(backend: Backend) {
             &s.admin_token,
             pb::DisableKeyRequest {
                 key_id: key.key_id.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -335,6 +354,7 @@ async fn secrets_are_returned_once_and_stored_nowhere(backend: Backend) {
             pb::RotateKeyRequest {
                 key_id: key.key_id.clone(),
                 grace_period: grace(60),
+                ..Default::default()
             },
         ))
         .await

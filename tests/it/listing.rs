@@ -113,6 +113,7 @@ async fn revoked_keys_are_listed_only_on_request_and_mode_filters(backend: Backe
             pb::RevokeKeyRequest {
                 key_id: live.key_id.clone(),
                 reason: "rotated out".into(),
+                ..Default::default()
             },
         ))
         .await

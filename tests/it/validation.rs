@@ -155,6 +155,7 @@ async fn bad_lifecycle_requests_name_the_field_and_change_nothing(backend: Backe
             pb::RotateKeyRequest {
                 key_id: key.key_id.clone(),
                 grace_period: eight_days,
+                ..Default::default()
             },
         ))
         .await
@@ -171,6 +172,7 @@ async fn bad_lifecycle_requests_name_the_field_and_change_nothing(backend: Backe
             pb::RevokeKeyRequest {
                 key_id: "not-a-uuid".into(),
                 reason: String::new(),
+                ..Default::default()
             },
         ))
         .await
@@ -182,6 +184,7 @@ async fn bad_lifecycle_requests_name_the_field_and_change_nothing(backend: Backe
             pb::RevokeKeyRequest {
                 key_id: key.key_id.clone(),
                 reason: "r".repeat(501),
+                ..Default::default()
             },
         ))
         .await

@@ -1,0 +1,140 @@
+//! keygate.v1.RevocationFeed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{caller, convert};
+use crate::domain::event::{Event, EventKind};
+use crate::domain::scope::Scope;
+use crate::error::Error;
+use crate::feed::{Feed, FeedItem};
+use crate::pb::keygate::v1::revocation_event::Kind;
+use crate::pb::keygate::v1::revocation_feed_server;
+use crate::pb::keygate::v1::{
+    ListReplicasRequest, ListReplicasResponse, Replica, RevocationEvent, WatchRequest,
+};
+use crate::service::{Authorizer, Caller};
+
+pub struct FeedApi {
+    authorizer: Arc<Authorizer>,
+    feed: Arc<Feed>,
+    shutdown: CancellationToken,
+    read: Scope,
+}
+
+impl FeedApi {
+    pub fn new(authorizer: Arc<Authorizer>, feed: Arc<Feed>, shutdown: CancellationToken) -> Self {
+        let read = Scope::parse("revocation:read").expect("built-in scope parses");
+        Self {
+            authorizer,
+            feed,
+            shutdown,
+            read,
+        }
+    }
+
+    pub fn into_server(self) -> revocation_feed_server::RevocationFeedServer<Self> {
+        revocation_feed_server::RevocationFeedServer::new(self)
+    }
+
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
+        let caller =
+            caller::authenticate(&self.authorizer, request.metadata(), request.remote_addr())
+                .await?;
+        caller.require(&self.read)?;
+        Ok(caller)
+    }
+}
+
+/// The feed's kind for an event, or `None` for events that invalidate nothing
+/// a gateway would cache (a creation, an enable).
+pub fn feed_kind(kind: EventKind) -> Option<Kind> {
+    match kind {
+        EventKind::Revoked => Some(Kind::Revoked),
+        EventKind::Disabled => Some(Kind::Disabled),
+        EventKind::Deleted => Some(Kind::Deleted),
+        EventKind::Rotated => Some(Kind::Rotated),
+        EventKind::Created | EventKind::Enabled => None,
+    }
+}
+
+fn event_message(e: &Event, kind: Kind) -> RevocationEvent {
+    RevocationEvent {
+        sequence: e.sequence,
+        kind: kind.into(),
+        key_id: e.key_id.to_string(),
+        organization_id: e.organization_id.clone().unwrap_or_default(),
+        at: Some(convert::timestamp(e.at)),
+    }
+}
+
+fn marker(sequence: i64, kind: Kind) -> RevocationEvent {
+    RevocationEvent {
+        sequence,
+        kind: kind.into(),
+        at: Some(convert::timestamp(chrono::Utc::now())),
+        ..Default::default()
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<RevocationEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl revocation_feed_server::RevocationFeed for FeedApi {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let caller = self.caller(&request).await?;
+        let after = request.get_ref().after_sequence;
+        if after < 0 {
+            return Err(Error::invalid("after_sequence", "must not be negative").into());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        // Subscribe before the session reads the head, so nothing falls in between.
+        let live = self.feed.subscribe();
+        tokio::spawn(
+            self.feed
+                .clone()
+                .watch(after, live, tx, self.shutdown.clone()),
+        );
+        let stream =
+            tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(move |item| match item {
+                FeedItem::Event(e) if caller.can_see(e.organization_id.as_deref()) => {
+                    feed_kind(e.kind).map(|kind| Ok(event_message(&e, kind)))
+                }
+                FeedItem::Event(_) => None,
+                FeedItem::Heartbeat(seq) => Some(Ok(marker(seq, Kind::Heartbeat))),
+                FeedItem::Reset(seq) => Some(Ok(marker(seq, Kind::Reset))),
+                FeedItem::Closing(seq) => Some(Err(Status::unavailable(format!(
+                    "feed closing; reconnect with after_sequence = {seq}"
+                )))),
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_replicas(
+        &self,
+        request: Request<ListReplicasRequest>,
+    ) -> Result<Response<ListReplicasResponse>, Status> {
+        self.caller(&request).await?;
+        let (replicas, head) = self.feed.replicas().await?;
+        Ok(Response::new(ListReplicasResponse {
+            replicas: replicas
+                .into_iter()
+                .map(|r| Replica {
+                    replica_id: r.status.replica_id.to_string(),
+                    name: r.status.name,
+                    applied_sequence: r.status.applied_sequence,
+                    lag: r.lag,
+                    heartbeat_at: Some(convert::timestamp(r.status.heartbeat_at)),
+                    live: r.live,
+                })
+                .collect(),
+            head_sequence: head,
+        }))
+    }
+}

@@ -1,0 +1,7 @@
+-- Every replica's position in the event log, with a heartbeat (unix microseconds).
+CREATE TABLE replicas (
+    replica_id       TEXT PRIMARY KEY,
+    name             TEXT NOT NULL,
+    applied_sequence BIGINT NOT NULL,
+    heartbeat_at     BIGINT NOT NULL
+);
