@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cache;
 pub mod cli;
+pub mod client;
 pub mod domain;
 pub mod error;
 pub mod feed;

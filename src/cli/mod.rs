@@ -2,6 +2,8 @@
 //! `KEYGATE_*` environment variable.
 
 mod bootstrap;
+mod feed;
+mod remote;
 mod serve;
 
 use std::process::ExitCode;
@@ -21,6 +23,10 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Write the first key (SYSTEM tier, scope *:*) straight into the store and print its token once.
     Bootstrap(bootstrap::BootstrapArgs),
+    /// Print revocation feed events as they happen (token from KEYGATE_TOKEN, needs revocation:read).
+    Watch(feed::WatchArgs),
+    /// Show every replica's applied event sequence and lag (token from KEYGATE_TOKEN).
+    Replicas(feed::ReplicasArgs),
 }
 
 /// Where the keys live.
@@ -65,6 +71,8 @@ pub async fn run() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Bootstrap(args) => bootstrap::run(args).await,
+        Command::Watch(args) => feed::watch(args).await,
+        Command::Replicas(args) => feed::replicas(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -94,8 +94,12 @@ enum PostgresDb {
     Temporary(pgtemp::PgTempDB),
 }
 
+/// Where every test server's manual clock starts: the real time when the
+/// first server of this run started, to the second, so replicas running on
+/// the real clock agree with it (and expected times are easy to write).
 pub fn epoch() -> DateTime<Utc> {
-    DateTime::from_timestamp(1_900_000_000, 0).expect("valid")
+    static EPOCH: std::sync::OnceLock<DateTime<Utc>> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(|| DateTime::from_timestamp(Utc::now().timestamp(), 0).expect("valid"))
 }
 
 impl TestServer {

@@ -1,0 +1,274 @@
+//! A gateway-side client: Authorize with a short cache of ALLOW decisions,
+//! kept honest by the revocation feed.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use keygate::client::{CachedAuthorizer, ClientSettings};
+//! use keygate::pb::keygate::v1::AuthorizeRequest;
+//!
+//! let channel = tonic::transport::Channel::from_static("http://127.0.0.1:50051").connect().await?;
+//! // The feed credential needs revocation:read.
+//! let authz = CachedAuthorizer::new(channel, "kg_live_…".into(), ClientSettings::default())?;
+//! let answer = authz
+//!     .authorize(AuthorizeRequest { token: "kg_live_…".into(), route: "POST /v1/checkouts".into(), ..Default::default() })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Only ALLOW answers are cached, for `ttl` at most, and only while the feed
+//! is known to be alive (a message, heartbeats included, within
+//! `feed_timeout`); otherwise every call goes to keygate. An event for a key
+//! drops its entries at once; RESET drops everything.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use sha2::{Digest, Sha256};
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::pb::keygate::v1::authorizer_client::AuthorizerClient;
+use crate::pb::keygate::v1::revocation_event::Kind;
+use crate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
+use crate::pb::keygate::v1::{AuthorizeRequest, AuthorizeResponse, Decision, WatchRequest};
+
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// Longest an ALLOW is reused.
+    pub ttl: Duration,
+    /// Most decisions kept.
+    pub capacity: u64,
+    /// Without any feed message for this long, the cache is not used.
+    pub feed_timeout: Duration,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(5),
+            capacity: 100_000,
+            feed_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Cached {
+    key_id: String,
+    response: AuthorizeResponse,
+}
+
+struct Shared {
+    decisions: Cache<[u8; 32], Arc<Cached>>,
+    /// Bumped by every invalidation: an answer fetched across one is not cached.
+    epoch: AtomicU64,
+    /// The feed position: everything up to here has been applied.
+    sequence: AtomicI64,
+    start: Instant,
+    /// Milliseconds since `start` of the last feed message; 0 = never.
+    last_message_ms: AtomicU64,
+    feed_timeout: Duration,
+}
+
+impl Shared {
+    fn feed_alive(&self) -> bool {
+        let last = self.last_message_ms.load(Ordering::Acquire);
+        last != 0 && self.elapsed_ms().saturating_sub(last) <= self.feed_timeout.as_millis() as u64
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        // Never 0, so 0 can mean "never".
+        (self.start.elapsed().as_millis() as u64).max(1)
+    }
+
+    fn invalidate_key(&self, key_id: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let key_id = key_id.to_owned();
+        // Registered before it returns: `get` never yields a matching entry afterwards.
+        let _ = self
+            .decisions
+            .invalidate_entries_if(move |_, cached| cached.key_id == key_id);
+    }
+
+    fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.decisions.invalidate_all();
+    }
+}
+
+/// Authorize with a feed-invalidated cache. Cloning shares the cache; the
+/// feed follower stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct CachedAuthorizer {
+    client: AuthorizerClient<Channel>,
+    shared: Arc<Shared>,
+    _follower: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The feed credential is not valid metadata.
+#[derive(Debug, thiserror::Error)]
+#[error("the feed token is not a valid header value")]
+pub struct InvalidFeedToken;
+
+impl CachedAuthorizer {
+    /// Starts following the feed on `channel` with `feed_token` (which needs
+    /// `revocation:read`). Must be called inside a tokio runtime.
+    pub fn new(
+        channel: Channel,
+        feed_token: String,
+        settings: ClientSettings,
+    ) -> Result<Self, InvalidFeedToken> {
+        let auth: MetadataValue<_> = format!("Bearer {feed_token}")
+            .parse()
+            .map_err(|_| InvalidFeedToken)?;
+        let shared = Arc::new(Shared {
+            decisions: Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(settings.ttl)
+                .support_invalidation_closures()
+                .build(),
+            epoch: AtomicU64::new(0),
+            sequence: AtomicI64::new(0),
+            start: Instant::now(),
+            last_message_ms: AtomicU64::new(0),
+            feed_timeout: settings.feed_timeout,
+        });
+        let follower = tokio::spawn(follow(
+            RevocationFeedClient::new(channel.clone()),
+            auth,
+            shared.clone(),
+        ));
+        Ok(Self {
+            client: AuthorizerClient::new(channel),
+            shared,
+            _follower: Arc::new(AbortOnDrop(follower)),
+        })
+    }
+
+    /// Whether the feed is alive, so cached answers are being used.
+    pub fn feed_alive(&self) -> bool {
+        self.shared.feed_alive()
+    }
+
+    /// The feed position applied so far.
+    pub fn sequence(&self) -> i64 {
+        self.shared.sequence.load(Ordering::Acquire)
+    }
+
+    /// Keygate's answer, from the cache when a fresh ALLOW for exactly this
+    /// request is there.
+    pub async fn authorize(&self, request: AuthorizeRequest) -> Result<AuthorizeResponse, Status> {
+        let fingerprint = fingerprint(&request);
+        let alive = self.shared.feed_alive();
+        if alive && let Some(hit) = self.shared.decisions.get(&fingerprint) {
+            return Ok(hit.response.clone());
+        }
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        let response = self.client.clone().authorize(request).await?.into_inner();
+        let unchanged = self.shared.epoch.load(Ordering::SeqCst) == epoch;
+        if alive && unchanged && response.decision() == Decision::Allow {
+            let cached = Cached {
+                key_id: response.key_id.clone(),
+                response: response.clone(),
+            };
+            self.shared.decisions.insert(fingerprint, Arc::new(cached));
+        }
+        Ok(response)
+    }
+}
+
+/// A digest of everything the answer depends on; the token itself is not kept.
+fn fingerprint(r: &AuthorizeRequest) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [&r.token, &r.route, &r.ip] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    for scope in &r.required_scopes {
+        h.update((scope.len() as u64).to_le_bytes());
+        h.update(scope.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// Follows Watch forever, resuming after the last applied sequence.
+async fn follow(
+    mut feed: RevocationFeedClient<Channel>,
+    auth: MetadataValue<tonic::metadata::Ascii>,
+    shared: Arc<Shared>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut request = tonic::Request::new(WatchRequest {
+            after_sequence: shared.sequence.load(Ordering::Acquire),
+        });
+        request.metadata_mut().insert("authorization", auth.clone());
+        match feed.watch(request).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(event)) => {
+                            backoff = Duration::from_millis(100);
+                            match event.kind() {
+                                Kind::Reset => shared.invalidate_all(),
+                                Kind::Heartbeat | Kind::Unspecified => {}
+                                _ => shared.invalidate_key(&event.key_id),
+                            }
+                            shared.sequence.fetch_max(event.sequence, Ordering::AcqRel);
+                            shared
+                                .last_message_ms
+                                .store(shared.elapsed_ms(), Ordering::Release);
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(code = ?status.code(), "revocation feed ended; reconnecting");
+                            break;
+                        }
+                    }
+                }
+                // Out of touch from here on: answer from keygate only, and
+                // start over rather than trust what was cached before the gap.
+                shared.last_message_ms.store(0, Ordering::Release);
+                shared.invalidate_all();
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "cannot watch the revocation feed")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_separate_fields() {
+        let a = AuthorizeRequest {
+            token: "ab".into(),
+            route: "c".into(),
+            ..Default::default()
+        };
+        let b = AuthorizeRequest {
+            token: "a".into(),
+            route: "bc".into(),
+            ..Default::default()
+        };
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
+    }
+}

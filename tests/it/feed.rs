@@ -1,0 +1,439 @@
+//! The revocation feed: Watch, replay, heartbeats, replicas and the
+//! gateway-side CachedAuthorizer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keygate::client::{CachedAuthorizer, ClientSettings};
+use keygate::pb::keygate::v1 as pb;
+use keygate::pb::keygate::v1::revocation_event::Kind;
+use keygate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
+use tonic::Code;
+use tonic::codec::Streaming;
+use tonic::transport::Channel;
+
+use crate::harness::{Backend, TestServer, as_key};
+use crate::on_both_backends;
+
+pub async fn watch(url: &str, token: &str, after: i64) -> Streaming<pb::RevocationEvent> {
+    let channel = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut feed = RevocationFeedClient::new(channel);
+    feed.watch(as_key(
+        token,
+        pb::WatchRequest {
+            after_sequence: after,
+        },
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// The next message that is not a heartbeat.
+pub async fn next_change(stream: &mut Streaming<pb::RevocationEvent>) -> pb::RevocationEvent {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("an event within 10s")
+            .expect("stream open")
+            .expect("stream not ended");
+        if msg.kind() != Kind::Heartbeat {
+            return msg;
+        }
+    }
+}
+
+/// The next heartbeat, skipping nothing else: fails if a change comes first.
+async fn next_heartbeat(stream: &mut Streaming<pb::RevocationEvent>) -> pb::RevocationEvent {
+    let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        msg.kind(),
+        Kind::Heartbeat,
+        "expected only a heartbeat, got {msg:?}"
+    );
+    msg
+}
+
+pub async fn revoke(s: &TestServer, key_id: &str) {
+    let req = pb::RevokeKeyRequest {
+        key_id: key_id.into(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    s.admin()
+        .await
+        .revoke_key(as_key(&s.admin_token, req))
+        .await
+        .unwrap();
+}
+
+async fn watch_carries_every_kind_of_invalidation_in_order(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let mut stream = watch(&s.url(), &s.admin_token, 0).await;
+    let (a, _) = s.org_key("org_a", &[]).await;
+    let (b, _) = s.org_key("org_a", &[]).await;
+    let (c, _) = s.org_key("org_a", &[]).await;
+    let (d, _) = s.org_key("org_a", &[]).await;
+    let mut admin = s.admin().await;
+    let t = &s.admin_token;
+    admin
+        .revoke_key(as_key(
+            t,
+            pb::RevokeKeyRequest {
+                key_id: a.key_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    admin
+        .disable_key(as_key(
+            t,
+            pb::DisableKeyRequest {
+                key_id: b.key_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    admin
+        .enable_key(as_key(
+            t,
+            pb::EnableKeyRequest {
+                key_id: b.key_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    admin
+        .rotate_key(as_key(
+            t,
+            pb::RotateKeyRequest {
+                key_id: c.key_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    admin
+        .delete_key(as_key(
+            t,
+            pb::DeleteKeyRequest {
+                key_id: d.key_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut last = 0;
+    for _ in 0..4 {
+        let e = next_change(&mut stream).await;
+        assert!(e.sequence > last, "increasing sequences");
+        last = e.sequence;
+        assert_eq!(e.organization_id, "org_a");
+        assert!(e.at.is_some());
+        seen.push((e.kind(), e.key_id));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (Kind::Revoked, a.key_id),
+            (Kind::Disabled, b.key_id),
+            (Kind::Rotated, c.key_id),
+            (Kind::Deleted, d.key_id),
+        ],
+        "creations and enables are not invalidations"
+    );
+    let beat = next_heartbeat(&mut stream).await;
+    assert!(beat.sequence >= last, "a heartbeat carries the position");
+}
+
+async fn a_hundred_subscribers_each_get_every_revocation_once_in_order(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let keys: Vec<_> =
+        futures_util::future::join_all((0..3).map(|_| s.org_key("org_a", &[]))).await;
+    let mut streams = Vec::new();
+    for _ in 0..100 {
+        streams.push(watch(&s.url(), &s.admin_token, 0).await);
+    }
+    for (key, _) in &keys {
+        revoke(&s, &key.key_id).await;
+    }
+    let expected: Vec<_> = keys.iter().map(|(k, _)| k.key_id.clone()).collect();
+    let results = futures_util::future::join_all(streams.into_iter().map(|mut stream| {
+        let expected = expected.clone();
+        async move {
+            let mut got = Vec::new();
+            for _ in 0..expected.len() {
+                let e = next_change(&mut stream).await;
+                assert_eq!(e.kind(), Kind::Revoked);
+                got.push(e.key_id);
+            }
+            // Nothing else: the next message is a heartbeat, no duplicate.
+            next_heartbeat(&mut stream).await;
+            got
+        }
+    }))
+    .await;
+    for got in results {
+        assert_eq!(got, expected);
+    }
+}
+
+async fn a_subscriber_resumes_exactly_after_its_last_sequence(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        keys.push(s.org_key("org_a", &[]).await.0.key_id);
+    }
+    let mut first = watch(&s.url(), &s.admin_token, 0).await;
+    revoke(&s, &keys[0]).await;
+    let e = next_change(&mut first).await;
+    assert_eq!(e.key_id, keys[0]);
+    drop(first);
+
+    for key in &keys[1..4] {
+        revoke(&s, key).await;
+    }
+    let mut resumed = watch(&s.url(), &s.admin_token, e.sequence).await;
+    for key in &keys[1..4] {
+        let missed = next_change(&mut resumed).await;
+        assert_eq!((missed.kind(), &missed.key_id), (Kind::Revoked, key));
+    }
+    revoke(&s, &keys[4]).await;
+    assert_eq!(
+        next_change(&mut resumed).await.key_id,
+        keys[4],
+        "then live events"
+    );
+}
+
+async fn unknown_positions_get_reset_and_quiet_streams_get_heartbeats(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    s.org_key("org_a", &[]).await;
+    let head = keygate::store::KeyStore::head_sequence(&*s.store)
+        .await
+        .unwrap();
+    let mut quiet = watch(&s.url(), &s.admin_token, 0).await;
+    assert_eq!(next_heartbeat(&mut quiet).await.sequence, head);
+    let mut future = watch(&s.url(), &s.admin_token, head + 100).await;
+    let reset = next_change(&mut future).await;
+    assert_eq!((reset.kind(), reset.sequence), (Kind::Reset, head));
+}
+
+async fn organization_keys_watch_only_their_organization(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (_, watcher) = s.org_key("org_a", &["revocation:read"]).await;
+    let (_, no_scope) = s.org_key("org_a", &["api_key:read"]).await;
+    let (theirs, _) = s.org_key("org_b", &[]).await;
+    let (ours, _) = s.org_key("org_a", &[]).await;
+    let channel = Channel::from_shared(s.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = RevocationFeedClient::new(channel)
+        .watch(as_key(&no_scope, pb::WatchRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let mut stream = watch(&s.url(), &watcher, 0).await;
+    revoke(&s, &theirs.key_id).await;
+    revoke(&s, &ours.key_id).await;
+    let e = next_change(&mut stream).await;
+    assert_eq!(e.key_id, ours.key_id, "org_b's revocation is not shown");
+}
+
+async fn the_cached_authorizer_drops_a_revoked_key_within_500ms(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, token) = s.org_key("org_a", &["checkout:create"]).await;
+    let channel = Channel::from_shared(s.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // A long TTL: only the feed can drop the entry in time.
+    let settings = ClientSettings {
+        ttl: Duration::from_secs(300),
+        ..Default::default()
+    };
+    let gateway = CachedAuthorizer::new(channel, s.admin_token.clone(), settings).unwrap();
+    crate::harness::eventually(
+        Duration::from_secs(10),
+        "the feed to be followed",
+        || async { gateway.feed_alive().then_some(()) },
+    )
+    .await;
+    let ask = || pb::AuthorizeRequest {
+        token: token.clone(),
+        route: "POST /v1/checkouts".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        gateway.authorize(ask()).await.unwrap().decision(),
+        pb::Decision::Allow
+    );
+    assert_eq!(
+        gateway.authorize(ask()).await.unwrap().decision(),
+        pb::Decision::Allow
+    );
+
+    revoke(&s, &key.key_id).await;
+    let revoked_at = Instant::now();
+    loop {
+        if gateway.authorize(ask()).await.unwrap().decision() == pb::Decision::Deny {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_millis(500),
+            "still allowed 500 ms after revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn keygate_watch_prints_events(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, _) = s.org_key("org_a", &[]).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["watch", "--server", &s.url()])
+        .env("KEYGATE_TOKEN", &s.admin_token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    // The CLI subscribes asynchronously: revoke until its line shows up.
+    let revoker = {
+        let id = key.key_id.clone();
+        let url = s.url();
+        let token = s.admin_token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+            let req = pb::RevokeKeyRequest {
+                key_id: id,
+                reason: "cli".into(),
+                ..Default::default()
+            };
+            keygate::pb::keygate::v1::key_admin_client::KeyAdminClient::new(channel)
+                .revoke_key(as_key(&token, req))
+                .await
+                .unwrap();
+        })
+    };
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    revoker.await.unwrap();
+    assert!(
+        line.contains("REVOKED") && line.contains(&key.key_id) && line.contains("org=org_a"),
+        "{line}"
+    );
+}
+
+/// A store read that started before an invalidation must not put the old
+/// record back into the cache afterwards.
+async fn a_read_racing_an_invalidation_never_resurrects_the_old_record(backend: Backend) {
+    use keygate::cache::{CacheSettings, Freshness, KeyCache};
+    use keygate::store::{KeyReader, StoreError};
+
+    /// The real store, with a pause after the read and before the answer.
+    struct PausedRead {
+        store: Arc<keygate::store::SqlStore>,
+        read_done: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+    #[async_trait::async_trait]
+    impl KeyReader for PausedRead {
+        async fn get_key(
+            &self,
+            id: uuid::Uuid,
+        ) -> Result<Option<keygate::domain::key::KeyRecord>, StoreError> {
+            let found = self.store.get_key(id).await?;
+            self.read_done.notify_one();
+            self.release.notified().await;
+            Ok(found)
+        }
+    }
+
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, _) = s.org_key("org_a", &[]).await;
+    let id = uuid::Uuid::parse_str(&key.key_id).unwrap();
+    let reader = Arc::new(PausedRead {
+        store: s.store.clone(),
+        read_done: Default::default(),
+        release: Default::default(),
+    });
+    let cache = Arc::new(KeyCache::new(
+        reader.clone(),
+        CacheSettings::default(),
+        Arc::new(Freshness::new(Duration::from_secs(60))),
+    ));
+    let pending = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(id).await }
+    });
+    reader.read_done.notified().await;
+    // The old (active) record is in flight; now the key is revoked.
+    revoke(&s, &key.key_id).await;
+    cache.invalidate(id);
+    reader.release.notify_one();
+    let raced = pending.await.unwrap().unwrap().unwrap();
+    assert!(
+        matches!(raced.state, keygate::domain::key::KeyState::Active),
+        "the racing read saw the old row"
+    );
+
+    // The next read must come from the store, not the stale answer.
+    let next = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(id).await }
+    });
+    reader.read_done.notified().await;
+    reader.release.notify_one();
+    let fresh = next.await.unwrap().unwrap().unwrap();
+    assert!(matches!(
+        fresh.state,
+        keygate::domain::key::KeyState::Revoked { .. }
+    ));
+}
+
+on_both_backends!(
+    watch_carries_every_kind_of_invalidation_in_order,
+    a_hundred_subscribers_each_get_every_revocation_once_in_order,
+    a_subscriber_resumes_exactly_after_its_last_sequence,
+    unknown_positions_get_reset_and_quiet_streams_get_heartbeats,
+    organization_keys_watch_only_their_organization,
+    the_cached_authorizer_drops_a_revoked_key_within_500ms,
+    keygate_watch_prints_events,
+    a_read_racing_an_invalidation_never_resurrects_the_old_record,
+);
