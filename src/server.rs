@@ -53,6 +53,7 @@ pub struct Keygate {
     pub store: Arc<SqlStore>,
     pub feed: Arc<Feed>,
     pub cache: Arc<KeyCache>,
+    poll_interval: Duration,
 }
 
 impl Keygate {
@@ -67,6 +68,7 @@ impl Keygate {
             freshness.clone(),
         ));
         let listen_url = store.listen_url().map(str::to_owned);
+        let poll_interval = settings.feed.poll_interval;
         let feed = Feed::new(
             store.clone(),
             cache.clone(),
@@ -95,6 +97,7 @@ impl Keygate {
             store,
             feed,
             cache,
+            poll_interval,
         })
     }
 
@@ -107,6 +110,11 @@ impl Keygate {
     ) -> Result<(), tonic::transport::Error> {
         let stopping = CancellationToken::new();
         tokio::spawn(self.feed.clone().run(stopping.clone()));
+        tokio::spawn(announce_expired_secrets(
+            self.keys.clone(),
+            self.poll_interval,
+            stopping.clone(),
+        ));
         let (health, health_service) = tonic_health::server::health_reporter();
         let authorizer = AuthorizerApi::new(self.authorizer.clone()).into_server();
         let admin = AdminApi::new(
@@ -153,5 +161,22 @@ impl Keygate {
                 stopping.cancel();
             })
             .await
+    }
+}
+
+/// Turns ended grace periods into EXPIRED_SECRET events, every `interval`.
+async fn announce_expired_secrets(
+    keys: Arc<KeyService>,
+    interval: Duration,
+    stopping: CancellationToken,
+) {
+    loop {
+        if let Err(e) = keys.announce_expired_secrets().await {
+            tracing::warn!(error = %e, "could not announce expired secrets");
+        }
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
     }
 }

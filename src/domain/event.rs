@@ -11,6 +11,8 @@ pub enum EventKind {
     Disabled,
     Enabled,
     Deleted,
+    /// A rotation's grace period ended: the previous secret is dead.
+    SecretExpired,
 }
 
 impl EventKind {
@@ -22,6 +24,7 @@ impl EventKind {
             Self::Disabled => "disabled",
             Self::Enabled => "enabled",
             Self::Deleted => "deleted",
+            Self::SecretExpired => "secret_expired",
         }
     }
 
@@ -33,6 +36,7 @@ impl EventKind {
             Self::Disabled,
             Self::Enabled,
             Self::Deleted,
+            Self::SecretExpired,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -44,6 +48,8 @@ impl EventKind {
 pub enum Actor {
     Key(Uuid),
     Bootstrap,
+    /// keygate itself, e.g. when a grace period runs out.
+    Keygate,
 }
 
 impl std::fmt::Display for Actor {
@@ -51,6 +57,7 @@ impl std::fmt::Display for Actor {
         match self {
             Actor::Key(id) => write!(f, "{id}"),
             Actor::Bootstrap => f.write_str("bootstrap"),
+            Actor::Keygate => f.write_str("keygate"),
         }
     }
 }

@@ -87,6 +87,9 @@ pub enum KeyStatus {
 pub struct PreviousSecret {
     pub digest: SecretDigest,
     pub expires_at: DateTime<Utc>,
+    /// Whether the revocation feed has said this secret is dead (a rotation
+    /// without grace says so itself).
+    pub announced: bool,
 }
 
 /// An organization id: 1–128 characters of letters, digits, `_`, `-`, `.` and `:`.
@@ -198,6 +201,7 @@ impl KeyRecord {
         self.previous_secret = Some(PreviousSecret {
             digest: self.secret_digest,
             expires_at: now + grace,
+            announced: grace.is_zero(),
         });
         self.secret_digest = new_digest;
         self.rotated_at = Some(now);

@@ -274,6 +274,34 @@ impl KeyService {
         .await
     }
 
+    /// Announces every previous secret whose grace period has ended: one
+    /// SecretExpired event each, so the feed tells gateways the old secret is
+    /// dead. Replicas may race to do it; the version check lets one win.
+    pub async fn announce_expired_secrets(&self) -> Result<usize, Error> {
+        let now = self.clock.now();
+        let mut announced = 0;
+        for mut key in self.store.unannounced_secret_expiries(now, 100).await? {
+            let Some(previous) = key.previous_secret.as_mut() else {
+                continue;
+            };
+            previous.announced = true;
+            let ev = NewEvent {
+                kind: EventKind::SecretExpired,
+                key_id: key.id,
+                organization_id: key.organization_id.clone(),
+                actor: Actor::Keygate,
+                at: now,
+                reason: String::new(),
+            };
+            if self.store.update_key(&key, &ev).await?.is_some() {
+                self.cache.invalidate(key.id);
+                self.changed.notify_one();
+                announced += 1;
+            }
+        }
+        Ok(announced)
+    }
+
     /// Writes a SYSTEM key with `*:*` straight into the store, for the very
     /// first key (`keygate bootstrap`).
     pub async fn bootstrap(&self, name: String, mode: Mode) -> Result<(KeyRecord, String), Error> {

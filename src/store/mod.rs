@@ -56,6 +56,14 @@ pub trait KeyStore: KeyReader {
     /// Up to `limit` events with a sequence above `after`, in sequence order.
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
 
+    /// Keys whose previous secret's grace period ended by `now` without the
+    /// feed having announced it yet, oldest first.
+    async fn unannounced_secret_expiries(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+
     /// The highest event sequence, 0 when the log is empty.
     async fn head_sequence(&self) -> Result<i64, StoreError>;
 

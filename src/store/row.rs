@@ -16,7 +16,16 @@ use crate::domain::token::SecretDigest;
 
 pub const KEY_COLUMNS: &str = "id, name, organization_id, tier, mode, prefix, secret_digest, \
     previous_secret_digest, previous_secret_expires_at, scopes, allowed_cidrs, rate_limit_per_minute, \
-    status, created_at, last_used_at, expires_at, revoked_at, revoked_reason, rotated_at, created_by, version";
+    status, created_at, last_used_at, expires_at, revoked_at, revoked_reason, rotated_at, created_by, version, \
+    previous_secret_announced";
+
+/// `$1, $2, …` for every key column.
+pub fn key_placeholders() -> String {
+    (1..=KEY_COLUMNS.split(", ").count())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 pub fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
@@ -76,6 +85,10 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
             expires_at: time(
                 opt_i64("previous_secret_expires_at")?.ok_or("previous secret without expiry")?,
             )?,
+            announced: row
+                .try_get::<i64, _>("previous_secret_announced")
+                .map_err(get_err)?
+                != 0,
         }),
         None => None,
     };
@@ -108,7 +121,7 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
     })
 }
 
-/// Binds a key's columns, in `KEY_COLUMNS` order, to `$1..$21`.
+/// Binds a key's columns, in `KEY_COLUMNS` order, to `$1…`.
 pub fn bind_key<'q>(query: AnyQuery<'q>, key: &KeyRecord) -> AnyQuery<'q> {
     let (status, revoked_at, revoked_reason) = match &key.state {
         KeyState::Revoked { at, reason } => ("revoked", Some(micros(*at)), Some(reason.as_str())),
@@ -136,6 +149,9 @@ pub fn bind_key<'q>(query: AnyQuery<'q>, key: &KeyRecord) -> AnyQuery<'q> {
         .bind(key.rotated_at.map(micros))
         .bind(key.created_by.as_str())
         .bind(key.version)
+        .bind(i64::from(
+            key.previous_secret.as_ref().is_some_and(|p| p.announced),
+        ))
 }
 
 /// Binds an event's columns to the next six placeholders.

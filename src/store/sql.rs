@@ -1,13 +1,15 @@
 //! The store's SQL, shared by both dialects.
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::row::{
-    KEY_COLUMNS, bind_event, bind_key, event_from_row, key_from_row, micros, replica_from_row,
+    KEY_COLUMNS, bind_event, bind_key, event_from_row, key_from_row, key_placeholders, micros,
+    replica_from_row,
 };
 use super::{KeyQuery, KeyReader, KeyStore, ReplicaStatus, StoreError, postgres, sqlite};
 use crate::domain::event::{Event, NewEvent};
@@ -142,8 +144,8 @@ impl KeyStore for SqlStore {
     async fn insert_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<i64, StoreError> {
         let mut tx = self.begin_write().await?;
         let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+            "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({})",
+            key_placeholders()
         ));
         bind_key(sqlx::query(sql), key).execute(&mut *tx).await?;
         let seq = self.append_event(&mut tx, event).await?;
@@ -160,15 +162,17 @@ impl KeyStore for SqlStore {
         let mut tx = self.begin_write().await?;
         let mut next = key.clone();
         next.version += 1;
-        let assignments = KEY_COLUMNS
-            .split(", ")
+        let columns: Vec<&str> = KEY_COLUMNS.split(", ").collect();
+        let assignments = columns
+            .iter()
             .enumerate()
             .skip(1)
             .map(|(i, col)| format!("{col} = ${}", i + 1))
             .collect::<Vec<_>>()
             .join(", ");
         let sql = sqlx::AssertSqlSafe(format!(
-            "UPDATE api_keys SET {assignments} WHERE id = $1 AND version = $22"
+            "UPDATE api_keys SET {assignments} WHERE id = $1 AND version = ${}",
+            columns.len() + 1
         ));
         let done = bind_key(sqlx::query(sql), &next)
             .bind(key.version)
@@ -241,6 +245,23 @@ impl KeyStore for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    async fn unannounced_secret_expiries(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE previous_secret_announced = 0 \
+             AND previous_secret_expires_at <= $1 ORDER BY previous_secret_expires_at LIMIT $2"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(micros(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_from_row).collect()
     }
 
     async fn head_sequence(&self) -> Result<i64, StoreError> {

@@ -427,7 +427,51 @@ async fn a_read_racing_an_invalidation_never_resurrects_the_old_record(backend: 
     ));
 }
 
+async fn the_end_of_a_grace_period_is_announced_once_as_expired_secret(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, old) = s.org_key("org_a", &["checkout:create"]).await;
+    let mut stream = watch(&s.url(), &s.admin_token, 0).await;
+    let req = pb::RotateKeyRequest {
+        key_id: key.key_id.clone(),
+        grace_period: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    s.admin()
+        .await
+        .rotate_key(as_key(&s.admin_token, req))
+        .await
+        .unwrap();
+    assert_eq!(next_change(&mut stream).await.kind(), Kind::Rotated);
+    s.advance(chrono::Duration::seconds(60));
+    let expired = next_change(&mut stream).await;
+    assert_eq!(
+        (expired.kind(), expired.key_id),
+        (Kind::ExpiredSecret, key.key_id.clone())
+    );
+    assert_eq!(
+        s.authorize(&old, "POST /v1/checkouts", "").await.reason(),
+        pb::DenyReason::ExpiredToken
+    );
+    next_heartbeat(&mut stream).await;
+    let events = keygate::store::KeyStore::events_after(&*s.store, 0, 100)
+        .await
+        .unwrap();
+    let announced = events
+        .iter()
+        .filter(|e| e.kind == keygate::domain::event::EventKind::SecretExpired);
+    assert_eq!(
+        announced.map(|e| e.actor.as_str()).collect::<Vec<_>>(),
+        vec!["keygate"]
+    );
+}
+
 on_both_backends!(
+    the_end_of_a_grace_period_is_announced_once_as_expired_secret,
     watch_carries_every_kind_of_invalidation_in_order,
     a_hundred_subscribers_each_get_every_revocation_once_in_order,
     a_subscriber_resumes_exactly_after_its_last_sequence,

@@ -362,5 +362,23 @@ async fn wait_for_replicas_confirms_and_names_a_frozen_replica() {
     let named: Vec<_> = listed.replicas.iter().map(|r| r.name.as_str()).collect();
     assert!(named.contains(&"replica-b"), "{named:?}");
     assert!(listed.head_sequence >= 4);
+
+    // The same through the CLI.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["replicas", "--server", &b.url()])
+        .env("KEYGATE_TOKEN", &a.admin_token)
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("replica-b") && table.contains("head sequence"),
+        "{table}"
+    );
     let _ = &mut on_b;
 }
