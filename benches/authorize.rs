@@ -107,6 +107,8 @@ fn main() {
             organization_id: "org_bench".into(),
             mode: pb::Mode::Live as i32,
             scopes: vec!["checkout:create".into()],
+            // The highest limit: the benchmark measures cost, not limiting.
+            rate_limit_per_minute: 1_000_000,
             ..Default::default()
         });
         create.metadata_mut().insert(

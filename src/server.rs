@@ -1,6 +1,7 @@
 //! Assembles keygate from its settings and serves it.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use crate::domain::policy::RouteTable;
 use crate::domain::token::Brand;
 use crate::feed::{Feed, FeedSettings};
 use crate::pb;
+use crate::service::usage::UsageTracker;
 use crate::service::{Authorizer, KeyService};
 use crate::store::{KeyStore, SqlStore, StoreError};
 
@@ -29,6 +31,10 @@ pub struct Settings {
     pub feed: FeedSettings,
     /// Out of touch with the event log for longer than this, the cache is bypassed.
     pub max_staleness: Duration,
+    /// Requests per minute for keys whose own limit is 0.
+    pub default_rate_limit: NonZeroU32,
+    /// How often last-used times are written to the store.
+    pub usage_flush_interval: Duration,
 }
 
 impl Settings {
@@ -41,6 +47,8 @@ impl Settings {
             cache: CacheSettings::default(),
             feed: FeedSettings::default(),
             max_staleness: Duration::from_secs(30),
+            default_rate_limit: NonZeroU32::new(100).expect("100 is not 0"),
+            usage_flush_interval: Duration::from_secs(5),
         }
     }
 }
@@ -53,6 +61,7 @@ pub struct Keygate {
     pub feed: Arc<Feed>,
     pub cache: Arc<KeyCache>,
     poll_interval: Duration,
+    usage_flush_interval: Duration,
 }
 
 impl Keygate {
@@ -77,10 +86,13 @@ impl Keygate {
         )
         .await?;
         let feed = Arc::new(feed);
+        let usage = Arc::new(UsageTracker::default());
         let authorizer = Arc::new(Authorizer::new(
             cache.clone(),
             Arc::new(settings.policy),
             clock.clone(),
+            settings.default_rate_limit,
+            usage.clone(),
         ));
         let keys = Arc::new(KeyService::new(
             store.clone(),
@@ -89,6 +101,7 @@ impl Keygate {
             settings.brand,
             page_key,
             feed.wake_handle(),
+            usage,
         ));
         Ok(Self {
             authorizer,
@@ -97,6 +110,7 @@ impl Keygate {
             feed,
             cache,
             poll_interval,
+            usage_flush_interval: settings.usage_flush_interval,
         })
     }
 
@@ -114,6 +128,12 @@ impl Keygate {
             self.poll_interval,
             stopping.clone(),
         ));
+        tokio::spawn(flush_usage(
+            self.keys.clone(),
+            self.usage_flush_interval,
+            stopping.clone(),
+        ));
+        let keys = self.keys.clone();
         let (health, health_service) = tonic_health::server::health_reporter();
         let authorizer = AuthorizerApi::new(self.authorizer.clone()).into_server();
         let admin = AdminApi::new(
@@ -146,7 +166,7 @@ impl Keygate {
             .build_v1alpha()
             .expect("embedded descriptor sets are valid");
 
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -159,7 +179,12 @@ impl Keygate {
                 // server's drain does not wait on them forever.
                 stopping.cancel();
             })
-            .await
+            .await;
+        // In-flight calls are done: write the last uses.
+        if let Err(e) = keys.flush_usage().await {
+            tracing::error!(error = %e, "could not write key usage at shutdown");
+        }
+        served
     }
 }
 
@@ -187,4 +212,18 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// Writes last-used times every `interval`; the final flush happens when the
+/// server has stopped (see `serve`).
+async fn flush_usage(keys: Arc<KeyService>, interval: Duration, stopping: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = keys.flush_usage().await {
+            tracing::warn!(error = %e, "could not write key usage; will retry");
+        }
+    }
 }

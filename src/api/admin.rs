@@ -164,4 +164,39 @@ impl key_admin_server::KeyAdmin for AdminApi {
         let confirmed_replicas = self.confirm(wait, seq).await?;
         Ok(Response::new(DeleteKeyResponse { confirmed_replicas }))
     }
+
+    async fn update_key(
+        &self,
+        request: Request<UpdateKeyRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let id = convert::key_id("key_id", &r.key_id)?;
+        let changes = convert::key_changes(r)?;
+        let (key, _) = self.keys.update(&caller, id, changes).await?;
+        Ok(Response::new(self.api_key(&key)))
+    }
+
+    async fn expire_previous_secret(
+        &self,
+        request: Request<ExpirePreviousSecretRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
+        let caller = self.caller(&request).await?;
+        let id = convert::key_id("key_id", &request.get_ref().key_id)?;
+        let (key, _) = self.keys.expire_previous_secret(&caller, id).await?;
+        Ok(Response::new(self.api_key(&key)))
+    }
+
+    async fn list_key_events(
+        &self,
+        request: Request<ListKeyEventsRequest>,
+    ) -> Result<Response<ListKeyEventsResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let spec = convert::event_list_spec(request.into_inner())?;
+        let (events, next) = self.keys.list_events(&caller, spec).await?;
+        Ok(Response::new(ListKeyEventsResponse {
+            events: events.iter().map(convert::key_event).collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
 }

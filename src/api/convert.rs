@@ -5,11 +5,13 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use crate::domain::decision::DenyReason;
-use crate::domain::key::{self, KeyRecord, KeyState, KeyStatus, MAX_GRACE, Mode, Tier};
+use crate::domain::event::{Event, EventKind};
+use crate::domain::key::{self, KeyChanges, KeyRecord, KeyState, KeyStatus, MAX_GRACE, Mode, Tier};
 use crate::domain::scope::{MAX_SCOPES, ScopeSet};
 use crate::domain::token;
 use crate::error::Error;
 use crate::pb::keygate::v1 as pb;
+use crate::service::audit::EventListSpec;
 use crate::service::{ListSpec, NewKeySpec, Outcome};
 
 const MAX_NAME_CHARS: usize = 200;
@@ -101,6 +103,35 @@ pub fn api_key(k: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
         rotated_at: k.rotated_at.map(timestamp),
         created_by: k.created_by.clone(),
         previous_secret_expires_at: k.live_previous_secret(now).map(|p| timestamp(p.expires_at)),
+        previous_secret_last_used_at: k
+            .previous_secret
+            .as_ref()
+            .and_then(|p| p.last_used_at)
+            .map(timestamp),
+        previous_secret_uses: k.previous_secret.as_ref().map_or(0, |p| p.uses),
+    }
+}
+
+pub fn key_event(e: &Event) -> pb::KeyEvent {
+    use pb::key_event::Kind;
+    let kind = match e.kind {
+        EventKind::Created => Kind::Created,
+        EventKind::Updated => Kind::Updated,
+        EventKind::Rotated => Kind::Rotated,
+        EventKind::Revoked => Kind::Revoked,
+        EventKind::Disabled => Kind::Disabled,
+        EventKind::Enabled => Kind::Enabled,
+        EventKind::Deleted => Kind::Deleted,
+        EventKind::SecretExpired => Kind::SecretExpired,
+    };
+    pb::KeyEvent {
+        sequence: e.sequence,
+        kind: kind.into(),
+        key_id: e.key_id.to_string(),
+        organization_id: e.organization_id.clone().unwrap_or_default(),
+        actor: e.actor.clone(),
+        at: Some(timestamp(e.at)),
+        reason: e.reason.clone(),
     }
 }
 
@@ -128,7 +159,78 @@ pub fn authorize_response(o: Outcome) -> pb::AuthorizeResponse {
         r.mode = mode(k.mode).into();
         r.tier = tier(k.tier).into();
     }
+    if let Some(rate) = o.rate {
+        r.rate_limit = rate.limit;
+        r.rate_limit_remaining = rate.remaining;
+        r.rate_limit_reset = Some(std_duration(rate.reset));
+        r.retry_after = rate.retry_after.map(std_duration);
+    }
     r
+}
+
+fn std_duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The changes an UpdateKey asks for: only the fields its update_mask names.
+pub fn key_changes(r: pb::UpdateKeyRequest) -> Result<KeyChanges, Error> {
+    let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(Error::invalid(
+            "update_mask",
+            "name at least one of name, scopes, allowed_cidrs, rate_limit_per_minute, expires_at",
+        ));
+    }
+    let mut changes = KeyChanges::default();
+    for path in &paths {
+        match path.as_str() {
+            "name" => changes.name = Some(text("name", &r.name, MAX_NAME_CHARS, true)?),
+            "scopes" => changes.scopes = Some(scope_set(&r.scopes)?),
+            "allowed_cidrs" => changes.allowed_cidrs = Some(cidrs(&r.allowed_cidrs)?),
+            "rate_limit_per_minute" => {
+                changes.rate_limit_per_minute = Some(rate_limit(r.rate_limit_per_minute)?)
+            }
+            "expires_at" => {
+                changes.expires_at = Some(
+                    r.expires_at
+                        .as_ref()
+                        .map(|t| from_timestamp("expires_at", t))
+                        .transpose()?,
+                )
+            }
+            other => {
+                let shown = crate::service::authorize::truncate(other, 64);
+                return Err(Error::invalid(
+                    "update_mask",
+                    format!("unknown field {shown:?}"),
+                ));
+            }
+        }
+    }
+    Ok(changes)
+}
+
+pub fn event_list_spec(r: pb::ListKeyEventsRequest) -> Result<EventListSpec, Error> {
+    if r.page_size > MAX_PAGE_SIZE {
+        return Err(Error::invalid(
+            "page_size",
+            format!("must be at most {MAX_PAGE_SIZE}"),
+        ));
+    }
+    let key_id = if r.key_id.trim().is_empty() {
+        None
+    } else {
+        Some(key_id("key_id", &r.key_id)?)
+    };
+    Ok(EventListSpec {
+        organization_id: organization(&r.organization_id)?,
+        key_id,
+        page_size: r.page_size,
+        page_token: Some(r.page_token).filter(|t| !t.is_empty()),
+    })
 }
 
 pub fn key_id(field: &'static str, id: &str) -> Result<Uuid, Error> {
@@ -201,30 +303,9 @@ pub fn new_key(r: pb::CreateKeyRequest) -> Result<NewKeySpec, Error> {
     }
     // Unspecified is TEST: a key reaches real funds only when asked to.
     let mode = mode_filter(r.mode)?.unwrap_or(Mode::Test);
-    if r.scopes.len() > MAX_SCOPES {
-        return Err(Error::invalid(
-            "scopes",
-            format!("at most {MAX_SCOPES} scopes"),
-        ));
-    }
-    let scopes = ScopeSet::parse(&r.scopes).map_err(|e| Error::invalid("scopes", e.to_string()))?;
-    if r.allowed_cidrs.len() > MAX_CIDRS {
-        return Err(Error::invalid(
-            "allowed_cidrs",
-            format!("at most {MAX_CIDRS} entries"),
-        ));
-    }
-    let allowed_cidrs = r
-        .allowed_cidrs
-        .iter()
-        .map(|c| cidr(c))
-        .collect::<Result<Vec<_>, _>>()?;
-    if r.rate_limit_per_minute > MAX_RATE_LIMIT {
-        return Err(Error::invalid(
-            "rate_limit_per_minute",
-            format!("must be at most {MAX_RATE_LIMIT}"),
-        ));
-    }
+    let scopes = scope_set(&r.scopes)?;
+    let allowed_cidrs = cidrs(&r.allowed_cidrs)?;
+    let rate_limit_per_minute = rate_limit(r.rate_limit_per_minute)?;
     let expires_at = r
         .expires_at
         .as_ref()
@@ -237,9 +318,39 @@ pub fn new_key(r: pb::CreateKeyRequest) -> Result<NewKeySpec, Error> {
         mode,
         scopes,
         allowed_cidrs,
-        rate_limit_per_minute: r.rate_limit_per_minute,
+        rate_limit_per_minute,
         expires_at,
     })
+}
+
+fn scope_set(scopes: &[String]) -> Result<ScopeSet, Error> {
+    if scopes.len() > MAX_SCOPES {
+        return Err(Error::invalid(
+            "scopes",
+            format!("at most {MAX_SCOPES} scopes"),
+        ));
+    }
+    ScopeSet::parse(scopes).map_err(|e| Error::invalid("scopes", e.to_string()))
+}
+
+fn cidrs(values: &[String]) -> Result<Vec<IpNet>, Error> {
+    if values.len() > MAX_CIDRS {
+        return Err(Error::invalid(
+            "allowed_cidrs",
+            format!("at most {MAX_CIDRS} entries"),
+        ));
+    }
+    values.iter().map(|c| cidr(c)).collect()
+}
+
+fn rate_limit(per_minute: u32) -> Result<u32, Error> {
+    if per_minute > MAX_RATE_LIMIT {
+        return Err(Error::invalid(
+            "rate_limit_per_minute",
+            format!("must be at most {MAX_RATE_LIMIT}"),
+        ));
+    }
+    Ok(per_minute)
 }
 
 /// A CIDR, or a single address meaning just that address.

@@ -58,6 +58,7 @@ pub fn feed_kind(kind: EventKind) -> Option<Kind> {
         EventKind::Disabled => Some(Kind::Disabled),
         EventKind::Deleted => Some(Kind::Deleted),
         EventKind::Rotated => Some(Kind::Rotated),
+        EventKind::Updated => Some(Kind::Updated),
         EventKind::SecretExpired => Some(Kind::ExpiredSecret),
         EventKind::Created | EventKind::Enabled => None,
     }

@@ -1,6 +1,7 @@
 //! The `keygate` command line. Every flag can also be set through a
 //! `KEYGATE_*` environment variable.
 
+mod audit;
 mod bootstrap;
 mod feed;
 mod remote;
@@ -27,6 +28,8 @@ enum Command {
     Watch(feed::WatchArgs),
     /// Show every replica's applied event sequence and lag (token from KEYGATE_TOKEN).
     Replicas(feed::ReplicasArgs),
+    /// Check the tamper-evident audit trail, reading the store directly.
+    Audit(audit::AuditArgs),
 }
 
 /// Where the keys live.
@@ -73,6 +76,7 @@ pub async fn run() -> ExitCode {
         Command::Bootstrap(args) => bootstrap::run(args).await,
         Command::Watch(args) => feed::watch(args).await,
         Command::Replicas(args) => feed::replicas(args).await,
+        Command::Audit(args) => audit::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,6 +59,12 @@ pub struct ServeArgs {
     /// replica silent for 5 times this is no longer live.
     #[arg(long, env = "KEYGATE_REPLICA_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
     replica_heartbeat: Duration,
+    /// Requests per minute for keys whose own rate_limit_per_minute is 0.
+    #[arg(long, env = "KEYGATE_DEFAULT_RATE_LIMIT", default_value = "100")]
+    default_rate_limit: std::num::NonZeroU32,
+    /// How often last-used times are written to the store (also at shutdown).
+    #[arg(long, env = "KEYGATE_USAGE_FLUSH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    usage_flush_interval: Duration,
     /// This replica's name in ListReplicas (default: hostname:port).
     #[arg(long, env = "KEYGATE_REPLICA_NAME")]
     replica_name: Option<String>,
@@ -117,6 +123,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 .unwrap_or_else(|| default_replica_name(args.listen)),
         },
         max_staleness: args.max_staleness,
+        default_rate_limit: args.default_rate_limit,
+        usage_flush_interval: args.usage_flush_interval,
     };
     let keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await

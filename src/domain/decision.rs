@@ -85,29 +85,40 @@ pub fn authenticate(
     key: &KeyRecord,
     token: &ParsedToken<'_>,
     now: DateTime<Utc>,
-) -> Result<(), DenyReason> {
+) -> Result<SecretUsed, DenyReason> {
     // The prefix carries brand and mode: a live token must not pass for a test key.
     if token.prefix != key.prefix {
         return Err(DenyReason::InvalidToken);
     }
     let presented = token.digest();
-    if !key.secret_digest.matches(&presented) {
+    let used = if key.secret_digest.matches(&presented) {
+        SecretUsed::Current
+    } else {
         match &key.previous_secret {
             Some(prev) if prev.digest.matches(&presented) => {
                 if prev.expires_at <= now {
                     return Err(DenyReason::ExpiredToken);
                 }
+                SecretUsed::Previous
             }
             _ => return Err(DenyReason::InvalidToken),
         }
-    }
+    };
     if !matches!(key.state, KeyState::Active) {
         return Err(DenyReason::InvalidToken);
     }
     if key.expires_at.is_some_and(|at| at <= now) {
         return Err(DenyReason::ExpiredToken);
     }
-    Ok(())
+    Ok(used)
+}
+
+/// Which of a key's secrets a token carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretUsed {
+    Current,
+    /// The rotated-out secret, inside its grace period.
+    Previous,
 }
 
 /// Whether `ip` may use `key`. A key with an allow-list denies an unknown
@@ -182,7 +193,7 @@ mod tests {
         let now = key.created_at;
         assert_eq!(
             authenticate(&key, &ParsedToken::parse(&token).unwrap(), now),
-            Ok(())
+            Ok(SecretUsed::Current)
         );
         let other = generate(&Brand::default(), Mode::Live, key.id).unwrap();
         assert_eq!(
@@ -202,7 +213,7 @@ mod tests {
         let parsed = ParsedToken::parse(&token).unwrap();
         let now = key.created_at;
         key.expires_at = Some(now + Duration::seconds(1));
-        assert_eq!(authenticate(&key, &parsed, now), Ok(()));
+        assert_eq!(authenticate(&key, &parsed, now), Ok(SecretUsed::Current));
         assert_eq!(
             authenticate(&key, &parsed, now + Duration::seconds(1)),
             Err(DenyReason::ExpiredToken)
@@ -229,12 +240,18 @@ mod tests {
         key.rotate(new.digest, Duration::minutes(5), now).unwrap();
         let old = ParsedToken::parse(&old).unwrap();
         let new = ParsedToken::parse(&new.token).unwrap();
-        assert_eq!(authenticate(&key, &old, now + Duration::minutes(4)), Ok(()));
+        assert_eq!(
+            authenticate(&key, &old, now + Duration::minutes(4)),
+            Ok(SecretUsed::Previous)
+        );
         assert_eq!(
             authenticate(&key, &old, now + Duration::minutes(5)),
             Err(DenyReason::ExpiredToken)
         );
-        assert_eq!(authenticate(&key, &new, now + Duration::days(30)), Ok(()));
+        assert_eq!(
+            authenticate(&key, &new, now + Duration::days(30)),
+            Ok(SecretUsed::Current)
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     Created,
+    /// Settings changed (name, scopes, allow-list, limit, expiry).
+    Updated,
     Rotated,
     Revoked,
     Disabled,
@@ -19,6 +21,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Created => "created",
+            Self::Updated => "updated",
             Self::Rotated => "rotated",
             Self::Revoked => "revoked",
             Self::Disabled => "disabled",
@@ -31,6 +34,7 @@ impl EventKind {
     pub fn parse(s: &str) -> Option<Self> {
         [
             Self::Created,
+            Self::Updated,
             Self::Rotated,
             Self::Revoked,
             Self::Disabled,
@@ -84,4 +88,6 @@ pub struct Event {
     pub actor: String,
     pub at: DateTime<Utc>,
     pub reason: String,
+    /// The audit chain hash (see `audit`); `None` only for a damaged row.
+    pub hash: Option<[u8; 32]>,
 }

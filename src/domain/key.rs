@@ -90,6 +90,10 @@ pub struct PreviousSecret {
     /// Whether the revocation feed has said this secret is dead (a rotation
     /// without grace says so itself).
     pub announced: bool,
+    /// When it was last used since the rotation, and how often: so an
+    /// operator sees when every client has moved to the new secret.
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub uses: u64,
 }
 
 /// An organization id: 1–128 characters of letters, digits, `_`, `-`, `.` and `:`.
@@ -139,6 +143,40 @@ pub enum LifecycleError {
     AlreadyDisabled,
     #[error("key is not disabled")]
     NotDisabled,
+    #[error("key has no previous secret in a grace period")]
+    NoPreviousSecret,
+}
+
+/// Changes to a key's settings; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyChanges {
+    pub name: Option<String>,
+    pub scopes: Option<ScopeSet>,
+    pub allowed_cidrs: Option<Vec<IpNet>>,
+    pub rate_limit_per_minute: Option<u32>,
+    /// `Some(None)` removes the expiry.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+impl KeyChanges {
+    /// The changed fields, for the audit trail ("scopes, rate_limit_per_minute").
+    pub fn describe(&self) -> String {
+        [
+            ("name", self.name.is_some()),
+            ("scopes", self.scopes.is_some()),
+            ("allowed_cidrs", self.allowed_cidrs.is_some()),
+            (
+                "rate_limit_per_minute",
+                self.rate_limit_per_minute.is_some(),
+            ),
+            ("expires_at", self.expires_at.is_some()),
+        ]
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
 }
 
 impl KeyRecord {
@@ -186,6 +224,46 @@ impl KeyRecord {
         }
     }
 
+    /// Applies settings changes. A revoked key is final: nothing changes.
+    pub fn update(&mut self, changes: &KeyChanges) -> Result<(), LifecycleError> {
+        if matches!(self.state, KeyState::Revoked { .. }) {
+            return Err(LifecycleError::Revoked);
+        }
+        let c = changes.clone();
+        if let Some(name) = c.name {
+            self.name = name;
+        }
+        if let Some(scopes) = c.scopes {
+            self.scopes = scopes;
+        }
+        if let Some(cidrs) = c.allowed_cidrs {
+            self.allowed_cidrs = cidrs;
+        }
+        if let Some(limit) = c.rate_limit_per_minute {
+            self.rate_limit_per_minute = limit;
+        }
+        if let Some(expires_at) = c.expires_at {
+            self.expires_at = expires_at;
+        }
+        Ok(())
+    }
+
+    /// Ends the running grace period now (and counts as announced: the
+    /// change itself goes out on the feed).
+    pub fn expire_previous_secret(&mut self, now: DateTime<Utc>) -> Result<(), LifecycleError> {
+        if matches!(self.state, KeyState::Revoked { .. }) {
+            return Err(LifecycleError::Revoked);
+        }
+        let previous = self
+            .previous_secret
+            .as_mut()
+            .filter(|p| p.expires_at > now)
+            .ok_or(LifecycleError::NoPreviousSecret)?;
+        previous.expires_at = now;
+        previous.announced = true;
+        Ok(())
+    }
+
     /// Installs a new secret; the current one stays valid for `grace` (0 kills it
     /// at once). A secret still in an earlier grace period dies now: there is
     /// never more than one previous secret.
@@ -202,6 +280,8 @@ impl KeyRecord {
             digest: self.secret_digest,
             expires_at: now + grace,
             announced: grace.is_zero(),
+            last_used_at: None,
+            uses: 0,
         });
         self.secret_digest = new_digest;
         self.rotated_at = Some(now);

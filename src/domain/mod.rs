@@ -1,6 +1,7 @@
 //! Pure logic: tokens, scopes, route policy, key lifecycle and the Authorize
 //! decision. Nothing here does I/O or knows about gRPC or SQL.
 
+pub mod audit;
 pub mod clock;
 pub mod decision;
 pub mod event;
@@ -8,3 +9,4 @@ pub mod key;
 pub mod policy;
 pub mod scope;
 pub mod token;
+pub mod usage;

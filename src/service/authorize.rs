@@ -3,6 +3,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use std::num::NonZeroU32;
+
+use super::limits::{RateDecision, RateLimits};
+use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::domain::clock::Clock;
 use crate::domain::decision::{self, DenyReason, Requirement, Verdict};
@@ -27,6 +31,8 @@ pub struct Outcome {
     pub deny: Option<DenyReason>,
     pub key: Option<Arc<KeyRecord>>,
     pub required_scope: Option<String>,
+    /// The key's rate-limit state, when the request got as far as counting.
+    pub rate: Option<RateDecision>,
 }
 
 impl Outcome {
@@ -35,6 +41,7 @@ impl Outcome {
             deny: Some(reason),
             key: None,
             required_scope: None,
+            rate: None,
         }
     }
 }
@@ -43,14 +50,24 @@ pub struct Authorizer {
     keys: Arc<KeyCache>,
     policy: Arc<RouteTable>,
     clock: Arc<dyn Clock>,
+    limits: RateLimits,
+    usage: Arc<UsageTracker>,
 }
 
 impl Authorizer {
-    pub fn new(keys: Arc<KeyCache>, policy: Arc<RouteTable>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        keys: Arc<KeyCache>,
+        policy: Arc<RouteTable>,
+        clock: Arc<dyn Clock>,
+        default_rate_limit: NonZeroU32,
+        usage: Arc<UsageTracker>,
+    ) -> Self {
         Self {
             keys,
             policy,
+            limits: RateLimits::new(default_rate_limit, clock.clone()),
             clock,
+            usage,
         }
     }
 
@@ -77,23 +94,32 @@ impl Authorizer {
             Ok(key) => key,
             Err(reason) => return Ok(Outcome::deny(reason)),
         };
-        let (deny, required_scope) = match decision::authorize(&key, ip, requirement, &self.policy)
-        {
-            Verdict::Allow { required_scope } => (None, required_scope),
-            Verdict::Deny {
-                reason,
-                required_scope,
-            } => (Some(reason), required_scope),
-        };
+        let (mut deny, required_scope) =
+            match decision::authorize(&key, ip, requirement, &self.policy) {
+                Verdict::Allow { required_scope } => (None, required_scope),
+                Verdict::Deny {
+                    reason,
+                    required_scope,
+                } => (Some(reason), required_scope),
+            };
+        // Only what would be allowed counts against the limit.
+        let rate = deny
+            .is_none()
+            .then(|| self.limits.check(key.id, key.rate_limit_per_minute));
+        if rate.is_some_and(|r| r.retry_after.is_some()) {
+            deny = Some(DenyReason::RateLimited);
+        }
         Ok(Outcome {
             deny,
             required_scope: required_scope.map(|s| s.as_str().to_owned()),
             key: Some(key),
+            rate,
         })
     }
 
-    /// Checks a presented credential: format, key, secret, state, expiry.
-    /// The outer error is the store failing; the inner one, the credential.
+    /// Checks a presented credential: format, key, secret, state, expiry,
+    /// and records the use. The outer error is the store failing; the inner
+    /// one, the credential.
     pub async fn authenticate(
         &self,
         token: &str,
@@ -106,7 +132,11 @@ impl Authorizer {
         let Some(key) = self.keys.get(parsed.key_id).await? else {
             return Ok(Err(DenyReason::InvalidToken));
         };
-        Ok(decision::authenticate(&key, &parsed, self.clock.now()).map(|()| key))
+        let now = self.clock.now();
+        Ok(decision::authenticate(&key, &parsed, now).map(|used| {
+            self.usage.record(&key, used, now);
+            key
+        }))
     }
 }
 

@@ -12,10 +12,11 @@ use uuid::Uuid;
 
 use super::caller::Caller;
 use super::page::PageTokens;
+use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::domain::clock::Clock;
 use crate::domain::event::{Actor, EventKind, NewEvent};
-use crate::domain::key::{KeyRecord, KeyState, Mode, Tier};
+use crate::domain::key::{KeyChanges, KeyRecord, KeyState, Mode, Tier};
 use crate::domain::scope::{Scope, ScopeSet};
 use crate::domain::token::{self, Brand, NewToken};
 use crate::error::Error;
@@ -47,23 +48,25 @@ pub struct ListSpec {
     pub page_token: Option<String>,
 }
 
-struct Scopes {
+pub(super) struct Scopes {
     create: Scope,
-    read: Scope,
+    pub(super) read: Scope,
     update: Scope,
     delete: Scope,
 }
 
 pub struct KeyService {
+    /// Uses not yet written, shown on what GetKey and ListKeys return.
+    pub(super) usage: Arc<UsageTracker>,
     /// Wakes the revocation feed after a local write, so this replica's
     /// subscribers hear of it without waiting for a poll or a NOTIFY.
     changed: Arc<tokio::sync::Notify>,
-    store: Arc<dyn KeyStore>,
+    pub(super) store: Arc<dyn KeyStore>,
     cache: Arc<KeyCache>,
-    clock: Arc<dyn Clock>,
+    pub(super) clock: Arc<dyn Clock>,
     brand: Brand,
-    pages: PageTokens,
-    scopes: Scopes,
+    pub(super) pages: PageTokens,
+    pub(super) scopes: Scopes,
 }
 
 impl KeyService {
@@ -74,10 +77,12 @@ impl KeyService {
         brand: Brand,
         page_key: [u8; 32],
         changed: Arc<tokio::sync::Notify>,
+        usage: Arc<UsageTracker>,
     ) -> Self {
         let scope = |s| Scope::parse(s).expect("built-in scope parses");
         Self {
             changed,
+            usage,
             store,
             cache,
             clock,
@@ -172,7 +177,62 @@ impl KeyService {
 
     pub async fn get(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
         caller.require(&self.scopes.read)?;
-        self.load_visible(caller, id).await
+        let mut key = self.load_visible(caller, id).await?;
+        self.usage.overlay(&mut key);
+        Ok(key)
+    }
+
+    /// Changes a key's settings. New scopes must all be held by the caller.
+    pub async fn update(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        changes: KeyChanges,
+    ) -> Result<(KeyRecord, i64), Error> {
+        caller.require(&self.scopes.update)?;
+        if let Some(scopes) = &changes.scopes
+            && let Some(missing) = caller.key().scopes.first_missing(scopes.iter())
+        {
+            return Err(Error::InsufficientScope(format!(
+                "cannot grant {missing}, which the calling key does not hold"
+            )));
+        }
+        let now = self.clock.now();
+        if changes.expires_at.flatten().is_some_and(|at| at <= now) {
+            return Err(Error::invalid("expires_at", "must be in the future"));
+        }
+        let described = changes.describe();
+        self.change(caller, id, EventKind::Updated, |key, _| {
+            key.update(&changes)?;
+            Ok(described.clone())
+        })
+        .await
+    }
+
+    /// Ends a rotation's grace period now; goes out on the feed as EXPIRED_SECRET.
+    pub async fn expire_previous_secret(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+    ) -> Result<(KeyRecord, i64), Error> {
+        caller.require(&self.scopes.update)?;
+        self.change(caller, id, EventKind::SecretExpired, |key, now| {
+            key.expire_previous_secret(now)?;
+            Ok(String::new())
+        })
+        .await
+    }
+
+    /// Writes the uses recorded since the last flush; on failure keeps them
+    /// for the next one.
+    pub async fn flush_usage(&self) -> Result<usize, Error> {
+        let records = self.usage.drain();
+        let n = records.len();
+        if let Err(e) = self.store.record_usage(&records).await {
+            self.usage.restore(records);
+            return Err(e.into());
+        }
+        Ok(n)
     }
 
     /// One page of keys, and the token of the next page when there is one.
@@ -211,6 +271,9 @@ impl KeyService {
             limit: limit + 1,
         };
         let mut keys = self.store.list_keys(&query).await?;
+        for key in &mut keys {
+            self.usage.overlay(key);
+        }
         let next = if keys.len() > limit as usize {
             keys.truncate(limit as usize);
             keys.last()

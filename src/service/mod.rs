@@ -1,10 +1,13 @@
 //! The service layer: the Authorize path and the key lifecycle, over the cache,
 //! the store and the domain rules. Knows nothing of gRPC.
 
+pub mod audit;
 pub mod authorize;
 pub mod caller;
 pub mod keys;
+pub mod limits;
 mod page;
+pub mod usage;
 
 pub use authorize::{AuthorizeInput, Authorizer, Outcome};
 pub use caller::Caller;

@@ -17,6 +17,13 @@ pub struct PageTokens {
     key: [u8; 32],
 }
 
+fn bad() -> Error {
+    Error::invalid(
+        "page_token",
+        "malformed, tampered with, or from a different query",
+    )
+}
+
 impl PageTokens {
     pub fn new(key: [u8; 32]) -> Self {
         Self { key }
@@ -31,20 +38,14 @@ impl PageTokens {
         mac
     }
 
-    pub fn encode(&self, after: (DateTime<Utc>, Uuid), filter: &str) -> String {
-        let mut bytes = format!("{}.{}", after.0.timestamp_micros(), after.1).into_bytes();
+    fn seal(&self, payload: String, filter: &str) -> String {
+        let mut bytes = payload.into_bytes();
         let tag = self.mac(&bytes, filter).finalize().into_bytes();
         bytes.extend_from_slice(&tag[..MAC_LEN]);
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    pub fn decode(&self, token: &str, filter: &str) -> Result<(DateTime<Utc>, Uuid), Error> {
-        let bad = || {
-            Error::invalid(
-                "page_token",
-                "malformed, tampered with, or from a different query",
-            )
-        };
+    fn open(&self, token: &str, filter: &str) -> Result<String, Error> {
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
         if bytes.len() <= MAC_LEN {
             return Err(bad());
@@ -53,7 +54,31 @@ impl PageTokens {
         self.mac(payload, filter)
             .verify_truncated_left(tag)
             .map_err(|_| bad())?;
-        let text = std::str::from_utf8(payload).map_err(|_| bad())?;
+        String::from_utf8(payload.to_vec()).map_err(|_| bad())
+    }
+
+    /// A ListKeys position: the last key's (created_at, id).
+    pub fn encode(&self, after: (DateTime<Utc>, Uuid), filter: &str) -> String {
+        self.seal(
+            format!("{}.{}", after.0.timestamp_micros(), after.1),
+            filter,
+        )
+    }
+
+    /// A ListKeyEvents position: the last event's sequence.
+    pub fn encode_sequence(&self, before: i64, filter: &str) -> String {
+        self.seal(format!("seq.{before}"), filter)
+    }
+
+    pub fn decode_sequence(&self, token: &str, filter: &str) -> Result<i64, Error> {
+        let text = self.open(token, filter)?;
+        text.strip_prefix("seq.")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)
+    }
+
+    pub fn decode(&self, token: &str, filter: &str) -> Result<(DateTime<Utc>, Uuid), Error> {
+        let text = self.open(token, filter)?;
         let (micros, id) = text.split_once('.').ok_or_else(bad)?;
         let at = micros
             .parse()

@@ -5,6 +5,7 @@
 //! connection set-up, migrations and how event sequences are serialised, lives
 //! in `postgres.rs` and `sqlite.rs`.
 
+mod events;
 pub mod postgres;
 mod row;
 mod sql;
@@ -16,6 +17,7 @@ use uuid::Uuid;
 
 use crate::domain::event::{Event, NewEvent};
 use crate::domain::key::{KeyRecord, Mode};
+use crate::domain::usage::UsageRecord;
 
 pub use sql::{SqlStore, redact as sql_redact};
 
@@ -53,6 +55,13 @@ pub trait KeyStore: KeyReader {
     /// Keys in (created_at, id) order.
     async fn list_keys(&self, query: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError>;
 
+    /// Events newest first, filtered.
+    async fn list_events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError>;
+
+    /// Writes a batch of usage: last-used times only move forward, and
+    /// previous-secret counts only add to the rotation they belong to.
+    async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
+
     /// Up to `limit` events with a sequence above `after`, in sequence order.
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
 
@@ -87,6 +96,17 @@ pub struct ReplicaStatus {
     pub name: String,
     pub applied_sequence: i64,
     pub heartbeat_at: DateTime<Utc>,
+}
+
+/// Which events to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// `None`: every organization's events and SYSTEM keys' events.
+    pub organization_id: Option<String>,
+    pub key_id: Option<Uuid>,
+    /// Only events with a lower sequence.
+    pub before: Option<i64>,
+    pub limit: u32,
 }
 
 /// Which keys to list.

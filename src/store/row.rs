@@ -9,7 +9,7 @@ use uuid::Uuid;
 pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
 use super::{ReplicaStatus, StoreError};
-use crate::domain::event::{Event, EventKind, NewEvent};
+use crate::domain::event::{Event, EventKind};
 use crate::domain::key::{KeyRecord, KeyState, Mode, PreviousSecret, Tier};
 use crate::domain::scope::ScopeSet;
 use crate::domain::token::SecretDigest;
@@ -17,7 +17,29 @@ use crate::domain::token::SecretDigest;
 pub const KEY_COLUMNS: &str = "id, name, organization_id, tier, mode, prefix, secret_digest, \
     previous_secret_digest, previous_secret_expires_at, scopes, allowed_cidrs, rate_limit_per_minute, \
     status, created_at, last_used_at, expires_at, revoked_at, revoked_reason, rotated_at, created_by, version, \
-    previous_secret_announced";
+    previous_secret_announced, previous_secret_last_used_at, previous_secret_uses";
+
+/// How `update_key` writes each column: most take the record's value, but
+/// usage columns are also written by usage flushes, which a stale record
+/// must not undo.
+pub fn key_assignment(column: &str, placeholder: usize) -> String {
+    let p = format!("${placeholder}");
+    match column {
+        // Never backwards.
+        "last_used_at" => format!(
+            "last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < {p} THEN {p} ELSE last_used_at END"
+        ),
+        // Kept unless this change is a rotation, which starts them over.
+        "previous_secret_last_used_at" | "previous_secret_uses" => {
+            let rotated_at = KEY_COLUMNS
+                .split(", ")
+                .position(|c| c == "rotated_at")
+                .map_or(0, |i| i + 1);
+            format!("{column} = CASE WHEN rotated_at = ${rotated_at} THEN {column} ELSE {p} END")
+        }
+        _ => format!("{column} = {p}"),
+    }
+}
 
 /// `$1, $2, …` for every key column.
 pub fn key_placeholders() -> String {
@@ -85,6 +107,12 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
             expires_at: time(
                 opt_i64("previous_secret_expires_at")?.ok_or("previous secret without expiry")?,
             )?,
+            last_used_at: opt_time(opt_i64("previous_secret_last_used_at")?)?,
+            uses: u64::try_from(
+                row.try_get::<i64, _>("previous_secret_uses")
+                    .map_err(get_err)?,
+            )
+            .map_err(|e| e.to_string())?,
             announced: row
                 .try_get::<i64, _>("previous_secret_announced")
                 .map_err(get_err)?
@@ -152,17 +180,32 @@ pub fn bind_key<'q>(query: AnyQuery<'q>, key: &KeyRecord) -> AnyQuery<'q> {
         .bind(i64::from(
             key.previous_secret.as_ref().is_some_and(|p| p.announced),
         ))
+        .bind(
+            key.previous_secret
+                .as_ref()
+                .and_then(|p| p.last_used_at)
+                .map(micros),
+        )
+        .bind(
+            key.previous_secret
+                .as_ref()
+                .map_or(0, |p| i64::try_from(p.uses).unwrap_or(i64::MAX)),
+        )
 }
 
-/// Binds an event's columns to the next six placeholders.
-pub fn bind_event<'q>(query: AnyQuery<'q>, event: &NewEvent) -> AnyQuery<'q> {
+pub const EVENT_COLUMNS: &str = "seq, kind, key_id, organization_id, actor, at, reason, hash";
+
+/// Binds an event's columns, in `EVENT_COLUMNS` order, to `$1..$8`.
+pub fn bind_event<'q>(query: AnyQuery<'q>, event: &Event) -> AnyQuery<'q> {
     query
+        .bind(event.sequence)
         .bind(event.kind.as_str())
         .bind(event.key_id.to_string())
         .bind(event.organization_id.as_deref())
-        .bind(event.actor.to_string())
+        .bind(event.actor.as_str())
         .bind(micros(event.at))
         .bind(event.reason.as_str())
+        .bind(event.hash.map(|h| h.to_vec()))
 }
 
 pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
@@ -181,6 +224,14 @@ pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
         actor: row.try_get("actor")?,
         at: time(row.try_get("at")?).map_err(corrupt)?,
         reason: row.try_get("reason")?,
+        hash: match row.try_get::<Option<Vec<u8>>, _>("hash")? {
+            Some(bytes) => Some(
+                bytes
+                    .try_into()
+                    .map_err(|_| corrupt("hash is not 32 bytes".into()))?,
+            ),
+            None => None,
+        },
     })
 }
 

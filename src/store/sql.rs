@@ -8,15 +8,17 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::row::{
-    KEY_COLUMNS, bind_event, bind_key, event_from_row, key_from_row, key_placeholders, micros,
-    replica_from_row,
+    KEY_COLUMNS, bind_key, key_assignment, key_from_row, key_placeholders, micros, replica_from_row,
 };
-use super::{KeyQuery, KeyReader, KeyStore, ReplicaStatus, StoreError, postgres, sqlite};
+use super::{
+    EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaStatus, StoreError, postgres, sqlite,
+};
 use crate::domain::event::{Event, NewEvent};
 use crate::domain::key::KeyRecord;
+use crate::domain::usage::UsageRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Dialect {
+pub enum Dialect {
     Postgres,
     Sqlite,
 }
@@ -37,12 +39,6 @@ impl std::fmt::Debug for SqlStore {
             .finish()
     }
 }
-
-// The event's sequence is the log's maximum plus one, computed inside the
-// writing transaction; each dialect makes sure writers take turns (see
-// `begin_write`), so sequences are gap-free and in commit order.
-const INSERT_EVENT: &str = "INSERT INTO key_events (seq, kind, key_id, organization_id, actor, at, reason) \
-    SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3, $4, $5, $6 FROM key_events RETURNING seq";
 
 impl SqlStore {
     /// Connects to `sqlite://…` (created when missing) or `postgres://…` and
@@ -72,6 +68,7 @@ impl SqlStore {
             }
             Dialect::Postgres => postgres::migrator().run(&store.pool).await?,
         }
+        store.backfill_event_hashes().await?;
         Ok(store)
     }
 
@@ -80,21 +77,12 @@ impl SqlStore {
         self.pool.close().await;
     }
 
-    /// Appends the event and, on PostgreSQL, wakes every replica's listener
-    /// (NOTIFY is delivered at commit, so nobody reads ahead of it).
-    async fn append_event(
-        &self,
-        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-        event: &NewEvent,
-    ) -> Result<i64, StoreError> {
-        let seq: i64 = bind_event(sqlx::query(INSERT_EVENT), event)
-            .fetch_one(&mut **tx)
-            .await?
-            .try_get(0)?;
-        if self.dialect == Dialect::Postgres {
-            postgres::notify_event(tx).await?;
-        }
-        Ok(seq)
+    pub(super) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub(super) fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// The PostgreSQL URL to LISTEN on, for the revocation feed; `None` on SQLite.
@@ -167,7 +155,7 @@ impl KeyStore for SqlStore {
             .iter()
             .enumerate()
             .skip(1)
-            .map(|(i, col)| format!("{col} = ${}", i + 1))
+            .map(|(i, col)| key_assignment(col, i + 1))
             .collect::<Vec<_>>()
             .join(", ");
         let sql = sqlx::AssertSqlSafe(format!(
@@ -236,15 +224,47 @@ impl KeyStore for SqlStore {
 
     #[instrument(name = "keystore.events_after", skip(self), err)]
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, kind, key_id, organization_id, actor, at, reason FROM key_events \
-             WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_from_row).collect()
+        self.select_events_after(after, limit).await
+    }
+
+    #[instrument(name = "keystore.list_events", skip(self), err)]
+    async fn list_events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError> {
+        self.select_events(query).await
+    }
+
+    #[instrument(name = "keystore.record_usage", skip_all, fields(keys = records.len()), err)]
+    async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for r in records {
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2 \
+                 THEN $2 ELSE last_used_at END WHERE id = $1",
+            )
+            .bind(r.key_id.to_string())
+            .bind(micros(r.last_used_at))
+            .execute(&mut *tx)
+            .await?;
+            if let Some(p) = &r.previous {
+                // Only if the key has not been rotated again since.
+                sqlx::query(
+                    "UPDATE api_keys SET previous_secret_uses = previous_secret_uses + $2, \
+                     previous_secret_last_used_at = CASE WHEN previous_secret_last_used_at IS NULL \
+                     OR previous_secret_last_used_at < $3 THEN $3 ELSE previous_secret_last_used_at END \
+                     WHERE id = $1 AND rotated_at = $4",
+                )
+                .bind(r.key_id.to_string())
+                .bind(i64::try_from(p.uses).unwrap_or(i64::MAX))
+                .bind(micros(p.last_used_at))
+                .bind(micros(p.rotated_at))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn unannounced_secret_expiries(

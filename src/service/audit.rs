@@ -1,0 +1,63 @@
+//! The audit trail: the event log, newest first, within what the caller may see.
+
+use uuid::Uuid;
+
+use super::caller::Caller;
+use super::keys::KeyService;
+use crate::domain::event::Event;
+use crate::error::Error;
+use crate::store::EventQuery;
+
+/// A validated ListKeyEvents request.
+#[derive(Debug, Clone, Default)]
+pub struct EventListSpec {
+    pub organization_id: Option<String>,
+    pub key_id: Option<Uuid>,
+    pub page_size: u32,
+    pub page_token: Option<String>,
+}
+
+impl KeyService {
+    /// One page of events, newest first, and the next page's token.
+    pub async fn list_events(
+        &self,
+        caller: &Caller,
+        spec: EventListSpec,
+    ) -> Result<(Vec<Event>, Option<String>), Error> {
+        caller.require(&self.scopes.read)?;
+        let organization_id = match spec.organization_id {
+            Some(org) if !caller.can_see(Some(&org)) => {
+                return Err(Error::NotFound("organization"));
+            }
+            Some(org) => Some(org),
+            None if caller.is_system() => None,
+            None => caller.key().organization_id.clone(),
+        };
+        let filter = format!("events|{organization_id:?}|{:?}", spec.key_id);
+        let before = spec
+            .page_token
+            .map(|t| self.pages.decode_sequence(&t, &filter))
+            .transpose()?;
+        let limit = if spec.page_size == 0 {
+            100
+        } else {
+            spec.page_size
+        };
+        let query = EventQuery {
+            organization_id,
+            key_id: spec.key_id,
+            before,
+            limit: limit + 1,
+        };
+        let mut events = self.store.list_events(&query).await?;
+        let next = if events.len() > limit as usize {
+            events.truncate(limit as usize);
+            events
+                .last()
+                .map(|e| self.pages.encode_sequence(e.sequence, &filter))
+        } else {
+            None
+        };
+        Ok((events, next))
+    }
+}

@@ -1,0 +1,167 @@
+//! Per-key rate limits: GCRA (governor) with each key's own allowance per
+//! minute, on the injected clock.
+//!
+//! A key limited to L per minute may burst L requests and then gets one more
+//! every 60/L seconds: there is no fixed window, so no 2× burst at a minute
+//! boundary. State is per replica and kept only for keys used in the last
+//! few minutes, so memory stays bounded.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use moka::sync::Cache;
+use uuid::Uuid;
+
+use crate::domain::clock::Clock;
+
+/// The domain clock as governor sees it: time since the Unix epoch.
+#[derive(Clone)]
+struct GovernorClock(Arc<dyn Clock>);
+
+impl governor::clock::Clock for GovernorClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        let micros = self.0.now().timestamp_micros();
+        Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, GovernorClock, StateInformationMiddleware>;
+
+struct KeyLimiter {
+    per_minute: u32,
+    limiter: Limiter,
+}
+
+/// The answer for one request that passed every other check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    pub limit: u32,
+    pub remaining: u32,
+    /// Until the full allowance is back.
+    pub reset: Duration,
+    /// Set when the request is over the limit: whole seconds, never 0.
+    pub retry_after: Option<Duration>,
+}
+
+pub struct RateLimits {
+    keys: Cache<Uuid, Arc<KeyLimiter>>,
+    clock: GovernorClock,
+    default_per_minute: NonZeroU32,
+}
+
+impl RateLimits {
+    /// `default_per_minute` applies to keys whose own limit is 0.
+    pub fn new(default_per_minute: NonZeroU32, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            // A key idle for longer than a full window has a full allowance
+            // again, so its state can go.
+            keys: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(Duration::from_secs(120))
+                .build(),
+            clock: GovernorClock(clock),
+            default_per_minute,
+        }
+    }
+
+    /// Counts one request against `key_id`'s allowance of `per_minute` (0:
+    /// the default). A changed limit takes effect at once.
+    pub fn check(&self, key_id: Uuid, per_minute: u32) -> RateDecision {
+        let limit = NonZeroU32::new(per_minute).unwrap_or(self.default_per_minute);
+        let entry = match self.keys.get(&key_id) {
+            Some(entry) if entry.per_minute == limit.get() => entry,
+            _ => {
+                let fresh = Arc::new(KeyLimiter {
+                    per_minute: limit.get(),
+                    limiter: RateLimiter::direct_with_clock(
+                        Quota::per_minute(limit),
+                        self.clock.clone(),
+                    )
+                    .with_middleware::<StateInformationMiddleware>(),
+                });
+                // Two first requests may race to insert; the one that lands is used from then on.
+                self.keys.insert(key_id, fresh.clone());
+                fresh
+            }
+        };
+        let interval = Quota::per_minute(limit).replenish_interval();
+        match entry.limiter.check() {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                RateDecision {
+                    limit: limit.get(),
+                    remaining,
+                    reset: interval * (limit.get() - remaining),
+                    retry_after: None,
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&self.clock));
+                let retry_after =
+                    Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+                        .max(Duration::from_secs(1));
+                RateDecision {
+                    limit: limit.get(),
+                    remaining: 0,
+                    reset: interval * limit.get(),
+                    retry_after: Some(retry_after),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Duration as ChronoDuration};
+
+    use super::*;
+    use crate::domain::clock::ManualClock;
+
+    fn limits(clock: &Arc<ManualClock>) -> RateLimits {
+        RateLimits::new(NonZeroU32::new(100).unwrap(), clock.clone())
+    }
+
+    #[test]
+    fn five_per_minute_then_429_then_refills_as_time_passes() {
+        let clock = Arc::new(ManualClock::new(
+            DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        ));
+        let l = limits(&clock);
+        let key = Uuid::new_v4();
+        for i in (0..5).rev() {
+            let d = l.check(key, 5);
+            assert_eq!((d.retry_after, d.remaining, d.limit), (None, i, 5));
+        }
+        let denied = l.check(key, 5);
+        let retry = denied.retry_after.unwrap();
+        assert!((1..=60).contains(&retry.as_secs()), "{retry:?}");
+        assert_eq!(retry.subsec_nanos(), 0, "whole seconds");
+        clock.advance(ChronoDuration::seconds(12));
+        assert_eq!(
+            l.check(key, 5).retry_after,
+            None,
+            "one allowance back after 60/5 s"
+        );
+        assert!(l.check(key, 5).retry_after.is_some());
+    }
+
+    #[test]
+    fn zero_means_the_default_and_changes_apply_at_once() {
+        let clock = Arc::new(ManualClock::new(
+            DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        ));
+        let l = limits(&clock);
+        let key = Uuid::new_v4();
+        assert_eq!(l.check(key, 0).limit, 100);
+        assert_eq!(l.check(key, 2).limit, 2);
+        l.check(key, 2);
+        assert!(l.check(key, 2).retry_after.is_some());
+    }
+}
