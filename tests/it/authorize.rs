@@ -240,6 +240,7 @@ async fn a_warm_key_is_authorized_without_the_store(backend: Backend) {
         return;
     };
     let (_, token) = s.org_key("org_a", &["checkout:create"]).await;
+    s.settle().await;
     let route = "POST /v1/checkouts";
     assert_eq!(
         s.authorize(&token, route, "").await.decision(),

@@ -48,7 +48,7 @@ pub async fn next_change(stream: &mut Streaming<pb::RevocationEvent>) -> pb::Rev
 }
 
 /// The next heartbeat, skipping nothing else: fails if a change comes first.
-async fn next_heartbeat(stream: &mut Streaming<pb::RevocationEvent>) -> pb::RevocationEvent {
+pub async fn next_heartbeat(stream: &mut Streaming<pb::RevocationEvent>) -> pb::RevocationEvent {
     let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
         .unwrap()

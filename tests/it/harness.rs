@@ -75,10 +75,12 @@ pub struct TestServer {
     /// A SYSTEM key with `*:*`, made by bootstrap.
     pub admin_token: String,
     pub store: Arc<SqlStore>,
+    pub keys: Arc<keygate::service::KeyService>,
+    pub feed: Arc<keygate::feed::Feed>,
     pub database_url: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
     postgres_db: PostgresDb,
 }
 
@@ -136,12 +138,43 @@ impl TestServer {
         Self::start_on(database_url, dir, postgres_db).await
     }
 
+    /// Stops the server gracefully (which writes pending usage) and starts a
+    /// new one on the same database, with the same clock.
+    pub async fn restart(mut self) -> Self {
+        self.stop().await;
+        let dir = self.dir.take().expect("dir");
+        let postgres_db = std::mem::replace(&mut self.postgres_db, PostgresDb::None);
+        let (url, clock) = (self.database_url.clone(), self.clock.clone());
+        Self::start_with_clock(url, dir, postgres_db, clock)
+            .await
+            .expect("restart")
+    }
+
+    /// Graceful shutdown: in-flight calls finish, usage is written.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+
     async fn start_on(
         database_url: String,
         dir: tempfile::TempDir,
         postgres_db: PostgresDb,
     ) -> Option<Self> {
         let clock = Arc::new(ManualClock::new(epoch()));
+        Self::start_with_clock(database_url, dir, postgres_db, clock).await
+    }
+
+    async fn start_with_clock(
+        database_url: String,
+        dir: tempfile::TempDir,
+        postgres_db: PostgresDb,
+        clock: Arc<ManualClock>,
+    ) -> Option<Self> {
         let mut settings = Settings::new(database_url.clone());
         settings.policy = RouteTable::from_toml(POLICY).expect("test policy");
         settings.feed.heartbeat = Duration::from_millis(500);
@@ -155,6 +188,8 @@ impl TestServer {
             .await
             .expect("bootstrap");
         let store = keygate.store.clone();
+        let keys = keygate.keys.clone();
+        let feed = keygate.feed.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -169,10 +204,12 @@ impl TestServer {
             clock,
             admin_token,
             store,
+            keys,
+            feed,
             database_url,
             shutdown: Some(tx),
             task: Some(task),
-            _dir: dir,
+            dir: Some(dir),
             postgres_db,
         })
     }
@@ -235,6 +272,19 @@ impl TestServer {
             .await
             .expect("authorize")
             .into_inner()
+    }
+
+    /// Waits until this server's feed has applied every logged event, so no
+    /// invalidation is still on its way (one comes for every change).
+    pub async fn settle(&self) {
+        use keygate::store::KeyStore;
+        let head = self.store.head_sequence().await.expect("head");
+        let feed = self.feed.clone();
+        eventually(Duration::from_secs(10), "the feed to catch up", || {
+            let feed = feed.clone();
+            async move { (feed.applied() >= head).then_some(()) }
+        })
+        .await;
     }
 
     pub fn advance(&self, by: chrono::Duration) {

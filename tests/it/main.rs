@@ -6,13 +6,16 @@
 mod harness;
 
 mod admin_auth;
+mod audit;
 mod authorize;
 mod binary;
 mod concurrency;
 mod feed;
 mod lifecycle;
+mod limits;
 mod listing;
 mod multi_replica;
 mod replicas;
+mod usage;
 mod validation;
 mod walkthrough;

@@ -1,0 +1,265 @@
+//! The audit trail: one event per change with its actor, organization
+//! isolation, and a hash chain that `keygate audit verify` checks.
+
+use keygate::pb::keygate::v1 as pb;
+use keygate::pb::keygate::v1::key_event::Kind;
+use sqlx::Connection;
+use tonic::Code;
+
+use crate::harness::{Backend, TestServer, as_key};
+use crate::on_both_backends;
+
+async fn events(
+    s: &TestServer,
+    token: &str,
+    req: pb::ListKeyEventsRequest,
+) -> Result<pb::ListKeyEventsResponse, tonic::Status> {
+    s.admin()
+        .await
+        .list_key_events(as_key(token, req))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn every_change_leaves_one_event_with_its_actor(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (admin_key, org_admin) = s.org_key("org_a", &["api_key:*", "checkout:create"]).await;
+    let mut admin = s.admin().await;
+    let t = org_admin.as_str();
+    let created = admin
+        .create_key(as_key(
+            t,
+            pb::CreateKeyRequest {
+                name: "k".into(),
+                scopes: vec!["checkout:create".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    let id = || created.key_id.clone();
+    let mask = Some(prost_types::FieldMask {
+        paths: vec!["name".into()],
+    });
+    admin
+        .update_key(as_key(
+            t,
+            pb::UpdateKeyRequest {
+                key_id: id(),
+                name: "renamed".into(),
+                update_mask: mask,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    admin
+        .rotate_key(as_key(
+            t,
+            pb::RotateKeyRequest {
+                key_id: id(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    admin
+        .disable_key(as_key(
+            t,
+            pb::DisableKeyRequest {
+                key_id: id(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    admin
+        .enable_key(as_key(t, pb::EnableKeyRequest { key_id: id() }))
+        .await
+        .unwrap();
+    admin
+        .revoke_key(as_key(
+            t,
+            pb::RevokeKeyRequest {
+                key_id: id(),
+                reason: "rotated out".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    admin
+        .delete_key(as_key(
+            t,
+            pb::DeleteKeyRequest {
+                key_id: id(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+
+    let got = events(
+        &s,
+        t,
+        pb::ListKeyEventsRequest {
+            key_id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let kinds: Vec<_> = got.events.iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            Kind::Deleted,
+            Kind::Revoked,
+            Kind::Enabled,
+            Kind::Disabled,
+            Kind::Rotated,
+            Kind::Updated,
+            Kind::Created
+        ],
+        "newest first, one per change, and the deleted key's events remain"
+    );
+    assert!(
+        got.events
+            .iter()
+            .all(|e| e.actor == admin_key.key_id && e.organization_id == "org_a")
+    );
+    assert_eq!(got.events[1].reason, "rotated out");
+    assert_eq!(got.events[5].reason, "name");
+    assert!(got.events.windows(2).all(|w| w[0].sequence > w[1].sequence));
+
+    // Another organization's key sees none of it.
+    let (_, org_b) = s.org_key("org_b", &["api_key:read"]).await;
+    let theirs = events(&s, &org_b, pb::ListKeyEventsRequest::default())
+        .await
+        .unwrap();
+    assert!(
+        theirs.events.iter().all(|e| e.organization_id == "org_b"),
+        "{:?}",
+        theirs.events
+    );
+    let by_key = events(
+        &s,
+        &org_b,
+        pb::ListKeyEventsRequest {
+            key_id: id(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(by_key.events.is_empty());
+    let err = events(
+        &s,
+        &org_b,
+        pb::ListKeyEventsRequest {
+            organization_id: "org_a".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Pages, newest first, each event once.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = events(
+            &s,
+            t,
+            pb::ListKeyEventsRequest {
+                page_size: 3,
+                page_token: token,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        seen.extend(page.events.iter().map(|e| e.sequence));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert!(seen.windows(2).all(|w| w[0] > w[1]));
+    assert_eq!(
+        seen.len(),
+        8,
+        "the org admin's creation and the child's 7 changes"
+    );
+}
+
+fn verify(url: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["audit", "verify", "--database-url", url])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn sql(url: &str, statement: &'static str) {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    let done = sqlx::query(statement).execute(&mut conn).await.unwrap();
+    assert_eq!(done.rows_affected(), 1);
+}
+
+async fn audit_verify_names_an_edited_or_deleted_row(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    for _ in 0..4 {
+        s.org_key("org_a", &[]).await;
+    }
+    let (ok, out) = verify(&s.database_url);
+    assert!(ok && out.contains("intact: 5 events"), "{out}");
+
+    sql(
+        &s.database_url,
+        "UPDATE key_events SET reason = 'nothing to see' WHERE seq = 3",
+    )
+    .await;
+    let (ok, out) = verify(&s.database_url);
+    assert!(
+        !ok && out.contains("event 3") && out.contains("edited"),
+        "{out}"
+    );
+    sql(
+        &s.database_url,
+        "UPDATE key_events SET reason = '' WHERE seq = 3",
+    )
+    .await;
+    assert!(
+        verify(&s.database_url).0,
+        "restoring the row restores the chain"
+    );
+
+    sql(&s.database_url, "DELETE FROM key_events WHERE seq = 2").await;
+    let (ok, out) = verify(&s.database_url);
+    assert!(
+        !ok && out.contains("event 2") && out.contains("missing"),
+        "{out}"
+    );
+}
+
+on_both_backends!(
+    every_change_leaves_one_event_with_its_actor,
+    audit_verify_names_an_edited_or_deleted_row
+);

@@ -1,0 +1,197 @@
+//! Usage: last-used times without a store write per request, and how the
+//! previous secret is still used during a rotation.
+
+use chrono::Duration;
+use keygate::domain::clock::Clock;
+use keygate::pb::keygate::v1 as pb;
+use keygate::pb::keygate::v1::revocation_event::Kind;
+use tonic::Code;
+
+use crate::feed::{next_change, watch};
+use crate::harness::{Backend, TestServer, as_key};
+use crate::on_both_backends;
+
+const ROUTE: &str = "POST /v1/checkouts";
+
+async fn get(s: &TestServer, key_id: &str) -> pb::ApiKey {
+    let req = pb::GetKeyRequest {
+        key_id: key_id.into(),
+    };
+    s.admin()
+        .await
+        .get_key(as_key(&s.admin_token, req))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn last_used_shows_at_once_is_written_in_batches_and_survives_a_restart(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, token) = s.org_key("org_a", &["checkout:create"]).await;
+    assert_eq!(get(&s, &key.key_id).await.last_used_at, None);
+    s.advance(Duration::seconds(30));
+    let used_at = s.clock.now();
+    assert_eq!(
+        s.authorize(&token, ROUTE, "").await.decision(),
+        pb::Decision::Allow
+    );
+    // Not written yet, but shown.
+    let stored = keygate::store::KeyReader::get_key(&*s.store, key.key_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.last_used_at, None, "no store write per Authorize");
+    assert_eq!(
+        get(&s, &key.key_id).await.last_used_at.unwrap().seconds,
+        used_at.timestamp()
+    );
+    // Listing shows it too.
+    let listed = s
+        .admin()
+        .await
+        .list_keys(as_key(&s.admin_token, pb::ListKeysRequest::default()))
+        .await
+        .unwrap();
+    let row = listed
+        .into_inner()
+        .keys
+        .into_iter()
+        .find(|k| k.key_id == key.key_id)
+        .unwrap();
+    assert_eq!(row.last_used_at.unwrap().seconds, used_at.timestamp());
+
+    // A graceful stop writes it; the next server reads it back.
+    let s = s.restart().await;
+    assert_eq!(
+        get(&s, &key.key_id).await.last_used_at.unwrap().seconds,
+        used_at.timestamp()
+    );
+    s.advance(Duration::seconds(30));
+    assert_eq!(
+        s.authorize(&token, ROUTE, "").await.decision(),
+        pb::Decision::Allow
+    );
+    assert!(s.keys.flush_usage().await.unwrap() >= 1);
+    let stored = keygate::store::KeyReader::get_key(&*s.store, key.key_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.last_used_at, Some(s.clock.now()));
+}
+
+async fn a_warm_authorize_touches_no_store_even_while_tracking_usage(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (_, token) = s.org_key("org_a", &["checkout:create"]).await;
+    s.settle().await;
+    assert_eq!(
+        s.authorize(&token, ROUTE, "").await.decision(),
+        pb::Decision::Allow
+    );
+    s.store.close().await;
+    for _ in 0..50 {
+        let r = s.authorize(&token, ROUTE, "").await;
+        assert!(r.decision() == pb::Decision::Allow || r.reason() == pb::DenyReason::RateLimited);
+    }
+}
+
+async fn previous_secret_usage_is_visible_and_expire_previous_secret_kills_it(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, old) = s.org_key("org_a", &["checkout:create"]).await;
+    let mut stream = watch(&s.url(), &s.admin_token, 0).await;
+    let mut admin = s.admin().await;
+    let rotate = pb::RotateKeyRequest {
+        key_id: key.key_id.clone(),
+        grace_period: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let new = admin
+        .rotate_key(as_key(&s.admin_token, rotate))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(next_change(&mut stream).await.kind(), Kind::Rotated);
+    s.advance(Duration::minutes(5));
+    for _ in 0..3 {
+        assert_eq!(
+            s.authorize(&old, ROUTE, "").await.decision(),
+            pb::Decision::Allow
+        );
+    }
+    assert_eq!(
+        s.authorize(&new, ROUTE, "").await.decision(),
+        pb::Decision::Allow
+    );
+    let seen = get(&s, &key.key_id).await;
+    assert_eq!(
+        seen.previous_secret_uses, 3,
+        "only the old secret's uses count"
+    );
+    assert_eq!(
+        seen.previous_secret_last_used_at.unwrap().seconds,
+        s.clock.now().timestamp()
+    );
+    s.keys.flush_usage().await.unwrap();
+    assert_eq!(
+        get(&s, &key.key_id).await.previous_secret_uses,
+        3,
+        "the same after writing"
+    );
+
+    let expired = admin
+        .expire_previous_secret(as_key(
+            &s.admin_token,
+            pb::ExpirePreviousSecretRequest {
+                key_id: key.key_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(expired.previous_secret_expires_at, None);
+    assert_eq!(
+        s.authorize(&old, ROUTE, "").await.reason(),
+        pb::DenyReason::ExpiredToken,
+        "dead at once"
+    );
+    assert_eq!(
+        s.authorize(&new, ROUTE, "").await.decision(),
+        pb::Decision::Allow
+    );
+    let e = next_change(&mut stream).await;
+    assert_eq!(
+        (e.kind(), e.key_id),
+        (Kind::ExpiredSecret, key.key_id.clone())
+    );
+    let err = admin
+        .expire_previous_secret(as_key(
+            &s.admin_token,
+            pb::ExpirePreviousSecretRequest {
+                key_id: key.key_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // The grace period's natural end is not announced a second time.
+    s.advance(Duration::hours(2));
+    assert_eq!(
+        crate::feed::next_heartbeat(&mut stream).await.kind(),
+        Kind::Heartbeat
+    );
+}
+
+on_both_backends!(
+    last_used_shows_at_once_is_written_in_batches_and_survives_a_restart,
+    a_warm_authorize_touches_no_store_even_while_tracking_usage,
+    previous_secret_usage_is_visible_and_expire_previous_secret_kills_it,
+);
