@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
 
 use crate::api::admin::AdminApi;
 use crate::api::authorizer::AuthorizerApi;
@@ -35,6 +36,8 @@ pub struct Settings {
     pub default_rate_limit: NonZeroU32,
     /// How often last-used times are written to the store.
     pub usage_flush_interval: Duration,
+    /// On shutdown, how long calls in flight may take to finish.
+    pub shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -49,6 +52,7 @@ impl Settings {
             max_staleness: Duration::from_secs(30),
             default_rate_limit: NonZeroU32::new(100).expect("100 is not 0"),
             usage_flush_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }
@@ -62,6 +66,7 @@ pub struct Keygate {
     pub cache: Arc<KeyCache>,
     poll_interval: Duration,
     usage_flush_interval: Duration,
+    shutdown_grace: Duration,
 }
 
 impl Keygate {
@@ -111,6 +116,7 @@ impl Keygate {
             cache,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
+            shutdown_grace: settings.shutdown_grace,
         })
     }
 
@@ -133,8 +139,16 @@ impl Keygate {
             self.usage_flush_interval,
             stopping.clone(),
         ));
-        let keys = self.keys.clone();
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Health::new(reporter);
+        // Migrations ran in `open`, so the store has answered by now.
+        health.set_all(ServingStatus::Serving).await;
+        tokio::spawn(watch_store(
+            self.store.clone(),
+            health.clone(),
+            stopping.clone(),
+        ));
+
         let authorizer = AuthorizerApi::new(self.authorizer.clone()).into_server();
         let admin = AdminApi::new(
             self.authorizer.clone(),
@@ -144,17 +158,6 @@ impl Keygate {
         .into_server();
         let feed = FeedApi::new(self.authorizer.clone(), self.feed.clone(), stopping.clone())
             .into_server();
-        // Migrations ran in `open`, so the store has answered by now.
-        health
-            .set_serving::<pb::keygate::v1::authorizer_server::AuthorizerServer<AuthorizerApi>>()
-            .await;
-        health
-            .set_serving::<pb::keygate::v1::key_admin_server::KeyAdminServer<AdminApi>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -166,25 +169,92 @@ impl Keygate {
             .build_v1alpha()
             .expect("embedded descriptor sets are valid");
 
-        let served = tonic::transport::Server::builder()
+        let (drain, drained) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(authorizer)
             .add_service(admin)
             .add_service(feed)
-            .serve_with_incoming_shutdown(incoming(listener), async move {
-                shutdown.await;
-                // Ends Watch streams (with a status to reconnect on) so the
-                // server's drain does not wait on them forever.
+            .serve_with_incoming_shutdown(incoming(listener), async {
+                let _ = drained.await;
+            });
+        tokio::pin!(server);
+        let served = tokio::select! {
+            served = &mut server => served,
+            () = shutdown => {
+                // Load balancers see NOT_SERVING first; then no new
+                // connections; Watch streams end with a status to reconnect
+                // on; in-flight calls get up to the grace period.
+                health.set_all(ServingStatus::NotServing).await;
                 stopping.cancel();
-            })
-            .await;
+                let _ = drain.send(());
+                match tokio::time::timeout(self.shutdown_grace, &mut server).await {
+                    Ok(served) => served,
+                    Err(_) => {
+                        tracing::warn!(grace = ?self.shutdown_grace, "shutdown grace elapsed; dropping calls still in flight");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        stopping.cancel();
         // In-flight calls are done: write the last uses.
-        if let Err(e) = keys.flush_usage().await {
+        if let Err(e) = self.keys.flush_usage().await {
             tracing::error!(error = %e, "could not write key usage at shutdown");
         }
         served
+    }
+}
+
+/// grpc.health.v1 for every keygate service and the server as a whole ("").
+#[derive(Clone)]
+struct Health(tonic_health::server::HealthReporter);
+
+impl Health {
+    fn new(reporter: tonic_health::server::HealthReporter) -> Self {
+        Self(reporter)
+    }
+
+    async fn set_all(&self, status: ServingStatus) {
+        use pb::keygate::v1::{
+            authorizer_server::AuthorizerServer, key_admin_server::KeyAdminServer,
+            revocation_feed_server::RevocationFeedServer,
+        };
+        use tonic::server::NamedService;
+        for name in [
+            "",
+            <AuthorizerServer<AuthorizerApi> as NamedService>::NAME,
+            <KeyAdminServer<AdminApi> as NamedService>::NAME,
+            <RevocationFeedServer<FeedApi> as NamedService>::NAME,
+        ] {
+            self.0.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// NOT_SERVING while the store does not answer, SERVING again when it does.
+async fn watch_store(store: Arc<SqlStore>, health: Health, stopping: CancellationToken) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let ok = tokio::time::timeout(Duration::from_secs(2), store.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok != serving && !stopping.is_cancelled() {
+            serving = ok;
+            if ok {
+                tracing::info!("key store answers again: SERVING");
+                health.set_all(ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("key store does not answer: NOT_SERVING");
+                health.set_all(ServingStatus::NotServing).await;
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 mod audit;
 mod bootstrap;
 mod feed;
+mod migrate;
 mod remote;
 mod serve;
 
@@ -30,6 +31,8 @@ enum Command {
     Replicas(feed::ReplicasArgs),
     /// Check the tamper-evident audit trail, reading the store directly.
     Audit(audit::AuditArgs),
+    /// Apply the database migrations and exit.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Where the keys live.
@@ -77,6 +80,7 @@ pub async fn run() -> ExitCode {
         Command::Watch(args) => feed::watch(args).await,
         Command::Replicas(args) => feed::replicas(args).await,
         Command::Audit(args) => audit::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// How often last-used times are written to the store (also at shutdown).
     #[arg(long, env = "KEYGATE_USAGE_FLUSH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     usage_flush_interval: Duration,
+    /// On SIGTERM/SIGINT, how long calls in flight may take to finish.
+    #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
     /// This replica's name in ListReplicas (default: hostname:port).
     #[arg(long, env = "KEYGATE_REPLICA_NAME")]
     replica_name: Option<String>,
@@ -125,6 +128,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         max_staleness: args.max_staleness,
         default_rate_limit: args.default_rate_limit,
         usage_flush_interval: args.usage_flush_interval,
+        shutdown_grace: args.shutdown_grace,
     };
     let keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await

@@ -15,6 +15,7 @@ mod lifecycle;
 mod limits;
 mod listing;
 mod multi_replica;
+mod operations;
 mod replicas;
 mod usage;
 mod validation;

@@ -90,6 +90,11 @@ impl Replica {
         RevocationFeedClient::new(self.channel().await)
     }
 
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// Freezes the process (SIGSTOP) or thaws it (SIGCONT).
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")

@@ -1,0 +1,113 @@
+//! Operating keygate: health follows the store, and SIGTERM drains in-flight
+//! calls before exiting 0.
+
+use std::time::Duration;
+
+use keygate::pb::keygate::v1 as pb;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::harness::{Backend, TestServer, eventually};
+use crate::replicas::{Proxy, Replica, authorize, postgres_addr, via};
+
+async fn health(url: &str, service: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let r = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    Some(r.into_inner().status())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_while_the_store_is_unreachable() {
+    let Some(a) = TestServer::start(Backend::Postgres).await else {
+        return;
+    };
+    let proxy = Proxy::start(postgres_addr(&a.database_url)).await;
+    let b = Replica::start(&via(&a.database_url, proxy.addr), "replica-b", &[]).await;
+    assert_eq!(
+        health(&b.url(), "keygate.v1.Authorizer").await,
+        Some(ServingStatus::Serving)
+    );
+    proxy.cut();
+    eventually(Duration::from_secs(15), "NOT_SERVING", || async {
+        (health(&b.url(), "keygate.v1.Authorizer").await == Some(ServingStatus::NotServing))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(health(&b.url(), "").await, Some(ServingStatus::NotServing));
+    proxy.restore();
+    eventually(Duration::from_secs(30), "SERVING again", || async {
+        (health(&b.url(), "").await == Some(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_every_in_flight_authorize_finish_then_exits_0() {
+    let Some(a) = TestServer::start(Backend::Postgres).await else {
+        return;
+    };
+    let mut b = Replica::start(&a.database_url, "replica-b", &["--shutdown-grace", "10s"]).await;
+    let mut tokens = Vec::new();
+    // Fewer than B's 16 pooled connections, so each call holds one.
+    for _ in 0..10 {
+        tokens.push(a.org_key("org_a", &["checkout:create"]).await.1);
+    }
+    // Hold every Authorize on B inside its store read: the keys are not
+    // cached on B, and the table is locked.
+    let pg = sqlx::PgPool::connect(&a.database_url).await.unwrap();
+    let mut lock = pg.begin().await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let client = b.authorizer().await;
+    let calls: Vec<_> = tokens
+        .iter()
+        .map(|t| {
+            let (mut client, t) = (client.clone(), t.clone());
+            tokio::spawn(async move { authorize(&mut client, &t).await })
+        })
+        .collect();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                   AND query LIKE 'SELECT%FROM api_keys WHERE id = $1'";
+    eventually(
+        Duration::from_secs(10),
+        "10 calls waiting in the store",
+        || {
+            let pg = pg.clone();
+            async move {
+                (sqlx::query_scalar::<_, i64>(waiting)
+                    .fetch_one(&pg)
+                    .await
+                    .ok()?
+                    >= 10)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+
+    b.signal("-TERM");
+    // Draining: it says NOT_SERVING, and the calls are still in flight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+    for call in calls {
+        let r = call
+            .await
+            .unwrap()
+            .expect("an in-flight call must not fail");
+        assert_eq!(r.decision(), pb::Decision::Allow);
+    }
+    let status = tokio::task::spawn_blocking(move || b.wait()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
