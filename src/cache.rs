@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::domain::key::KeyRecord;
 use crate::store::{KeyReader, StoreError};
+use crate::telemetry::CacheMetrics;
 
 /// Sizes and lifetimes of the cache.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +71,7 @@ impl Freshness {
 }
 
 pub struct KeyCache {
+    metrics: CacheMetrics,
     store: Arc<dyn KeyReader>,
     freshness: Arc<Freshness>,
     known: Cache<Uuid, Arc<KeyRecord>>,
@@ -86,6 +88,7 @@ impl KeyCache {
         freshness: Arc<Freshness>,
     ) -> Self {
         Self {
+            metrics: CacheMetrics::default(),
             store,
             freshness,
             known: Cache::builder()
@@ -108,11 +111,14 @@ impl KeyCache {
             return Ok(self.store.get_key(id).await?.map(Arc::new));
         }
         if let Some(key) = self.known.get(&id) {
+            self.metrics.hits.increment(1);
             return Ok(Some(key));
         }
         if self.unknown.contains_key(&id) {
+            self.metrics.hits.increment(1);
             return Ok(None);
         }
+        self.metrics.misses.increment(1);
         let epoch = self.epoch.load(Ordering::SeqCst);
         let loaded = self.store.get_key(id).await?.map(Arc::new);
         // An invalidation during the read may mean the row we read is stale:
@@ -124,6 +130,13 @@ impl KeyCache {
             }
         }
         Ok(loaded)
+    }
+
+    /// Publishes how many records are in memory.
+    pub fn report_size(&self) {
+        self.metrics
+            .entries
+            .set((self.known.entry_count() + self.unknown.entry_count()) as f64);
     }
 
     /// Forgets everything, as after a RESET.

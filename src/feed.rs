@@ -21,6 +21,16 @@ use crate::cache::{Freshness, KeyCache};
 use crate::domain::event::Event;
 use crate::error::Error;
 use crate::store::{KeyStore, ReplicaStatus, StoreError, postgres};
+use crate::telemetry::FeedMetrics;
+
+/// Counts a Watch subscriber out however its session ends.
+struct DecrementOnDrop(metrics::Gauge);
+
+impl Drop for DecrementOnDrop {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
 
 /// How the feed follows the log and talks to subscribers.
 #[derive(Debug, Clone)]
@@ -75,6 +85,7 @@ pub struct ReplicaView {
 const BATCH: u32 = 500;
 
 pub struct Feed {
+    metrics: FeedMetrics,
     store: Arc<dyn KeyStore>,
     cache: Arc<KeyCache>,
     freshness: Arc<Freshness>,
@@ -99,6 +110,7 @@ impl Feed {
         let head = store.head_sequence().await?;
         freshness.touch();
         Ok(Self {
+            metrics: FeedMetrics::default(),
             store,
             cache,
             freshness,
@@ -136,10 +148,15 @@ impl Feed {
         }
         let mut recorded_at: Option<tokio::time::Instant> = None;
         let mut recorded_seq = -1;
+        let mut read_at = tokio::time::Instant::now();
         loop {
+            self.cache.report_size();
             match self.catch_up().await {
                 Ok(()) => {
                     self.freshness.touch();
+                    read_at = tokio::time::Instant::now();
+                    self.metrics.lag_seconds.set(0.0);
+                    self.metrics.applied.set(self.applied() as f64);
                     let due = recorded_at
                         .is_none_or(|at| at.elapsed() >= self.settings.replica_heartbeat);
                     if due || recorded_seq != self.applied() {
@@ -153,6 +170,9 @@ impl Feed {
                     }
                 }
                 Err(e) => {
+                    self.metrics
+                        .lag_seconds
+                        .set(read_at.elapsed().as_secs_f64());
                     tracing::warn!(error = %e, applied = self.applied(), "cannot read the event log")
                 }
             }
@@ -259,6 +279,8 @@ impl Feed {
         sink: mpsc::Sender<FeedItem>,
         shutdown: CancellationToken,
     ) {
+        self.metrics.subscribers.increment(1.0);
+        let _leave = DecrementOnDrop(self.metrics.subscribers.clone());
         let head = self.applied();
         let mut last = head;
         let start = async {

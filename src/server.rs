@@ -171,6 +171,7 @@ impl Keygate {
 
         let (drain, drained) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
+            .trace_fn(crate::telemetry::rpc_span)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

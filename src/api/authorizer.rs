@@ -1,6 +1,7 @@
 //! keygate.v1.Authorizer.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
@@ -8,14 +9,19 @@ use super::convert;
 use crate::pb::keygate::v1::authorizer_server;
 use crate::pb::keygate::v1::{AuthorizeRequest, AuthorizeResponse};
 use crate::service::{AuthorizeInput, Authorizer};
+use crate::telemetry::AuthorizeMetrics;
 
 pub struct AuthorizerApi {
     authorizer: Arc<Authorizer>,
+    metrics: AuthorizeMetrics,
 }
 
 impl AuthorizerApi {
     pub fn new(authorizer: Arc<Authorizer>) -> Self {
-        Self { authorizer }
+        Self {
+            authorizer,
+            metrics: AuthorizeMetrics::default(),
+        }
     }
 
     pub fn into_server(self) -> authorizer_server::AuthorizerServer<Self> {
@@ -29,6 +35,7 @@ impl authorizer_server::Authorizer for AuthorizerApi {
         &self,
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
+        let started = Instant::now();
         let r = request.get_ref();
         let input = AuthorizeInput {
             token: &r.token,
@@ -37,6 +44,22 @@ impl authorizer_server::Authorizer for AuthorizerApi {
             required_scopes: &r.required_scopes,
         };
         let outcome = self.authorizer.authorize(input).await?;
+        self.metrics.record(outcome.deny, started.elapsed());
+        let span = tracing::Span::current();
+        span.record(
+            "decision",
+            if outcome.deny.is_none() {
+                "ALLOW"
+            } else {
+                "DENY"
+            },
+        );
+        if let Some(reason) = outcome.deny {
+            span.record("reason", reason.code());
+        }
+        if let Some(key) = &outcome.key {
+            span.record("key_id", tracing::field::display(key.id));
+        }
         Ok(Response::new(convert::authorize_response(outcome)))
     }
 }

@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the Authorizer and KeyAdmin gRPC APIs.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Write the first key (SYSTEM tier, scope *:*) straight into the store and print its token once.
     Bootstrap(bootstrap::BootstrapArgs),
     /// Print revocation feed events as they happen (token from KEYGATE_TOKEN, needs revocation:read).
@@ -60,22 +60,14 @@ pub enum LogFormat {
 }
 
 /// Logs go to stderr; the level comes from RUST_LOG (default info).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+pub fn init_logging(format: LogFormat) -> crate::telemetry::TracingGuard {
+    crate::telemetry::init_tracing(matches!(format, LogFormat::Json))
 }
 
 pub async fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args).await,
+        Command::Serve(args) => serve::run(*args).await,
         Command::Bootstrap(args) => bootstrap::run(args).await,
         Command::Watch(args) => feed::watch(args).await,
         Command::Replicas(args) => feed::replicas(args).await,

@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// This replica's name in ListReplicas (default: hostname:port).
     #[arg(long, env = "KEYGATE_REPLICA_NAME")]
     replica_name: Option<String>,
+    /// Serve Prometheus metrics on this address, at /metrics (off when unset).
+    #[arg(long, env = "KEYGATE_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Log format; traces also go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
 }
@@ -89,7 +93,11 @@ fn default_replica_name(listen: SocketAddr) -> String {
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), String> {
-    init_logging(args.log_format);
+    let _tracing = init_logging(args.log_format);
+    if let Some(addr) = args.metrics_addr {
+        crate::telemetry::install_prometheus(addr)?;
+        tracing::info!(metrics = %addr, "serving Prometheus metrics on /metrics");
+    }
     let brand = Brand::new(&args.brand).map_err(|e| format!("--brand: {e}"))?;
     let policy = match &args.policy {
         Some(path) => {

@@ -101,6 +101,17 @@ impl SqlStore {
     }
 }
 
+/// Times a store call and counts its failures.
+async fn observe<T>(
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    crate::telemetry::store_query(operation, started.elapsed(), result.is_ok());
+    result
+}
+
 /// A database URL without its password, for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -117,12 +128,16 @@ pub fn redact(url: &str) -> String {
 impl KeyReader for SqlStore {
     #[instrument(name = "keystore.get", skip(self), err)]
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"));
-        let row = sqlx::query(sql)
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
+        observe("get", async move {
+            let sql =
+                sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"));
+            let row = sqlx::query(sql)
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+            row.as_ref().map(key_from_row).transpose()
+        })
+        .await
     }
 }
 
@@ -130,15 +145,18 @@ impl KeyReader for SqlStore {
 impl KeyStore for SqlStore {
     #[instrument(name = "keystore.insert", skip_all, fields(key_id = %key.id), err)]
     async fn insert_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<i64, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({})",
-            key_placeholders()
-        ));
-        bind_key(sqlx::query(sql), key).execute(&mut *tx).await?;
-        let seq = self.append_event(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(seq)
+        observe("insert", async move {
+            let mut tx = self.begin_write().await?;
+            let sql = sqlx::AssertSqlSafe(format!(
+                "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({})",
+                key_placeholders()
+            ));
+            bind_key(sqlx::query(sql), key).execute(&mut *tx).await?;
+            let seq = self.append_event(&mut tx, event).await?;
+            tx.commit().await?;
+            Ok(seq)
+        })
+        .await
     }
 
     #[instrument(name = "keystore.update", skip_all, fields(key_id = %key.id), err)]
@@ -147,31 +165,34 @@ impl KeyStore for SqlStore {
         key: &KeyRecord,
         event: &NewEvent,
     ) -> Result<Option<(KeyRecord, i64)>, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let mut next = key.clone();
-        next.version += 1;
-        let columns: Vec<&str> = KEY_COLUMNS.split(", ").collect();
-        let assignments = columns
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, col)| key_assignment(col, i + 1))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = sqlx::AssertSqlSafe(format!(
-            "UPDATE api_keys SET {assignments} WHERE id = $1 AND version = ${}",
-            columns.len() + 1
-        ));
-        let done = bind_key(sqlx::query(sql), &next)
-            .bind(key.version)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
-        }
-        let seq = self.append_event(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(Some((next, seq)))
+        observe("update", async move {
+            let mut tx = self.begin_write().await?;
+            let mut next = key.clone();
+            next.version += 1;
+            let columns: Vec<&str> = KEY_COLUMNS.split(", ").collect();
+            let assignments = columns
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(i, col)| key_assignment(col, i + 1))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = sqlx::AssertSqlSafe(format!(
+                "UPDATE api_keys SET {assignments} WHERE id = $1 AND version = ${}",
+                columns.len() + 1
+            ));
+            let done = bind_key(sqlx::query(sql), &next)
+                .bind(key.version)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Ok(None);
+            }
+            let seq = self.append_event(&mut tx, event).await?;
+            tx.commit().await?;
+            Ok(Some((next, seq)))
+        })
+        .await
     }
 
     #[instrument(name = "keystore.delete", skip(self, event), err)]
@@ -181,50 +202,59 @@ impl KeyStore for SqlStore {
         version: i64,
         event: &NewEvent,
     ) -> Result<Option<i64>, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND version = $2")
-            .bind(id.to_string())
-            .bind(version)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
-        }
-        let seq = self.append_event(&mut tx, event).await?;
-        tx.commit().await?;
-        Ok(Some(seq))
+        observe("delete", async move {
+            let mut tx = self.begin_write().await?;
+            let done = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND version = $2")
+                .bind(id.to_string())
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Ok(None);
+            }
+            let seq = self.append_event(&mut tx, event).await?;
+            tx.commit().await?;
+            Ok(Some(seq))
+        })
+        .await
     }
 
     #[instrument(name = "keystore.list", skip(self), err)]
     async fn list_keys(&self, q: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError> {
-        // One statement for every filter combination: an absent filter binds NULL.
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys \
-             WHERE ($1 IS NULL OR organization_id = $1) \
-               AND ($2 IS NULL OR mode = $2) \
-               AND ($3 = 1 OR status <> 'revoked') \
-               AND ($4 IS NULL OR created_at > $4 OR (created_at = $4 AND id > $5)) \
-             ORDER BY created_at, id LIMIT $6"
-        ));
-        let (after_at, after_id) = match q.after {
-            Some((at, id)) => (Some(micros(at)), id.to_string()),
-            None => (None, String::new()),
-        };
-        let rows = sqlx::query(sql)
-            .bind(q.organization_id.as_deref())
-            .bind(q.mode.map(|m| m.as_str()))
-            .bind(i64::from(q.include_revoked))
-            .bind(after_at)
-            .bind(after_id)
-            .bind(i64::from(q.limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(key_from_row).collect()
+        observe("list", async move {
+            // One statement for every filter combination: an absent filter binds NULL.
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys \
+                 WHERE ($1 IS NULL OR organization_id = $1) \
+                   AND ($2 IS NULL OR mode = $2) \
+                   AND ($3 = 1 OR status <> 'revoked') \
+                   AND ($4 IS NULL OR created_at > $4 OR (created_at = $4 AND id > $5)) \
+                 ORDER BY created_at, id LIMIT $6"
+            ));
+            let (after_at, after_id) = match q.after {
+                Some((at, id)) => (Some(micros(at)), id.to_string()),
+                None => (None, String::new()),
+            };
+            let rows = sqlx::query(sql)
+                .bind(q.organization_id.as_deref())
+                .bind(q.mode.map(|m| m.as_str()))
+                .bind(i64::from(q.include_revoked))
+                .bind(after_at)
+                .bind(after_id)
+                .bind(i64::from(q.limit))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(key_from_row).collect()
+        })
+        .await
     }
 
     #[instrument(name = "keystore.events_after", skip(self), err)]
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
-        self.select_events_after(after, limit).await
+        observe("events_after", async move {
+            self.select_events_after(after, limit).await
+        })
+        .await
     }
 
     #[instrument(name = "keystore.list_events", skip(self), err)]
@@ -234,37 +264,40 @@ impl KeyStore for SqlStore {
 
     #[instrument(name = "keystore.record_usage", skip_all, fields(keys = records.len()), err)]
     async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for r in records {
-            sqlx::query(
-                "UPDATE api_keys SET last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2 \
-                 THEN $2 ELSE last_used_at END WHERE id = $1",
-            )
-            .bind(r.key_id.to_string())
-            .bind(micros(r.last_used_at))
-            .execute(&mut *tx)
-            .await?;
-            if let Some(p) = &r.previous {
-                // Only if the key has not been rotated again since.
+        observe("record_usage", async move {
+            if records.is_empty() {
+                return Ok(());
+            }
+            let mut tx = self.pool.begin().await?;
+            for r in records {
                 sqlx::query(
-                    "UPDATE api_keys SET previous_secret_uses = previous_secret_uses + $2, \
-                     previous_secret_last_used_at = CASE WHEN previous_secret_last_used_at IS NULL \
-                     OR previous_secret_last_used_at < $3 THEN $3 ELSE previous_secret_last_used_at END \
-                     WHERE id = $1 AND rotated_at = $4",
+                    "UPDATE api_keys SET last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2 \
+                     THEN $2 ELSE last_used_at END WHERE id = $1",
                 )
                 .bind(r.key_id.to_string())
-                .bind(i64::try_from(p.uses).unwrap_or(i64::MAX))
-                .bind(micros(p.last_used_at))
-                .bind(micros(p.rotated_at))
+                .bind(micros(r.last_used_at))
                 .execute(&mut *tx)
                 .await?;
+                if let Some(p) = &r.previous {
+                    // Only if the key has not been rotated again since.
+                    sqlx::query(
+                        "UPDATE api_keys SET previous_secret_uses = previous_secret_uses + $2, \
+                         previous_secret_last_used_at = CASE WHEN previous_secret_last_used_at IS NULL \
+                         OR previous_secret_last_used_at < $3 THEN $3 ELSE previous_secret_last_used_at END \
+                         WHERE id = $1 AND rotated_at = $4",
+                    )
+                    .bind(r.key_id.to_string())
+                    .bind(i64::try_from(p.uses).unwrap_or(i64::MAX))
+                    .bind(micros(p.last_used_at))
+                    .bind(micros(p.rotated_at))
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
-        }
-        tx.commit().await?;
-        Ok(())
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn unannounced_secret_expiries(

@@ -17,6 +17,7 @@ mod listing;
 mod multi_replica;
 mod operations;
 mod replicas;
+mod telemetry;
 mod usage;
 mod validation;
 mod walkthrough;
