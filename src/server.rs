@@ -38,6 +38,37 @@ pub struct Settings {
     pub usage_flush_interval: Duration,
     /// On shutdown, how long calls in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// Serve TLS (rustls) instead of plaintext.
+    pub tls: Option<TlsSettings>,
+}
+
+/// PEM certificate chain and key, and optionally the CA that client
+/// certificates must chain to (mTLS: then a client without one is refused).
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the private key.
+        f.debug_struct("TlsSettings")
+            .field("mtls", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsSettings {
+    fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        let identity = tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem);
+        let config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        match &self.client_ca_pem {
+            Some(ca) => config.client_ca_root(tonic::transport::Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
 }
 
 impl Settings {
@@ -53,6 +84,7 @@ impl Settings {
             default_rate_limit: NonZeroU32::new(100).expect("100 is not 0"),
             usage_flush_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
+            tls: None,
         }
     }
 }
@@ -67,6 +99,7 @@ pub struct Keygate {
     poll_interval: Duration,
     usage_flush_interval: Duration,
     shutdown_grace: Duration,
+    tls: Option<TlsSettings>,
 }
 
 impl Keygate {
@@ -117,6 +150,7 @@ impl Keygate {
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
             shutdown_grace: settings.shutdown_grace,
+            tls: settings.tls,
         })
     }
 
@@ -170,7 +204,11 @@ impl Keygate {
             .expect("embedded descriptor sets are valid");
 
         let (drain, drained) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            builder = builder.tls_config(tls.server_config())?;
+        }
+        let server = builder
             .trace_fn(crate::telemetry::rpc_span)
             .add_service(health_service)
             .add_service(reflection_v1)

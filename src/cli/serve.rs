@@ -14,7 +14,7 @@ use crate::domain::clock::SystemClock;
 use crate::domain::policy::RouteTable;
 use crate::domain::token::Brand;
 use crate::feed::FeedSettings;
-use crate::server::{Keygate, Settings};
+use crate::server::{Keygate, Settings, TlsSettings};
 use crate::store::sql_redact;
 
 #[derive(Debug, Args)]
@@ -71,12 +71,39 @@ pub struct ServeArgs {
     /// This replica's name in ListReplicas (default: hostname:port).
     #[arg(long, env = "KEYGATE_REPLICA_NAME")]
     replica_name: Option<String>,
+    /// PEM certificate (chain) to serve TLS with; needs --tls-key.
+    #[arg(long, env = "KEYGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "KEYGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "KEYGATE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics on this address, at /metrics (off when unset).
     #[arg(long, env = "KEYGATE_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
     /// Log format; traces also go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn tls_settings(args: &ServeArgs) -> Result<Option<TlsSettings>, String> {
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    Ok(Some(TlsSettings {
+        cert_pem: read("--tls-cert", cert)?,
+        key_pem: read("--tls-key", key)?,
+        client_ca_pem: args
+            .tls_client_ca
+            .as_ref()
+            .map(|ca| read("--tls-client-ca", ca))
+            .transpose()?,
+    }))
 }
 
 fn default_replica_name(listen: SocketAddr) -> String {
@@ -137,6 +164,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         default_rate_limit: args.default_rate_limit,
         usage_flush_interval: args.usage_flush_interval,
         shutdown_grace: args.shutdown_grace,
+        tls: tls_settings(&args)?,
     };
     let keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await

@@ -107,6 +107,14 @@ pub fn epoch() -> DateTime<Utc> {
 impl TestServer {
     /// `None` when the backend is unavailable and that is allowed.
     pub async fn start(backend: Backend) -> Option<Self> {
+        Self::start_tls(backend, None).await
+    }
+
+    /// Like `start`, serving TLS (and mTLS when the settings name a client CA).
+    pub async fn start_tls(
+        backend: Backend,
+        tls: Option<keygate::server::TlsSettings>,
+    ) -> Option<Self> {
         let dir = tempfile::tempdir().expect("temp dir");
         let (database_url, postgres_db) = match backend {
             Backend::Sqlite => (
@@ -118,8 +126,8 @@ impl TestServer {
                     let Some(temp) = temporary_postgres().await else {
                         return skip_postgres();
                     };
-                    return Self::start_on(temp.connection_uri(), dir, PostgresDb::Temporary(temp))
-                        .await;
+                    let temp_url = temp.connection_uri();
+                    return Self::start_on(temp_url, dir, PostgresDb::Temporary(temp), tls).await;
                 };
                 let name = format!("keygate_it_{}", uuid::Uuid::new_v4().simple());
                 let mut admin = sqlx::PgConnection::connect(&server)
@@ -135,7 +143,7 @@ impl TestServer {
                 )
             }
         };
-        Self::start_on(database_url, dir, postgres_db).await
+        Self::start_on(database_url, dir, postgres_db, tls).await
     }
 
     /// Stops the server gracefully (which writes pending usage) and starts a
@@ -145,7 +153,7 @@ impl TestServer {
         let dir = self.dir.take().expect("dir");
         let postgres_db = std::mem::replace(&mut self.postgres_db, PostgresDb::None);
         let (url, clock) = (self.database_url.clone(), self.clock.clone());
-        Self::start_with_clock(url, dir, postgres_db, clock)
+        Self::start_with_clock(url, dir, postgres_db, clock, None)
             .await
             .expect("restart")
     }
@@ -164,9 +172,10 @@ impl TestServer {
         database_url: String,
         dir: tempfile::TempDir,
         postgres_db: PostgresDb,
+        tls: Option<keygate::server::TlsSettings>,
     ) -> Option<Self> {
         let clock = Arc::new(ManualClock::new(epoch()));
-        Self::start_with_clock(database_url, dir, postgres_db, clock).await
+        Self::start_with_clock(database_url, dir, postgres_db, clock, tls).await
     }
 
     async fn start_with_clock(
@@ -174,8 +183,10 @@ impl TestServer {
         dir: tempfile::TempDir,
         postgres_db: PostgresDb,
         clock: Arc<ManualClock>,
+        tls: Option<keygate::server::TlsSettings>,
     ) -> Option<Self> {
         let mut settings = Settings::new(database_url.clone());
+        settings.tls = tls;
         settings.policy = RouteTable::from_toml(POLICY).expect("test policy");
         settings.feed.heartbeat = Duration::from_millis(500);
         settings.feed.poll_interval = Duration::from_millis(200);

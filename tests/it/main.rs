@@ -18,6 +18,7 @@ mod multi_replica;
 mod operations;
 mod replicas;
 mod telemetry;
+mod tls;
 mod usage;
 mod validation;
 mod walkthrough;

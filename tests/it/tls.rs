@@ -1,0 +1,128 @@
+//! TLS with rustls, and mTLS: a client without a certificate from the
+//! configured CA is refused.
+
+use keygate::pb::keygate::v1 as pb;
+use keygate::server::TlsSettings;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::harness::{AuthorizerClient, Backend, TestServer};
+
+struct Pki {
+    ca_pem: String,
+    server: (String, String),
+    client: (String, String),
+    stranger: (String, String),
+}
+
+fn pki() -> Pki {
+    let ca_params = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p
+    };
+    let ca =
+        CertifiedIssuer::self_signed(ca_params("keygate test CA"), KeyPair::generate().unwrap())
+            .unwrap();
+    let other_ca =
+        CertifiedIssuer::self_signed(ca_params("someone else"), KeyPair::generate().unwrap())
+            .unwrap();
+    let leaf = |names: Vec<String>, issuer: &CertifiedIssuer<'_, KeyPair>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca_pem: ca.pem(),
+        server: leaf(vec!["localhost".into()], &ca),
+        client: leaf(vec!["gateway".into()], &ca),
+        stranger: leaf(vec!["gateway".into()], &other_ca),
+    }
+}
+
+async fn call(
+    s: &TestServer,
+    ca_pem: &str,
+    client: Option<&(String, String)>,
+) -> Result<pb::AuthorizeResponse, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let endpoint = Channel::from_shared(format!("https://{}", s.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let req = pb::AuthorizeRequest {
+        token: s.admin_token.clone(),
+        required_scopes: vec!["api_key:read".into()],
+        ..Default::default()
+    };
+    AuthorizerClient::new(channel)
+        .authorize(req)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_admits_only_clients_with_a_certificate_from_the_ca() {
+    let pki = pki();
+    let tls = TlsSettings {
+        cert_pem: pki.server.0.clone().into_bytes(),
+        key_pem: pki.server.1.clone().into_bytes(),
+        client_ca_pem: Some(pki.ca_pem.clone().into_bytes()),
+    };
+    let s = TestServer::start_tls(Backend::Sqlite, Some(tls))
+        .await
+        .unwrap();
+    let ok = call(&s, &pki.ca_pem, Some(&pki.client))
+        .await
+        .expect("a client certificate from the CA is admitted");
+    assert_eq!(ok.decision(), pb::Decision::Allow);
+    assert!(
+        call(&s, &pki.ca_pem, None).await.is_err(),
+        "no client certificate: refused"
+    );
+    assert!(
+        call(&s, &pki.ca_pem, Some(&pki.stranger)).await.is_err(),
+        "another CA's certificate: refused"
+    );
+    // Plaintext to a TLS port gets nowhere either.
+    let plain = AuthorizerClient::connect(format!("http://{}", s.addr)).await;
+    if let Ok(mut plain) = plain {
+        assert!(
+            plain
+                .authorize(pb::AuthorizeRequest::default())
+                .await
+                .is_err()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_without_client_ca_admits_any_client() {
+    let pki = pki();
+    let tls = TlsSettings {
+        cert_pem: pki.server.0.clone().into_bytes(),
+        key_pem: pki.server.1.clone().into_bytes(),
+        client_ca_pem: None,
+    };
+    let s = TestServer::start_tls(Backend::Sqlite, Some(tls))
+        .await
+        .unwrap();
+    assert_eq!(
+        call(&s, &pki.ca_pem, None).await.unwrap().decision(),
+        pb::Decision::Allow
+    );
+}
