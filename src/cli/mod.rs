@@ -4,6 +4,7 @@
 mod audit;
 mod bootstrap;
 mod feed;
+mod keys;
 mod migrate;
 mod remote;
 mod serve;
@@ -33,6 +34,8 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Apply the database migrations and exit.
     Migrate(migrate::MigrateArgs),
+    /// Manage keys on a running server (token from KEYGATE_TOKEN).
+    Keys(keys::KeysArgs),
 }
 
 /// Where the keys live.
@@ -73,6 +76,7 @@ pub async fn run() -> ExitCode {
         Command::Replicas(args) => feed::replicas(args).await,
         Command::Audit(args) => audit::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
+        Command::Keys(args) => keys::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@ mod admin_auth;
 mod audit;
 mod authorize;
 mod binary;
+mod cli;
 mod concurrency;
 mod feed;
 mod lifecycle;
