@@ -4,6 +4,7 @@ use uuid::Uuid;
 
 use super::caller::Caller;
 use super::keys::KeyService;
+use super::page::{last_of_page, page_size};
 use crate::domain::event::Event;
 use crate::error::Error;
 use crate::store::EventQuery;
@@ -25,24 +26,13 @@ impl KeyService {
         spec: EventListSpec,
     ) -> Result<(Vec<Event>, Option<String>), Error> {
         caller.require(&self.scopes.read)?;
-        let organization_id = match spec.organization_id {
-            Some(org) if !caller.can_see(Some(&org)) => {
-                return Err(Error::NotFound("organization"));
-            }
-            Some(org) => Some(org),
-            None if caller.is_system() => None,
-            None => caller.key().organization_id.clone(),
-        };
+        let organization_id = caller.organization_filter(spec.organization_id)?;
         let filter = format!("events|{organization_id:?}|{:?}", spec.key_id);
         let before = spec
             .page_token
             .map(|t| self.pages.decode_sequence(&t, &filter))
             .transpose()?;
-        let limit = if spec.page_size == 0 {
-            100
-        } else {
-            spec.page_size
-        };
+        let limit = page_size(spec.page_size);
         let query = EventQuery {
             organization_id,
             key_id: spec.key_id,
@@ -50,14 +40,8 @@ impl KeyService {
             limit: limit + 1,
         };
         let mut events = self.store.list_events(&query).await?;
-        let next = if events.len() > limit as usize {
-            events.truncate(limit as usize);
-            events
-                .last()
-                .map(|e| self.pages.encode_sequence(e.sequence, &filter))
-        } else {
-            None
-        };
+        let next = last_of_page(&mut events, limit)
+            .map(|e| self.pages.encode_sequence(e.sequence, &filter));
         Ok((events, next))
     }
 }

@@ -34,6 +34,18 @@ impl Caller {
         }
     }
 
+    /// The organization a listing is limited to: what was asked for, if the
+    /// caller may see it (NOT_FOUND otherwise); when nothing was asked, every
+    /// organization for a SYSTEM key and its own for an ORGANIZATION key.
+    pub fn organization_filter(&self, asked: Option<String>) -> Result<Option<String>, Error> {
+        match asked {
+            Some(org) if !self.can_see(Some(&org)) => Err(Error::NotFound("organization")),
+            Some(org) => Ok(Some(org)),
+            None if self.is_system() => Ok(None),
+            None => Ok(self.key.organization_id.clone()),
+        }
+    }
+
     /// Whether the caller may see a key of this organization (`None`: a SYSTEM key).
     pub fn can_see(&self, organization_id: Option<&str>) -> bool {
         self.is_system()

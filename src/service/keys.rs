@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use super::caller::Caller;
-use super::page::PageTokens;
+use super::page::{PageTokens, last_of_page, page_size};
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::domain::clock::Clock;
@@ -242,14 +242,7 @@ impl KeyService {
         spec: ListSpec,
     ) -> Result<(Vec<KeyRecord>, Option<String>), Error> {
         caller.require(&self.scopes.read)?;
-        let organization_id = match spec.organization_id {
-            Some(org) if !caller.can_see(Some(&org)) => {
-                return Err(Error::NotFound("organization"));
-            }
-            Some(org) => Some(org),
-            None if caller.is_system() => None,
-            None => caller.key().organization_id.clone(),
-        };
+        let organization_id = caller.organization_filter(spec.organization_id)?;
         let filter = format!(
             "{organization_id:?}|{:?}|{}",
             spec.mode, spec.include_revoked
@@ -258,11 +251,7 @@ impl KeyService {
             .page_token
             .map(|t| self.pages.decode(&t, &filter))
             .transpose()?;
-        let limit = if spec.page_size == 0 {
-            100
-        } else {
-            spec.page_size
-        };
+        let limit = page_size(spec.page_size);
         let query = KeyQuery {
             organization_id,
             mode: spec.mode,
@@ -274,13 +263,8 @@ impl KeyService {
         for key in &mut keys {
             self.usage.overlay(key);
         }
-        let next = if keys.len() > limit as usize {
-            keys.truncate(limit as usize);
-            keys.last()
-                .map(|k| self.pages.encode((k.created_at, k.id), &filter))
-        } else {
-            None
-        };
+        let next = last_of_page(&mut keys, limit)
+            .map(|k| self.pages.encode((k.created_at, k.id), &filter));
         Ok((keys, next))
     }
 
