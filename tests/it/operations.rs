@@ -62,6 +62,8 @@ async fn sigterm_lets_every_in_flight_authorize_finish_then_exits_0() {
     for _ in 0..10 {
         tokens.push(a.org_key("org_a", &["checkout:create"]).await.1);
     }
+    // Subscribed before the lock: authenticating the subscriber reads the store.
+    let mut watch = crate::feed::watch(&b.url(), &a.admin_token, 0).await;
     // Hold every Authorize on B inside its store read: the keys are not
     // cached on B, and the table is locked.
     let pg = sqlx::PgPool::connect(&a.database_url).await.unwrap();
@@ -97,8 +99,47 @@ async fn sigterm_lets_every_in_flight_authorize_finish_then_exits_0() {
     )
     .await;
 
+    // A load balancer's health watch, on a connection opened before the signal.
+    let mut health_watch = HealthClient::new(
+        tonic::transport::Channel::from_shared(b.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+    .watch(HealthCheckRequest { service: "".into() })
+    .await
+    .unwrap()
+    .into_inner();
+    let first = health_watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
     b.signal("-TERM");
+    // Watch streams end at once, with a status to reconnect on.
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("the stream ends")
+        {
+            Ok(Some(_heartbeat)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unavailable);
+    assert!(
+        ended.message().contains("after_sequence"),
+        "{}",
+        ended.message()
+    );
     // Draining: it says NOT_SERVING, and the calls are still in flight.
+    let next = tokio::time::timeout(Duration::from_secs(10), health_watch.message())
+        .await
+        .expect("health changes")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    drop(health_watch);
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock.rollback().await.unwrap();
     for call in calls {
