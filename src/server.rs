@@ -11,6 +11,7 @@ use tonic_health::ServingStatus;
 
 use crate::api::admin::AdminApi;
 use crate::api::authorizer::AuthorizerApi;
+use crate::api::ext_authz::{ExtAuthzApi, ExtAuthzSettings};
 use crate::api::feed::FeedApi;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::domain::clock::Clock;
@@ -40,6 +41,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Serve TLS (rustls) instead of plaintext.
     pub tls: Option<TlsSettings>,
+    /// How Envoy's Check finds credentials and what it hides from upstreams.
+    pub ext_authz: ExtAuthzSettings,
 }
 
 /// PEM certificate chain and key, and optionally the CA that client
@@ -85,6 +88,7 @@ impl Settings {
             usage_flush_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             tls: None,
+            ext_authz: ExtAuthzSettings::default(),
         }
     }
 }
@@ -100,6 +104,7 @@ pub struct Keygate {
     usage_flush_interval: Duration,
     shutdown_grace: Duration,
     tls: Option<TlsSettings>,
+    ext_authz: ExtAuthzSettings,
 }
 
 impl Keygate {
@@ -151,6 +156,7 @@ impl Keygate {
             usage_flush_interval: settings.usage_flush_interval,
             shutdown_grace: settings.shutdown_grace,
             tls: settings.tls,
+            ext_authz: settings.ext_authz,
         })
     }
 
@@ -190,6 +196,8 @@ impl Keygate {
             self.feed.clone(),
         )
         .into_server();
+        let ext_authz =
+            ExtAuthzApi::new(self.authorizer.clone(), self.ext_authz.clone()).into_server();
         let feed = FeedApi::new(self.authorizer.clone(), self.feed.clone(), stopping.clone())
             .into_server();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -216,6 +224,7 @@ impl Keygate {
             .add_service(authorizer)
             .add_service(admin)
             .add_service(feed)
+            .add_service(ext_authz)
             .serve_with_incoming_shutdown(incoming(listener), async {
                 let _ = drained.await;
             });
@@ -257,6 +266,7 @@ impl Health {
     }
 
     async fn set_all(&self, status: ServingStatus) {
+        use envoy_types::ext_authz::v3::pb::AuthorizationServer;
         use pb::keygate::v1::{
             authorizer_server::AuthorizerServer, key_admin_server::KeyAdminServer,
             revocation_feed_server::RevocationFeedServer,
@@ -267,6 +277,7 @@ impl Health {
             <AuthorizerServer<AuthorizerApi> as NamedService>::NAME,
             <KeyAdminServer<AdminApi> as NamedService>::NAME,
             <RevocationFeedServer<FeedApi> as NamedService>::NAME,
+            <AuthorizationServer<ExtAuthzApi> as NamedService>::NAME,
         ] {
             self.0.set_service_status(name, status).await;
         }

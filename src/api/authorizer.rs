@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::pb::keygate::v1::authorizer_server;
 use crate::pb::keygate::v1::{AuthorizeRequest, AuthorizeResponse};
-use crate::service::{AuthorizeInput, Authorizer};
+use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
 
 pub struct AuthorizerApi {
@@ -44,22 +44,27 @@ impl authorizer_server::Authorizer for AuthorizerApi {
             required_scopes: &r.required_scopes,
         };
         let outcome = self.authorizer.authorize(input).await?;
-        self.metrics.record(outcome.deny, started.elapsed());
-        let span = tracing::Span::current();
-        span.record(
-            "decision",
-            if outcome.deny.is_none() {
-                "ALLOW"
-            } else {
-                "DENY"
-            },
-        );
-        if let Some(reason) = outcome.deny {
-            span.record("reason", reason.code());
-        }
-        if let Some(key) = &outcome.key {
-            span.record("key_id", tracing::field::display(key.id));
-        }
+        record_outcome(&self.metrics, &outcome, started);
         Ok(Response::new(convert::authorize_response(outcome)))
+    }
+}
+
+/// Counts an answer and names it on the RPC's span (never the token).
+pub(super) fn record_outcome(metrics: &AuthorizeMetrics, outcome: &Outcome, started: Instant) {
+    metrics.record(outcome.deny, started.elapsed());
+    let span = tracing::Span::current();
+    span.record(
+        "decision",
+        if outcome.deny.is_none() {
+            "ALLOW"
+        } else {
+            "DENY"
+        },
+    );
+    if let Some(reason) = outcome.deny {
+        span.record("reason", reason.code());
+    }
+    if let Some(key) = &outcome.key {
+        span.record("key_id", tracing::field::display(key.id));
     }
 }

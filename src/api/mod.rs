@@ -4,4 +4,5 @@ pub mod admin;
 pub mod authorizer;
 mod caller;
 pub mod convert;
+pub mod ext_authz;
 pub mod feed;

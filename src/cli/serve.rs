@@ -9,6 +9,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 
 use super::{LogFormat, StoreArgs, init_logging, parse_duration};
+use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::domain::clock::SystemClock;
 use crate::domain::policy::RouteTable;
@@ -83,6 +84,24 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address, at /metrics (off when unset).
     #[arg(long, env = "KEYGATE_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Envoy ext_authz: request headers that may carry the API key, in order
+    /// of preference (a `Bearer ` prefix is accepted in any of them).
+    #[arg(
+        long = "ext-authz-credential-header",
+        env = "KEYGATE_EXT_AUTHZ_CREDENTIAL_HEADERS",
+        value_delimiter = ',',
+        default_values_t = ["authorization".to_owned(), "x-api-key".to_owned()]
+    )]
+    ext_authz_credential_headers: Vec<String>,
+    /// Envoy ext_authz: remove the credential headers before the request goes
+    /// upstream, so upstreams never see a secret.
+    #[arg(
+        long,
+        env = "KEYGATE_EXT_AUTHZ_STRIP_CREDENTIALS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    ext_authz_strip_credentials: bool,
     /// Log format; traces also go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -165,6 +184,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         usage_flush_interval: args.usage_flush_interval,
         shutdown_grace: args.shutdown_grace,
         tls: tls_settings(&args)?,
+        ext_authz: ExtAuthzSettings {
+            credential_headers: args.ext_authz_credential_headers.clone(),
+            strip_credentials: args.ext_authz_strip_credentials,
+        },
     };
     let keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await

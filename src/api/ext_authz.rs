@@ -1,0 +1,413 @@
+//! envoy.service.auth.v3.Authorization: keygate as Envoy's ext_authz service.
+//!
+//! The decision is exactly Authorize's; this module only translates an HTTP
+//! request as Envoy describes it into an Authorize call, and the outcome into
+//! what Envoy should do with the request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::ext_authz::v3::pb::{
+    Address, Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction,
+    HttpStatusCode,
+};
+use envoy_types::ext_authz::v3::{
+    CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+};
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use tonic::{Request, Response, Status};
+
+use super::authorizer::record_outcome;
+use crate::domain::decision::DenyReason;
+use crate::domain::key::KeyRecord;
+use crate::service::{AuthorizeInput, Authorizer, Outcome};
+use crate::telemetry::AuthorizeMetrics;
+
+/// The identity headers keygate sets for the upstream. Every other
+/// `x-keygate-*` header a client sends is removed.
+pub const ORGANIZATION_HEADER: &str = "x-keygate-organization-id";
+pub const KEY_ID_HEADER: &str = "x-keygate-key-id";
+pub const SCOPES_HEADER: &str = "x-keygate-scopes";
+pub const MODE_HEADER: &str = "x-keygate-mode";
+pub const TIER_HEADER: &str = "x-keygate-tier";
+const IDENTITY_PREFIX: &str = "x-keygate-";
+
+/// How Check reads credentials and what it hides from the upstream.
+#[derive(Debug, Clone)]
+pub struct ExtAuthzSettings {
+    /// Request headers that may carry the key, lower-case, in order of
+    /// preference: the first one present and non-empty is used. A
+    /// `Bearer ` prefix is accepted in any of them.
+    pub credential_headers: Vec<String>,
+    /// Remove every credential header before the request goes upstream, so
+    /// the upstream never sees a secret.
+    pub strip_credentials: bool,
+}
+
+impl Default for ExtAuthzSettings {
+    fn default() -> Self {
+        Self {
+            credential_headers: vec!["authorization".into(), "x-api-key".into()],
+            strip_credentials: true,
+        }
+    }
+}
+
+pub struct ExtAuthzApi {
+    authorizer: Arc<Authorizer>,
+    settings: ExtAuthzSettings,
+    metrics: AuthorizeMetrics,
+}
+
+impl ExtAuthzApi {
+    pub fn new(authorizer: Arc<Authorizer>, mut settings: ExtAuthzSettings) -> Self {
+        // Envoy hands over header names in lower case.
+        for name in &mut settings.credential_headers {
+            *name = name.trim().to_ascii_lowercase();
+        }
+        settings.credential_headers.retain(|n| !n.is_empty());
+        Self {
+            authorizer,
+            settings,
+            metrics: AuthorizeMetrics::default(),
+        }
+    }
+
+    pub fn into_server(self) -> AuthorizationServer<Self> {
+        AuthorizationServer::new(self)
+    }
+
+    fn credential<'a>(&self, headers: &'a RequestHeaders<'a>) -> &'a str {
+        self.settings
+            .credential_headers
+            .iter()
+            .filter_map(|name| headers.get(name))
+            .find(|v| !v.trim().is_empty())
+            .unwrap_or("")
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthzApi {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let check = request.get_ref();
+        let http = check
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .ok_or_else(|| {
+                Status::invalid_argument("attributes.request.http: Envoy sent no HTTP request")
+            })?;
+        let headers = RequestHeaders::new(http);
+        let route = route(&http.method, &http.path);
+        let ip = source_ip(check).unwrap_or("");
+        let input = AuthorizeInput {
+            token: self.credential(&headers),
+            route: &route,
+            ip,
+            required_scopes: &[],
+        };
+        // A store failure is a gRPC error: Envoy's failure_mode_allow decides.
+        let outcome = self.authorizer.authorize(input).await?;
+        record_outcome(&self.metrics, &outcome, started);
+        let response = match outcome.deny {
+            None => self.allow(&outcome, &headers),
+            Some(reason) => deny(reason, &outcome),
+        };
+        Ok(Response::new(response))
+    }
+}
+
+impl ExtAuthzApi {
+    fn allow(&self, outcome: &Outcome, headers: &RequestHeaders<'_>) -> CheckResponse {
+        let mut ok = OkHttpResponseBuilder::new();
+        let identity = outcome.key.as_deref().map(Identity::of).unwrap_or_default();
+        for (name, value) in identity.headers() {
+            if value.is_empty() {
+                // Removing rather than setting "" leaves no doubt upstream.
+                ok.remove_header(name);
+            } else {
+                ok.add_header(
+                    name,
+                    value,
+                    Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                    false,
+                );
+            }
+        }
+        // Whatever else the client sent under keygate's prefix is a forgery.
+        for name in headers.names() {
+            if name.starts_with(IDENTITY_PREFIX) && !IDENTITY_HEADERS.contains(&name) {
+                ok.remove_header(name);
+            }
+        }
+        if self.settings.strip_credentials {
+            for name in &self.settings.credential_headers {
+                ok.remove_header(name.as_str());
+            }
+        }
+        if let Some(rate) = &outcome.rate {
+            for (name, value) in rate_headers(rate.limit, rate.remaining, rate.reset) {
+                ok.add_response_header(
+                    name,
+                    value,
+                    Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                    false,
+                );
+            }
+        }
+        let mut response = CheckResponse::with_status(Status::ok(""));
+        response
+            .set_http_response(ok)
+            .set_dynamic_metadata(Some(identity.metadata()));
+        response
+    }
+}
+
+const IDENTITY_HEADERS: [&str; 5] = [
+    ORGANIZATION_HEADER,
+    KEY_ID_HEADER,
+    SCOPES_HEADER,
+    MODE_HEADER,
+    TIER_HEADER,
+];
+
+/// The caller's identity as the upstream and Envoy's access log see it.
+#[derive(Debug, Default)]
+struct Identity {
+    organization_id: String,
+    key_id: String,
+    scopes: Vec<String>,
+    mode: &'static str,
+    tier: &'static str,
+}
+
+impl Identity {
+    fn of(key: &KeyRecord) -> Self {
+        Self {
+            organization_id: key.organization_id.clone().unwrap_or_default(),
+            key_id: key.id.to_string(),
+            scopes: key.scopes.to_strings(),
+            mode: key.mode.as_str(),
+            tier: key.tier.as_str(),
+        }
+    }
+
+    /// Header name and value, for every identity header (empty when unknown).
+    fn headers(&self) -> [(&'static str, String); 5] {
+        [
+            (ORGANIZATION_HEADER, self.organization_id.clone()),
+            (KEY_ID_HEADER, self.key_id.clone()),
+            (SCOPES_HEADER, self.scopes.join(",")),
+            (MODE_HEADER, self.mode.to_owned()),
+            (TIER_HEADER, self.tier.to_owned()),
+        ]
+    }
+
+    /// Dynamic metadata under the ext_authz filter's namespace, for access
+    /// logs (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)%`) and RBAC.
+    fn metadata(&self) -> Struct {
+        let string = |s: &str| Value {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        };
+        let scopes = Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: self.scopes.iter().map(|s| string(s)).collect(),
+            })),
+        };
+        Struct {
+            fields: HashMap::from([
+                ("organization_id".to_owned(), string(&self.organization_id)),
+                ("key_id".to_owned(), string(&self.key_id)),
+                ("scopes".to_owned(), scopes),
+                ("mode".to_owned(), string(self.mode)),
+                ("tier".to_owned(), string(self.tier)),
+            ]),
+        }
+    }
+}
+
+/// What the client gets instead of the upstream's answer.
+fn deny(reason: DenyReason, outcome: &Outcome) -> CheckResponse {
+    let mut denied = DeniedHttpResponseBuilder::new();
+    denied
+        .set_http_status(match reason.http_status() {
+            401 => HttpStatusCode::Unauthorized,
+            429 => HttpStatusCode::TooManyRequests,
+            _ => HttpStatusCode::Forbidden,
+        })
+        .set_body(error_body(reason, outcome.required_scope.as_deref()));
+    let mut header = |name: &str, value: String| {
+        denied.add_header(
+            name,
+            value,
+            Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+            false,
+        );
+    };
+    header("content-type", "application/json".into());
+    header("cache-control", "no-store".into());
+    if reason.http_status() == 401 {
+        header("www-authenticate", "Bearer".into());
+    }
+    if let Some(rate) = &outcome.rate {
+        for (name, value) in rate_headers(rate.limit, rate.remaining, rate.reset) {
+            header(name, value);
+        }
+        if let Some(retry) = rate.retry_after {
+            header("retry-after", whole_seconds(retry).to_string());
+        }
+    }
+    // Envoy answers the client with `denied` and ignores this status.
+    let mut response = CheckResponse::with_status(Status::permission_denied(reason.code()));
+    response.set_http_response(denied);
+    response
+}
+
+/// The seeds' error shape: `{"error": true, "code": …, "message": …}`, plus
+/// the scope that was missing on INSUFFICIENT_SCOPE.
+fn error_body(reason: DenyReason, required_scope: Option<&str>) -> String {
+    let mut body = serde_json::json!({
+        "error": true,
+        "code": reason.code(),
+        "message": reason.message(),
+    });
+    if let (DenyReason::InsufficientScope, Some(scope)) = (reason, required_scope) {
+        body["required_scope"] = scope.into();
+    }
+    body.to_string()
+}
+
+fn rate_headers(
+    limit: u32,
+    remaining: u32,
+    reset: std::time::Duration,
+) -> [(&'static str, String); 3] {
+    [
+        ("x-ratelimit-limit", limit.to_string()),
+        ("x-ratelimit-remaining", remaining.to_string()),
+        ("x-ratelimit-reset", whole_seconds(reset).to_string()),
+    ]
+}
+
+/// Rounded up, so a client that waits this long is not refused again.
+fn whole_seconds(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// "METHOD /path", without the query string or fragment: what the route
+/// policy is written against.
+fn route(method: &str, path: &str) -> String {
+    let end = path.find(['?', '#']).unwrap_or(path.len());
+    let mut route = String::with_capacity(method.len() + 1 + end);
+    route.push_str(method);
+    route.push(' ');
+    route.push_str(&path[..end]);
+    route
+}
+
+/// The downstream address Envoy reports as the request's source (after its
+/// own trusted-proxy rules for X-Forwarded-For).
+fn source_ip(check: &CheckRequest) -> Option<&str> {
+    let address = check
+        .attributes
+        .as_ref()?
+        .source
+        .as_ref()?
+        .address
+        .as_ref()?
+        .address
+        .as_ref()?;
+    match address {
+        Address::SocketAddress(socket) => Some(socket.address.as_str()),
+        _ => None,
+    }
+}
+
+/// The client's request headers, from `headers` or, when Envoy is configured
+/// with `encode_raw_headers`, from `header_map`.
+struct RequestHeaders<'a> {
+    http: &'a envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
+}
+
+impl<'a> RequestHeaders<'a> {
+    fn new(
+        http: &'a envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
+    ) -> Self {
+        Self { http }
+    }
+
+    fn raw(&self) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.http.header_map.iter().flat_map(|m| {
+            m.headers.iter().map(|h| {
+                let value = if h.value.is_empty() {
+                    std::str::from_utf8(&h.raw_value).unwrap_or("")
+                } else {
+                    h.value.as_str()
+                };
+                (h.key.as_str(), value)
+            })
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<&'a str> {
+        match self.http.headers.get(name) {
+            Some(v) => Some(v.as_str()),
+            None => self.raw().find(|(k, _)| *k == name).map(|(_, v)| v),
+        }
+    }
+
+    fn names(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.http
+            .headers
+            .keys()
+            .map(String::as_str)
+            .chain(self.raw().map(|(k, _)| k))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_drop_the_query_and_fragment() {
+        assert_eq!(route("GET", "/v1/a?b=c"), "GET /v1/a");
+        assert_eq!(route("GET", "/v1/a#x"), "GET /v1/a");
+        assert_eq!(
+            route("POST", "/payments.v1.Refunds/Create"),
+            "POST /payments.v1.Refunds/Create"
+        );
+    }
+
+    #[test]
+    fn error_bodies_have_the_seeds_shape() {
+        let body: serde_json::Value =
+            serde_json::from_str(&error_body(DenyReason::InvalidToken, None)).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": true, "code": "INVALID_TOKEN",
+                               "message": "Invalid or missing API key."})
+        );
+        let body: serde_json::Value = serde_json::from_str(&error_body(
+            DenyReason::InsufficientScope,
+            Some("checkout:create"),
+        ))
+        .unwrap();
+        assert_eq!(body["required_scope"], "checkout:create");
+    }
+
+    #[test]
+    fn waits_round_up_to_whole_seconds() {
+        use std::time::Duration;
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(whole_seconds(Duration::from_millis(2001)), 3);
+    }
+}
