@@ -183,6 +183,7 @@ impl Keygate {
         let health = Health::new(reporter);
         // Migrations ran in `open`, so the store has answered by now.
         health.set_all(ServingStatus::Serving).await;
+        health.set_alive().await;
         tokio::spawn(watch_store(
             self.store.clone(),
             health.clone(),
@@ -265,6 +266,12 @@ impl Health {
         Self(reporter)
     }
 
+    async fn set_alive(&self) {
+        self.0
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+            .await;
+    }
+
     async fn set_all(&self, status: ServingStatus) {
         use envoy_types::ext_authz::v3::pb::AuthorizationServer;
         use pb::keygate::v1::{
@@ -283,6 +290,12 @@ impl Health {
         }
     }
 }
+
+/// The health service name that only says the process is up and serving
+/// gRPC: a liveness probe must not restart replicas because their store is
+/// down (they would lose their caches and fail to start), so it stays
+/// SERVING through store outages and shutdown.
+pub const LIVENESS_SERVICE: &str = "liveness";
 
 /// NOT_SERVING while the store does not answer, SERVING again when it does.
 async fn watch_store(store: Arc<SqlStore>, health: Health, stopping: CancellationToken) {

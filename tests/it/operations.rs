@@ -44,6 +44,11 @@ async fn health_is_not_serving_while_the_store_is_unreachable() {
     })
     .await;
     assert_eq!(health(&b.url(), "").await, Some(ServingStatus::NotServing));
+    // Alive all the same: a liveness probe must not restart it for this.
+    assert_eq!(
+        health(&b.url(), keygate::server::LIVENESS_SERVICE).await,
+        Some(ServingStatus::Serving)
+    );
     proxy.restore();
     eventually(Duration::from_secs(30), "SERVING again", || async {
         (health(&b.url(), "").await == Some(ServingStatus::Serving)).then_some(())
