@@ -208,3 +208,38 @@ fn unsupported_database_urls_are_named() {
         "{stderr}"
     );
 }
+
+/// Production databases require TLS: keygate connects with sslmode=require.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reaches_postgres_over_tls_with_sslmode_require() {
+    let Some(a) = crate::harness::TestServer::start(crate::harness::Backend::Postgres).await else {
+        return;
+    };
+    let pg = sqlx::PgPool::connect(&a.database_url).await.unwrap();
+    let ssl: String = sqlx::query_scalar("SHOW ssl").fetch_one(&pg).await.unwrap();
+    if ssl != "on" {
+        eprintln!("skipped: this PostgreSQL server has ssl = {ssl}");
+        return;
+    }
+    let separator = if a.database_url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let url = format!("{}{separator}sslmode=require", a.database_url);
+    let b = crate::replicas::Replica::start(&url, "replica-tls", &[]).await;
+    let (_, token) = a.org_key("org_a", &["checkout:create"]).await;
+    let mut client = b.authorizer().await;
+    let r = crate::replicas::authorize(&mut client, &token)
+        .await
+        .unwrap();
+    assert_eq!(r.decision(), pb::Decision::Allow);
+    let encrypted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE ssl AND datname = current_database()",
+    )
+    .fetch_one(&pg)
+    .await
+    .unwrap();
+    assert!(encrypted > 0, "no connection of keygate's is encrypted");
+}
