@@ -309,6 +309,46 @@ async fn envoy_fails_closed_when_keygate_cannot_reach_its_store() {
     assert!(!reply.body.contains("\"method\""), "reached the upstream");
 }
 
+/// Which headers carry the key, and whether they reach the upstream, are
+/// the operator's choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_headers_and_stripping_are_configurable() {
+    let Some(a) = TestServer::start(Backend::Postgres).await else {
+        return;
+    };
+    let b = Replica::start(
+        &a.database_url,
+        "replica-b",
+        &[
+            "--ext-authz-credential-header",
+            "X-Partner-Key",
+            "--ext-authz-strip-credentials",
+            "false",
+        ],
+    )
+    .await;
+    let Some(gateway) = Gateway::start(format!("127.0.0.1:{}", b.port).parse().unwrap()).await
+    else {
+        return;
+    };
+    let (key, token) = a.org_key("org_a", &["checkout:create"]).await;
+    let bearer = format!("Bearer {token}");
+    let reply = gateway
+        .send("POST", "/v1/checkouts", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(
+        (reply.status, reply.json()["code"].as_str()),
+        (401, Some("MISSING_TOKEN")),
+        "only x-partner-key is read"
+    );
+    let echo = gateway
+        .send("POST", "/v1/checkouts", &[("x-partner-key", &token)])
+        .await
+        .echo();
+    assert_eq!(echo.header("x-keygate-key-id"), Some(key.key_id.as_str()));
+    assert_eq!(echo.header("x-partner-key"), Some(token.as_str()));
+}
+
 /// The config the README explains is one Envoy accepts.
 #[test]
 fn the_example_envoy_config_is_valid() {
