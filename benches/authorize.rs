@@ -1,4 +1,5 @@
-//! Warm Authorize against an empty gRPC call (grpc.health.v1 Check), over
+//! Warm Authorize, and Envoy's ext_authz Check, against an empty gRPC call
+//! (grpc.health.v1 Check), over
 //! real loopback sockets: what keygate adds to every request a gateway makes.
 //!
 //! `cargo bench --bench authorize` (bounded: a fixed number of calls).
@@ -7,6 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use hdrhistogram::Histogram;
 use keygate::domain::clock::SystemClock;
 use keygate::domain::key::Mode;
@@ -63,6 +66,57 @@ where
         h.add(t.await.expect("worker")).expect("same bounds");
     }
     (h, start.elapsed())
+}
+
+/// A Check as Envoy sends it for `POST /v1/checkouts` with a typical
+/// browser-less API client's headers.
+fn envoy_check_request(token: &str) -> CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Peer, Request,
+    };
+    let headers = [
+        (":authority", "api.example.com"),
+        (":method", "POST"),
+        (":path", "/v1/checkouts?expand=items"),
+        (":scheme", "https"),
+        ("authorization", &format!("Bearer {token}")),
+        ("content-type", "application/json"),
+        ("content-length", "128"),
+        ("user-agent", "checkout-backend/2.3"),
+        ("accept", "application/json"),
+        ("x-request-id", "8c3f4e4e-5b1f-4a43-9b7a-7f0e3c2f1d11"),
+        ("x-forwarded-proto", "https"),
+        ("idempotency-key", "b7a9c1d2-0e4f-4a5b-8c6d-1e2f3a4b5c6d"),
+    ];
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: "203.0.113.7".into(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: "/v1/checkouts?expand=items".into(),
+                    host: "api.example.com".into(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
 }
 
 fn main() {
@@ -122,6 +176,7 @@ fn main() {
             .into_inner()
             .token;
 
+        let check_request = envoy_check_request(&token);
         let authz = pb::authorizer_client::AuthorizerClient::new(channel.clone());
         let health = HealthClient::new(channel.clone());
         let request = pb::AuthorizeRequest {
@@ -145,6 +200,15 @@ fn main() {
                 }
             }
         };
+        let ext_authz = AuthorizationClient::new(channel.clone());
+        let check = move || {
+            let mut ext_authz = ext_authz.clone();
+            let request = check_request.clone();
+            async move {
+                let r = ext_authz.check(request).await.expect("check").into_inner();
+                assert_eq!(r.status.map_or(0, |s| s.code), 0, "allowed");
+            }
+        };
         let empty = move || {
             let mut health = health.clone();
             async move {
@@ -159,6 +223,7 @@ fn main() {
         // Warm up: caches, connections, allocator.
         sequential(2_000, &authorize).await;
         sequential(2_000, &empty).await;
+        sequential(2_000, &check).await;
 
         // The decision alone, in process: what keygate itself costs per call.
         let input = keygate::service::AuthorizeInput {
@@ -187,10 +252,14 @@ fn main() {
             report(&format!("empty call, sequential #{round}"), &h, t);
             let (h, t) = sequential(calls, &authorize).await;
             report(&format!("Authorize, sequential #{round}"), &h, t);
+            let (h, t) = sequential(calls, &check).await;
+            report(&format!("Envoy Check, sequential #{round}"), &h, t);
         }
         let (h, t) = concurrent(calls * 2, 16, empty.clone()).await;
         report("empty call, 16 concurrent", &h, t);
         let (h, t) = concurrent(calls * 2, 16, authorize.clone()).await;
         report("Authorize, 16 concurrent", &h, t);
+        let (h, t) = concurrent(calls * 2, 16, check.clone()).await;
+        report("Envoy Check, 16 concurrent", &h, t);
     });
 }

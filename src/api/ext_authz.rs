@@ -264,8 +264,14 @@ fn deny(reason: DenyReason, outcome: &Outcome) -> CheckResponse {
             header("retry-after", whole_seconds(retry).to_string());
         }
     }
-    // Envoy answers the client with `denied` and ignores this status.
-    let mut response = CheckResponse::with_status(Status::permission_denied(reason.code()));
+    // Envoy answers the client with `denied`; the status is for other
+    // ext_authz clients and Envoy's own stats.
+    let status = match reason.http_status() {
+        401 => Status::unauthenticated(reason.code()),
+        429 => Status::resource_exhausted(reason.code()),
+        _ => Status::permission_denied(reason.code()),
+    };
+    let mut response = CheckResponse::with_status(status);
     response.set_http_response(denied);
     response
 }

@@ -76,19 +76,26 @@ impl RateLimits {
         let limit = NonZeroU32::new(per_minute).unwrap_or(self.default_per_minute);
         let entry = match self.keys.get(&key_id) {
             Some(entry) if entry.per_minute == limit.get() => entry,
-            _ => {
-                let fresh = Arc::new(KeyLimiter {
-                    per_minute: limit.get(),
-                    limiter: RateLimiter::direct_with_clock(
-                        Quota::per_minute(limit),
-                        self.clock.clone(),
-                    )
-                    .with_middleware::<StateInformationMiddleware>(),
-                });
-                // Two first requests may race to insert; the one that lands is used from then on.
-                self.keys.insert(key_id, fresh.clone());
-                fresh
-            }
+            // First use, or a changed limit: exactly one limiter wins, even
+            // when many first requests arrive at once (moka runs one `init`
+            // per key and hands the others its result).
+            _ => self
+                .keys
+                .entry(key_id)
+                .or_insert_with_if(
+                    || {
+                        Arc::new(KeyLimiter {
+                            per_minute: limit.get(),
+                            limiter: RateLimiter::direct_with_clock(
+                                Quota::per_minute(limit),
+                                self.clock.clone(),
+                            )
+                            .with_middleware::<StateInformationMiddleware>(),
+                        })
+                    },
+                    |existing| existing.per_minute != limit.get(),
+                )
+                .into_value(),
         };
         let interval = Quota::per_minute(limit).replenish_interval();
         match entry.limiter.check() {
@@ -150,6 +157,34 @@ mod tests {
             "one allowance back after 60/5 s"
         );
         assert!(l.check(key, 5).retry_after.is_some());
+    }
+
+    #[test]
+    fn concurrent_first_requests_share_one_allowance() {
+        let clock = Arc::new(ManualClock::new(
+            DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        ));
+        // Many rounds: the race is between the first requests of a new key.
+        for _ in 0..50 {
+            let l = Arc::new(limits(&clock));
+            let key = Uuid::new_v4();
+            let barrier = Arc::new(std::sync::Barrier::new(8));
+            let allowed: usize = (0..8)
+                .map(|_| {
+                    let (l, barrier) = (l.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        (0..10)
+                            .filter(|_| l.check(key, 20).retry_after.is_none())
+                            .count()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .sum();
+            assert_eq!(allowed, 20);
+        }
     }
 
     #[test]
