@@ -34,6 +34,20 @@ impl Caller {
         }
     }
 
+    /// Fails with PERMISSION_DENIED unless the caller holds every scope of
+    /// `target`. Rotating a key hands out its secret, and updating or
+    /// re-enabling one restores its power: a weaker key doing that to a
+    /// stronger one would be an escalation. Taking power away (revoke,
+    /// disable, delete) needs no such check, so any admin can stop a leak.
+    pub fn require_covers(&self, target: &KeyRecord, action: &str) -> Result<(), Error> {
+        match self.key.scopes.first_missing(target.scopes.iter()) {
+            None => Ok(()),
+            Some(missing) => Err(Error::InsufficientScope(format!(
+                "cannot {action} a key holding {missing}, which the calling key does not hold"
+            ))),
+        }
+    }
+
     /// The organization a listing is limited to: what was asked for, if the
     /// caller may see it (NOT_FOUND otherwise); when nothing was asked, every
     /// organization for a SYSTEM key and its own for an ORGANIZATION key.

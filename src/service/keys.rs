@@ -203,6 +203,7 @@ impl KeyService {
         }
         let described = changes.describe();
         self.change(caller, id, EventKind::Updated, |key, _| {
+            caller.require_covers(key, "update")?;
             key.update(&changes)?;
             Ok(described.clone())
         })
@@ -279,6 +280,7 @@ impl KeyService {
         let mut token = None;
         let (key, seq) = self
             .change(caller, id, EventKind::Rotated, |key, now| {
+                caller.require_covers(key, "rotate")?;
                 let fresh = match &token {
                     Some(t) => t,
                     None => token.insert(self.new_token(key.mode, key.id)?),
@@ -316,6 +318,7 @@ impl KeyService {
     pub async fn enable(&self, caller: &Caller, id: Uuid) -> Result<(KeyRecord, i64), Error> {
         caller.require(&self.scopes.update)?;
         self.change(caller, id, EventKind::Enabled, |key, _| {
+            caller.require_covers(key, "enable")?;
             Ok(key.enable().map(|()| String::new())?)
         })
         .await

@@ -269,6 +269,21 @@ impl TestServer {
         .await
     }
 
+    /// A key as the bootstrap admin sees it.
+    pub async fn get_key(&self, key_id: &str) -> pb::ApiKey {
+        self.admin()
+            .await
+            .get_key(as_key(
+                &self.admin_token,
+                pb::GetKeyRequest {
+                    key_id: key_id.into(),
+                },
+            ))
+            .await
+            .expect("get key")
+            .into_inner()
+    }
+
     /// Authorize `token` against explicit scopes or a route.
     pub async fn authorize(&self, token: &str, route: &str, ip: &str) -> pb::AuthorizeResponse {
         let req = pb::AuthorizeRequest {
