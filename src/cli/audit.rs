@@ -24,7 +24,8 @@ enum AuditCommand {
 pub async fn run(args: AuditArgs) -> Result<(), String> {
     let AuditCommand::Verify { store } = args.command;
     let url = store.url();
-    let store = SqlStore::connect(&url)
+    // As it is: no migrations, no backfill, nothing created.
+    let store = SqlStore::open_existing(&url)
         .await
         .map_err(|e| format!("opening {}: {e}", sql_redact(&url)))?;
     let mut verifier = ChainVerifier::default();

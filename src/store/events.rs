@@ -38,10 +38,19 @@ impl SqlStore {
             None => (1, GENESIS),
             Some(row) => {
                 let seq: i64 = row.try_get(0)?;
-                let hash = hash_of(row.try_get(1)?, seq)?.ok_or_else(|| StoreError::Corrupt {
-                    id: format!("event {seq}"),
-                    why: "no audit hash".into(),
-                })?;
+                // A damaged last row must not stop revocations: chain on
+                // from the genesis value and leave the break for `keygate
+                // audit verify` to name.
+                let hash = match hash_of(row.try_get(1).ok().flatten(), seq) {
+                    Ok(Some(hash)) => hash,
+                    Ok(None) | Err(_) => {
+                        tracing::error!(
+                            event = seq,
+                            "audit chain damaged: the last event has no valid hash; run keygate audit verify"
+                        );
+                        GENESIS
+                    }
+                };
                 (seq + 1, hash)
             }
         };
@@ -106,7 +115,32 @@ impl SqlStore {
     /// result is deterministic, so replicas starting together agree. Only a
     /// prefix of the log can be such rows: a hash missing after a hashed row
     /// is damage, which `keygate audit verify` must see, not have papered over.
+    ///
+    /// It runs once per store: afterwards a marker in keygate_settings says
+    /// the chain is sealed, and a missing hash anywhere is left for `verify`
+    /// to report (else setting every hash to NULL and restarting keygate
+    /// would launder an edit).
     pub(super) async fn backfill_event_hashes(&self) -> Result<(), StoreError> {
+        let sealed = sqlx::query("SELECT 1 FROM keygate_settings WHERE name = $1")
+            .bind(CHAIN_SEALED)
+            .fetch_optional(self.pool())
+            .await?
+            .is_some();
+        if sealed {
+            return Ok(());
+        }
+        self.hash_unhashed_prefix().await?;
+        sqlx::query(
+            "INSERT INTO keygate_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(CHAIN_SEALED)
+        .bind(vec![1u8])
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn hash_unhashed_prefix(&self) -> Result<(), StoreError> {
         let row = sqlx::query(
             "SELECT (SELECT MAX(seq) FROM key_events WHERE hash IS NULL), \
                     (SELECT MIN(seq) FROM key_events WHERE hash IS NOT NULL)",
@@ -148,3 +182,6 @@ impl SqlStore {
         }
     }
 }
+
+/// keygate_settings row: the audit chain's one-time backfill is done.
+const CHAIN_SEALED: &str = "audit_chain_sealed";

@@ -44,9 +44,29 @@ impl SqlStore {
     /// Connects to `sqlite://…` (created when missing) or `postgres://…` and
     /// applies the embedded migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::pool_for(url, sqlite::connect_url(url)).await?;
+        match store.dialect {
+            Dialect::Sqlite => {
+                sqlite::prepare(&store.pool).await?;
+                sqlite::migrator().run(&store.pool).await?;
+            }
+            Dialect::Postgres => postgres::migrator().run(&store.pool).await?,
+        }
+        store.backfill_event_hashes().await?;
+        Ok(store)
+    }
+
+    /// Opens an existing store as it is, for `keygate audit verify`: no
+    /// migrations, no hash backfill, and a SQLite file is opened read-only
+    /// (a mistyped path is an error, not a new empty database).
+    pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
+        Self::pool_for(url, sqlite::read_only_url(url)).await
+    }
+
+    async fn pool_for(url: &str, sqlite_url: String) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let (dialect, url) = if sqlite::handles(url) {
-            (Dialect::Sqlite, sqlite::connect_url(url))
+            (Dialect::Sqlite, sqlite_url)
         } else if postgres::handles(url) {
             (Dialect::Postgres, url.to_owned())
         } else {
@@ -60,16 +80,7 @@ impl SqlStore {
             .acquire_timeout(std::time::Duration::from_secs(5))
             .connect(&url)
             .await?;
-        let store = Self { pool, dialect, url };
-        match dialect {
-            Dialect::Sqlite => {
-                sqlite::prepare(&store.pool).await?;
-                sqlite::migrator().run(&store.pool).await?;
-            }
-            Dialect::Postgres => postgres::migrator().run(&store.pool).await?,
-        }
-        store.backfill_event_hashes().await?;
-        Ok(store)
+        Ok(Self { pool, dialect, url })
     }
 
     /// Closes every connection; later calls fail as if the database were down.

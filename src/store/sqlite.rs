@@ -26,6 +26,17 @@ pub(super) fn connect_url(url: &str) -> String {
     }
 }
 
+/// Opens the file only if it exists, and never writes to it.
+pub(super) fn read_only_url(url: &str) -> String {
+    if url.contains("mode=") || url.contains(":memory:") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=ro")
+    } else {
+        format!("{url}?mode=ro")
+    }
+}
+
 /// WAL lets Authorize's reads go on while an admin change is written; the
 /// setting is stored in the file, so once is enough.
 pub(super) async fn prepare(pool: &AnyPool) -> Result<(), StoreError> {

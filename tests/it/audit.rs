@@ -215,10 +215,15 @@ fn verify(url: &str) -> (bool, String) {
 }
 
 async fn sql(url: &str, statement: &'static str) {
+    assert_eq!(sql_rows(url, statement).await, 1);
+}
+
+/// Runs one statement; returns how many rows it changed.
+async fn sql_rows(url: &str, statement: &'static str) -> u64 {
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
     let done = sqlx::query(statement).execute(&mut conn).await.unwrap();
-    assert_eq!(done.rows_affected(), 1);
+    done.rows_affected()
 }
 
 async fn audit_verify_names_an_edited_or_deleted_row(backend: Backend) {
@@ -259,7 +264,45 @@ async fn audit_verify_names_an_edited_or_deleted_row(backend: Backend) {
     );
 }
 
+/// Clearing every hash and editing a row is not laundered by a restart,
+/// which would rebuild the chain over the edit if it backfilled again.
+async fn clearing_the_hashes_does_not_launder_an_edit(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    for _ in 0..3 {
+        s.org_key("org_a", &[]).await;
+    }
+    sql(
+        &s.database_url,
+        "UPDATE key_events SET reason = 'nothing to see' WHERE seq = 2",
+    )
+    .await;
+    let cleared = sql_rows(&s.database_url, "UPDATE key_events SET hash = NULL").await;
+    assert_eq!(cleared, 4);
+    // The restart also bootstraps a key: a damaged chain never blocks writes
+    // (revocations above all).
+    let s = s.restart().await;
+    s.org_key("org_a", &[]).await;
+    let (ok, out) = verify(&s.database_url);
+    assert!(!ok && out.contains("event 1"), "{out}");
+}
+
+/// A mistyped SQLite path is an error, not an empty chain reported intact.
+#[test]
+fn audit_verify_refuses_a_missing_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("typo.db").display());
+    let (ok, out) = verify(&url);
+    assert!(!ok && !out.contains("intact"), "{out}");
+    assert!(
+        !dir.path().join("typo.db").exists(),
+        "verify created a file"
+    );
+}
+
 on_both_backends!(
     every_change_leaves_one_event_with_its_actor,
-    audit_verify_names_an_edited_or_deleted_row
+    audit_verify_names_an_edited_or_deleted_row,
+    clearing_the_hashes_does_not_launder_an_edit,
 );
