@@ -19,6 +19,17 @@
 //! is known to be alive (a message, heartbeats included, within
 //! `feed_timeout`); otherwise every call goes to keygate. An event for a key
 //! drops its entries at once; RESET drops everything.
+//!
+//! Only keys whose events the feed credential can see are cached: with an
+//! ORGANIZATION credential, that organization's keys (the client asks
+//! keygate once which one that is); with a SYSTEM credential, every key.
+//!
+//! Cached answers still honour the key's rate limit: the client counts every
+//! ALLOW it hands out per key (GCRA, the limit keygate reported) and answers
+//! RATE_LIMITED itself when the key is over, so a gateway lets through at
+//! most the key's limit per minute, as one keygate replica would. Last-used
+//! times are refreshed whenever an entry is fetched again (at least every
+//! `ttl` for a key in use).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -30,10 +41,14 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use crate::domain::clock::SystemClock;
 use crate::pb::keygate::v1::authorizer_client::AuthorizerClient;
 use crate::pb::keygate::v1::revocation_event::Kind;
 use crate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
-use crate::pb::keygate::v1::{AuthorizeRequest, AuthorizeResponse, Decision, WatchRequest};
+use crate::pb::keygate::v1::{
+    AuthorizeRequest, AuthorizeResponse, Decision, DenyReason, KeyTier, WatchRequest,
+};
+use crate::service::limits::RateLimits;
 
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -71,6 +86,30 @@ struct Shared {
     /// Milliseconds since `start` of the last feed message; 0 = never.
     last_message_ms: AtomicU64,
     feed_timeout: Duration,
+    /// Whose events the feed shows; unknown until keygate said.
+    scope: std::sync::OnceLock<FeedScope>,
+    /// Every ALLOW this client hands out, per key.
+    limits: RateLimits,
+}
+
+/// The keys a feed credential hears about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FeedScope {
+    /// A SYSTEM credential: every key.
+    All,
+    /// An ORGANIZATION credential: that organization's keys.
+    Organization(String),
+}
+
+impl FeedScope {
+    fn covers(&self, answer: &AuthorizeResponse) -> bool {
+        match self {
+            FeedScope::All => true,
+            FeedScope::Organization(org) => {
+                answer.tier() == KeyTier::Organization && answer.organization_id == *org
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -91,6 +130,36 @@ impl Shared {
         let _ = self
             .decisions
             .invalidate_entries_if(move |_, cached| cached.key_id == key_id);
+    }
+
+    /// Whether an ALLOW for this key may be cached: the feed is alive and
+    /// would tell us if the key changed.
+    fn may_cache(&self, answer: &AuthorizeResponse) -> bool {
+        self.feed_alive() && self.scope.get().is_some_and(|s| s.covers(answer))
+    }
+
+    /// Counts an ALLOW against the key's limit on this client; over it, the
+    /// answer becomes RATE_LIMITED.
+    fn count(&self, mut answer: AuthorizeResponse) -> AuthorizeResponse {
+        let Ok(key_id) = uuid::Uuid::parse_str(&answer.key_id) else {
+            return answer;
+        };
+        if answer.rate_limit == 0 {
+            return answer;
+        }
+        let rate = self.limits.check(key_id, answer.rate_limit);
+        answer.rate_limit_remaining = rate.remaining.min(answer.rate_limit_remaining);
+        answer.rate_limit_reset = Some(duration(rate.reset));
+        if let Some(wait) = rate.retry_after {
+            answer.set_decision(Decision::Deny);
+            answer.set_reason(DenyReason::RateLimited);
+            answer.http_status = 429;
+            answer.message = crate::domain::decision::DenyReason::RateLimited
+                .message()
+                .to_owned();
+            answer.retry_after = Some(duration(wait));
+        }
+        answer
     }
 
     fn invalidate_all(&self) {
@@ -143,9 +212,14 @@ impl CachedAuthorizer {
             start: Instant::now(),
             last_message_ms: AtomicU64::new(0),
             feed_timeout: settings.feed_timeout,
+            scope: std::sync::OnceLock::new(),
+            // Every answer names its key's own limit; the default is unused.
+            limits: RateLimits::new(std::num::NonZeroU32::MIN, Arc::new(SystemClock)),
         });
         let follower = tokio::spawn(follow(
             RevocationFeedClient::new(channel.clone()),
+            AuthorizerClient::new(channel.clone()),
+            feed_token,
             auth,
             shared.clone(),
         ));
@@ -170,21 +244,25 @@ impl CachedAuthorizer {
     /// request is there.
     pub async fn authorize(&self, request: AuthorizeRequest) -> Result<AuthorizeResponse, Status> {
         let fingerprint = fingerprint(&request);
-        let alive = self.shared.feed_alive();
-        if alive && let Some(hit) = self.shared.decisions.get(&fingerprint) {
-            return Ok(hit.response.clone());
+        if self.shared.feed_alive()
+            && let Some(hit) = self.shared.decisions.get(&fingerprint)
+        {
+            return Ok(self.shared.count(hit.response.clone()));
         }
         let epoch = self.shared.epoch.load(Ordering::SeqCst);
         let response = self.client.clone().authorize(request).await?.into_inner();
+        if response.decision() != Decision::Allow {
+            return Ok(response);
+        }
         let unchanged = self.shared.epoch.load(Ordering::SeqCst) == epoch;
-        if alive && unchanged && response.decision() == Decision::Allow {
+        if unchanged && self.shared.may_cache(&response) {
             let cached = Cached {
                 key_id: response.key_id.clone(),
                 response: response.clone(),
             };
             self.shared.decisions.insert(fingerprint, Arc::new(cached));
         }
-        Ok(response)
+        Ok(self.shared.count(response))
     }
 }
 
@@ -202,14 +280,58 @@ fn fingerprint(r: &AuthorizeRequest) -> [u8; 32] {
     h.finalize().into()
 }
 
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Asks keygate whose events `feed_token` will be shown: the credential's
+/// own organization, or every key for a SYSTEM credential.
+async fn feed_scope(
+    authorizer: &mut AuthorizerClient<Channel>,
+    feed_token: &str,
+) -> Result<FeedScope, String> {
+    let answer = authorizer
+        .authorize(AuthorizeRequest {
+            token: feed_token.to_owned(),
+            required_scopes: vec!["revocation:read".into()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    match (answer.decision(), answer.tier()) {
+        (Decision::Allow, KeyTier::System) => Ok(FeedScope::All),
+        (Decision::Allow, _) => Ok(FeedScope::Organization(answer.organization_id)),
+        _ => Err(format!("the feed token is refused: {}", answer.message)),
+    }
+}
+
 /// Follows Watch forever, resuming after the last applied sequence.
 async fn follow(
     mut feed: RevocationFeedClient<Channel>,
+    mut authorizer: AuthorizerClient<Channel>,
+    feed_token: String,
     auth: MetadataValue<tonic::metadata::Ascii>,
     shared: Arc<Shared>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        if shared.scope.get().is_none() {
+            match feed_scope(&mut authorizer, &feed_token).await {
+                Ok(scope) => {
+                    let _ = shared.scope.set(scope);
+                }
+                Err(why) => {
+                    tracing::warn!(error = %why, "cannot tell which keys the revocation feed covers; not caching");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
         let mut request = tonic::Request::new(WatchRequest {
             after_sequence: shared.sequence.load(Ordering::Acquire),
         });

@@ -313,6 +313,101 @@ async fn the_cached_authorizer_drops_a_revoked_key_within_500ms(backend: Backend
     }
 }
 
+/// A gateway following the feed as org_a caches only org_a's keys: it would
+/// never hear of org_b's revocations.
+async fn the_cached_authorizer_caches_only_keys_its_feed_covers(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (_, feed_token) = s.org_key("org_a", &["revocation:read"]).await;
+    let (ours, our_token) = s.org_key("org_a", &["checkout:create"]).await;
+    let (theirs, their_token) = s.org_key("org_b", &["checkout:create"]).await;
+    let gateway = cached_authorizer(&s, &feed_token, Duration::from_secs(300)).await;
+    let ask = |token: &str| pb::AuthorizeRequest {
+        token: token.into(),
+        route: "POST /v1/checkouts".into(),
+        ..Default::default()
+    };
+    for token in [&our_token, &their_token] {
+        let r = gateway.authorize(ask(token)).await.unwrap();
+        assert_eq!(r.decision(), pb::Decision::Allow);
+    }
+    revoke(&s, &theirs.key_id).await;
+    let r = gateway.authorize(ask(&their_token)).await.unwrap();
+    assert_eq!(
+        r.decision(),
+        pb::Decision::Deny,
+        "org_b's key was answered from a cache its feed cannot invalidate"
+    );
+    revoke(&s, &ours.key_id).await;
+    crate::harness::eventually(Duration::from_secs(5), "org_a's revocation", || async {
+        (gateway.authorize(ask(&our_token)).await.unwrap().decision() == pb::Decision::Deny)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Cached answers count against the key's rate limit like keygate's own.
+async fn the_cached_authorizer_honours_rate_limits(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (_, token) = s
+        .create_key(pb::CreateKeyRequest {
+            name: "slow".into(),
+            organization_id: "org_a".into(),
+            mode: pb::Mode::Live as i32,
+            scopes: vec!["checkout:create".into()],
+            rate_limit_per_minute: 3,
+            ..Default::default()
+        })
+        .await;
+    let gateway = cached_authorizer(&s, &s.admin_token, Duration::from_secs(300)).await;
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let r = gateway
+            .authorize(pb::AuthorizeRequest {
+                token: token.clone(),
+                route: "POST /v1/checkouts".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        answers.push((r.decision(), r.http_status, r.rate_limit_remaining));
+    }
+    use pb::Decision::{Allow, Deny};
+    assert_eq!(
+        answers,
+        [
+            (Allow, 200, 2),
+            (Allow, 200, 1),
+            (Allow, 200, 0),
+            (Deny, 429, 0),
+            (Deny, 429, 0)
+        ]
+    );
+}
+
+async fn cached_authorizer(s: &TestServer, feed_token: &str, ttl: Duration) -> CachedAuthorizer {
+    let channel = Channel::from_shared(s.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let settings = ClientSettings {
+        ttl,
+        ..Default::default()
+    };
+    let gateway = CachedAuthorizer::new(channel, feed_token.to_owned(), settings).unwrap();
+    crate::harness::eventually(
+        Duration::from_secs(10),
+        "the feed to be followed",
+        || async { gateway.feed_alive().then_some(()) },
+    )
+    .await;
+    gateway
+}
+
 async fn keygate_watch_prints_events(backend: Backend) {
     let Some(s) = TestServer::start(backend).await else {
         return;
@@ -471,6 +566,8 @@ async fn the_end_of_a_grace_period_is_announced_once_as_expired_secret(backend: 
 }
 
 on_both_backends!(
+    the_cached_authorizer_caches_only_keys_its_feed_covers,
+    the_cached_authorizer_honours_rate_limits,
     the_end_of_a_grace_period_is_announced_once_as_expired_secret,
     watch_carries_every_kind_of_invalidation_in_order,
     a_hundred_subscribers_each_get_every_revocation_once_in_order,
