@@ -382,3 +382,98 @@ async fn wait_for_replicas_confirms_and_names_a_frozen_replica() {
     );
     let _ = &mut on_b;
 }
+
+/// Disable, Rotate and Delete wait for the replicas like Revoke, and a
+/// confirmed change leaves every live replica at the head with no lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_rotate_and_delete_also_wait_for_replicas() {
+    let Some((a, b)) = postgres_pair(&[]).await else {
+        return;
+    };
+    let (k1, _) = a.org_key("org_a", &[]).await;
+    let (k2, _) = a.org_key("org_a", &[]).await;
+    let (k3, _) = a.org_key("org_a", &[]).await;
+    let mut feed = b.feed().await;
+    let replicas = |feed: pb::revocation_feed_client::RevocationFeedClient<_>| {
+        let t = a.admin_token.clone();
+        async move {
+            let mut feed = feed;
+            feed.list_replicas(as_key(&t, pb::ListReplicasRequest {}))
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    };
+    eventually(Duration::from_secs(10), "two live replicas", || {
+        let r = replicas(feed.clone());
+        async move { (r.await?.replicas.iter().filter(|r| r.live).count() == 2).then_some(()) }
+    })
+    .await;
+    let timeout = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
+    let mut admin = a.admin().await;
+    let disabled = admin
+        .disable_key(as_key(
+            &a.admin_token,
+            pb::DisableKeyRequest {
+                key_id: k1.key_id.clone(),
+                wait_for_replicas: true,
+                replica_wait_timeout: timeout(5),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(disabled.confirmed_replicas, 2);
+    let rotated = admin
+        .rotate_key(as_key(
+            &a.admin_token,
+            pb::RotateKeyRequest {
+                key_id: k2.key_id.clone(),
+                wait_for_replicas: true,
+                replica_wait_timeout: timeout(5),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.confirmed_replicas, 2);
+    let deleted = admin
+        .delete_key(as_key(
+            &a.admin_token,
+            pb::DeleteKeyRequest {
+                key_id: k3.key_id.clone(),
+                wait_for_replicas: true,
+                replica_wait_timeout: timeout(5),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.confirmed_replicas, 2);
+    let listed = replicas(feed.clone()).await.unwrap();
+    for r in listed.replicas.iter().filter(|r| r.live) {
+        assert_eq!(
+            (r.applied_sequence, r.lag),
+            (listed.head_sequence, 0),
+            "{r:?}"
+        );
+    }
+
+    b.signal("-STOP");
+    let err = admin
+        .disable_key(as_key(
+            &a.admin_token,
+            pb::DisableKeyRequest {
+                key_id: k2.key_id.clone(),
+                wait_for_replicas: true,
+                replica_wait_timeout: timeout(1),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert!(err.message().contains("replica-b"), "{}", err.message());
+    b.signal("-CONT");
+    let _ = &mut feed;
+}
