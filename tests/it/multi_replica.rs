@@ -251,20 +251,34 @@ async fn a_partitioned_replica_stops_allowing_after_max_staleness_and_recovers()
 
     proxy.cut();
     let cut_at = Instant::now();
+    // When, after the cut, the last call that was allowed had started.
+    let last_allowed = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let status = eventually(Duration::from_secs(15), "B to stop allowing", || {
         let mut on_b = on_b.clone();
         let token = token.clone();
+        let last_allowed = last_allowed.clone();
         async move {
+            let started = cut_at.elapsed();
             match authorize(&mut on_b, &token).await {
-                Ok(r) if r.decision() == pb::Decision::Allow => None,
+                Ok(r) if r.decision() == pb::Decision::Allow => {
+                    *last_allowed.lock().unwrap() = started;
+                    None
+                }
                 other => Some(other),
             }
         }
     })
     .await;
+    let last_allowed = *last_allowed.lock().unwrap();
     assert!(
         cut_at.elapsed() >= Duration::from_millis(900),
         "the cache serves until max-staleness"
+    );
+    // The README's bound: max-staleness (1 s) + one poll interval (200 ms),
+    // with a second of slack for a busy machine.
+    assert!(
+        last_allowed < Duration::from_millis(2_200),
+        "a call started {last_allowed:?} after the cut was still allowed"
     );
     assert_eq!(
         status.unwrap_err().code(),
