@@ -12,10 +12,10 @@ pub struct WatchArgs {
     #[command(flatten)]
     remote: RemoteArgs,
     /// Replay every event after this sequence first (0: only new events).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "KEYGATE_WATCH_AFTER", default_value_t = 0)]
     after: i64,
     /// Also print heartbeats.
-    #[arg(long)]
+    #[arg(long, env = "KEYGATE_WATCH_HEARTBEATS")]
     heartbeats: bool,
 }
 

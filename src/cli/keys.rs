@@ -16,7 +16,7 @@ pub struct KeysArgs {
     #[command(flatten)]
     remote: RemoteArgs,
     /// Print JSON instead of a table.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "KEYGATE_JSON")]
     json: bool,
     #[command(subcommand)]
     command: KeysCommand,

@@ -123,4 +123,38 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+
+    /// Every setting can come from a KEYGATE_* variable. The exception is
+    /// what one `keygate keys …` call acts on (a name, a scope, a key id):
+    /// a stray variable must not change what such a command does, so only
+    /// its connection settings (--server) read the environment.
+    #[test]
+    fn every_setting_has_an_environment_variable() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            let per_call = path.starts_with("keygate keys ");
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") || arg.is_positional() {
+                    continue;
+                }
+                if per_call && id != "server" {
+                    continue;
+                }
+                match arg.get_env() {
+                    Some(var) if var.to_string_lossy().starts_with("KEYGATE_") => {}
+                    _ => missing.push(format!("{path} --{}", arg.get_long().unwrap_or(id))),
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let cli = <Cli as clap::CommandFactory>::command();
+        for sub in cli.get_subcommands() {
+            walk(sub, "keygate", &mut missing);
+        }
+        assert!(missing.is_empty(), "flags without KEYGATE_*: {missing:?}");
+    }
 }
