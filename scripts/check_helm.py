@@ -278,8 +278,11 @@ def all_on_checks(objects: list[dict[str, Any]], values: dict[str, Any]) -> None
     for flag in ("--tls-cert=/etc/keygate/tls/tls.crt", "--tls-key=/etc/keygate/tls/tls.key"):
         check(flag in args, f"all-on: serve args lack {flag}")
     check(any(a.startswith("--tls-client-ca=/etc/keygate/client-ca/") for a in args), "all-on: no --tls-client-ca")
+    # kubelet's gRPC probes can't speak TLS: they ask the plaintext health-only port.
+    check("--health-listen=0.0.0.0:50052" in args, "all-on: TLS without a plaintext health port for probes")
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        check("tcpSocket" in (container.get(probe) or {}), f"all-on: {probe} is not a TCP check under TLS")
+        spec = container.get(probe) or {}
+        check(spec.get("grpc", {}).get("port") == 50052, f"all-on: {probe} does not ask the health port under TLS")
     mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
     for path in ("/etc/keygate/tls", "/etc/keygate/client-ca"):
         check(mounts.get(path, {}).get("readOnly") is True, f"all-on: {path} is not mounted read-only")

@@ -105,6 +105,7 @@ pub struct Keygate {
     shutdown_grace: Duration,
     tls: Option<TlsSettings>,
     ext_authz: ExtAuthzSettings,
+    health_listener: Option<TcpListener>,
 }
 
 impl Keygate {
@@ -157,7 +158,16 @@ impl Keygate {
             shutdown_grace: settings.shutdown_grace,
             tls: settings.tls,
             ext_authz: settings.ext_authz,
+            health_listener: None,
         })
+    }
+
+    /// Also serve grpc.health.v1, and only that, in plaintext on `listener`:
+    /// Kubernetes' gRPC probes cannot speak TLS, so with TLS on they need a
+    /// port of their own to see what the store's health is.
+    pub fn with_health_listener(mut self, listener: TcpListener) -> Self {
+        self.health_listener = Some(listener);
+        self
     }
 
     /// Serves gRPC on `listener` until `shutdown` completes, then lets
@@ -189,6 +199,19 @@ impl Keygate {
             health.clone(),
             stopping.clone(),
         ));
+        if let Some(listener) = self.health_listener {
+            let probes = health_service.clone();
+            let stopped = stopping.clone();
+            tokio::spawn(async move {
+                let served = tonic::transport::Server::builder()
+                    .add_service(probes)
+                    .serve_with_incoming_shutdown(incoming(listener), stopped.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "health port failed");
+                }
+            });
+        }
 
         let authorizer = AuthorizerApi::new(self.authorizer.clone()).into_server();
         let admin = AdminApi::new(

@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// Address to serve gRPC on.
     #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:50051")]
     listen: SocketAddr,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address: for
+    /// Kubernetes' gRPC probes when the main port serves TLS (off when unset).
+    #[arg(long, env = "KEYGATE_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
     #[command(flatten)]
     store: StoreArgs,
     /// Route policy (TOML): which scope each route needs. Without one, only
@@ -189,9 +193,16 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             strip_credentials: args.ext_authz_strip_credentials,
         },
     };
-    let keygate = Keygate::open(settings, Arc::new(SystemClock))
+    let mut keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await
         .map_err(|e| format!("opening {}: {e}", sql_redact(&url)))?;
+    if let Some(addr) = args.health_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--health-listen {addr}: {e}"))?;
+        tracing::info!(health = %addr, "serving grpc.health.v1 in plaintext");
+        keygate = keygate.with_health_listener(listener);
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("--listen {}: {e}", args.listen))?;

@@ -49,13 +49,22 @@ async fn call(
     ca_pem: &str,
     client: Option<&(String, String)>,
 ) -> Result<pb::AuthorizeResponse, String> {
+    call_at(s.addr, &s.admin_token, ca_pem, client).await
+}
+
+async fn call_at(
+    addr: std::net::SocketAddr,
+    token: &str,
+    ca_pem: &str,
+    client: Option<&(String, String)>,
+) -> Result<pb::AuthorizeResponse, String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("localhost");
     if let Some((cert, key)) = client {
         tls = tls.identity(Identity::from_pem(cert, key));
     }
-    let endpoint = Channel::from_shared(format!("https://{}", s.addr))
+    let endpoint = Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
         .unwrap();
@@ -64,7 +73,7 @@ async fn call(
         .await
         .map_err(|e| format!("connect: {e:?}"))?;
     let req = pb::AuthorizeRequest {
-        token: s.admin_token.clone(),
+        token: token.to_owned(),
         required_scopes: vec!["api_key:read".into()],
         ..Default::default()
     };
@@ -125,4 +134,61 @@ async fn tls_without_client_ca_admits_any_client() {
         call(&s, &pki.ca_pem, None).await.unwrap().decision(),
         pb::Decision::Allow
     );
+}
+
+/// `keygate serve --tls-cert --tls-key --tls-client-ca` reads its PEM files,
+/// and `--health-listen` keeps a plaintext health port for Kubernetes' gRPC
+/// probes, which cannot speak TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_tls_files_and_keeps_a_plaintext_health_port() {
+    use crate::binary::{free_port, keygate, stop, wait_serving};
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, pem) in [
+        ("server.pem", &pki.server.0),
+        ("server.key", &pki.server.1),
+        ("ca.pem", &pki.ca_pem),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let boot = keygate(dir.path())
+        .args(["bootstrap", "--name", "ops"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8(boot.stdout).unwrap().trim().to_owned();
+    let (port, health_port) = (free_port(), free_port());
+    let child = keygate(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
+        .args(["--tls-cert", "server.pem", "--tls-key", "server.key"])
+        .args(["--tls-client-ca", "ca.pem"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SERVING over plaintext, on the health port.
+    wait_serving(health_port).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ok = call_at(addr, &token, &pki.ca_pem, Some(&pki.client))
+        .await
+        .expect("mTLS with the CA's client certificate");
+    assert_eq!(ok.decision(), pb::Decision::Allow);
+    assert!(
+        call_at(addr, &token, &pki.ca_pem, None).await.is_err(),
+        "no client certificate: refused"
+    );
+    // The health port serves nothing but health.
+    let mut plain = AuthorizerClient::connect(format!("http://127.0.0.1:{health_port}"))
+        .await
+        .unwrap();
+    let err = plain
+        .authorize(pb::AuthorizeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    drop(plain);
+    let logs = tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+    assert!(!logs.contains(&token[30..]), "a secret reached the log");
 }

@@ -156,31 +156,28 @@ seconds, rounded up; fails rendering on anything else, as keygate would.
 {{- end }}
 
 {{/*
-The probe handler: native gRPC health (grpc.health.v1, service "") in
-plaintext; a TCP check with TLS, which kubelet's gRPC probe cannot speak.
+The probe handler: native gRPC health (grpc.health.v1, service ""). With
+TLS on the gRPC port, kubelet's gRPC probe (plaintext only) asks keygate's
+plaintext health-only port (--health-listen) instead.
 */}}
 {{/* Liveness asks keygate's "liveness" health service, which stays SERVING
 while the store is down: restarting every replica during a database outage
 would only lose their caches. */}}
 {{- define "keygate.livenessHandler" -}}
-{{- if .Values.tls.enabled }}
-tcpSocket:
-  port: grpc
-{{- else }}
 grpc:
-  port: 50051
+  port: {{ include "keygate.probePort" . }}
   service: liveness
-{{- end }}
 {{- end }}
 
 {{- define "keygate.probeHandler" -}}
-{{- if .Values.tls.enabled }}
-tcpSocket:
-  port: grpc
-{{- else }}
 grpc:
-  port: 50051
+  port: {{ include "keygate.probePort" . }}
 {{- end }}
+
+{{/* The port kubelet's gRPC probes use: the gRPC port, or with TLS the
+plaintext health-only port. */}}
+{{- define "keygate.probePort" -}}
+{{- if .Values.tls.enabled }}50052{{ else }}50051{{ end }}
 {{- end }}
 
 {{/* KEYGATE_DATABASE_URL from a Secret; never inline. */}}
