@@ -243,3 +243,108 @@ async fn serve_reaches_postgres_over_tls_with_sslmode_require() {
     .unwrap();
     assert!(encrypted > 0, "no connection of keygate's is encrypted");
 }
+
+/// DATABASE_URL is the fallback for --database-url, --brand shapes every
+/// token, and --log-format json writes one JSON object per line.
+#[tokio::test]
+async fn database_url_fallback_brand_and_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("fallback.db").display());
+    let boot = keygate(dir.path())
+        .args(["bootstrap", "--name", "ops", "--brand", "ck"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        boot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&boot.stderr)
+    );
+    let admin_token = String::from_utf8(boot.stdout).unwrap().trim().to_owned();
+    assert!(admin_token.starts_with("ck_live_"), "{admin_token}");
+    assert!(dir.path().join("fallback.db").exists());
+    assert!(!dir.path().join("keygate.db").exists());
+
+    let port = free_port();
+    let child = keygate(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--brand", "ck", "--log-format", "json"])
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_serving(port).await;
+    let mut admin = KeyAdminClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let created = admin
+        .create_key(as_key(
+            &admin_token,
+            pb::CreateKeyRequest {
+                name: "backend".into(),
+                organization_id: "org_1".into(),
+                mode: pb::Mode::Test as i32,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.token.starts_with("ck_test_"), "{}", created.token);
+    assert!(created.key.unwrap().prefix.starts_with("ck_test_"));
+
+    // Both reflection versions list keygate's services.
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let services = reflection_v1_services(channel).await;
+    for name in [
+        "keygate.v1.Authorizer",
+        "keygate.v1.KeyAdmin",
+        "keygate.v1.RevocationFeed",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.iter().any(|s| s == name),
+            "{name} not in {services:?}"
+        );
+    }
+
+    drop(admin);
+    let logs = tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no logs");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+}
+
+async fn reflection_v1_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}

@@ -35,16 +35,22 @@ pub async fn watch(url: &str, token: &str, after: i64) -> Streaming<pb::Revocati
 
 /// The next message that is not a heartbeat.
 pub async fn next_change(stream: &mut Streaming<pb::RevocationEvent>) -> pb::RevocationEvent {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("an event within 10s")
-            .expect("stream open")
-            .expect("stream not ended");
-        if msg.kind() != Kind::Heartbeat {
-            return msg;
+    // One deadline for the whole wait: heartbeats must not keep it going.
+    let wait = async {
+        loop {
+            let msg = stream
+                .message()
+                .await
+                .expect("stream open")
+                .expect("stream not ended");
+            if msg.kind() != Kind::Heartbeat {
+                return msg;
+            }
         }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("a change within 10s")
 }
 
 /// The next heartbeat, skipping nothing else: fails if a change comes first.
@@ -578,3 +584,28 @@ on_both_backends!(
     keygate_watch_prints_events,
     a_read_racing_an_invalidation_never_resurrects_the_old_record,
 );
+
+/// A position older than the replica replays (--feed-max-replay) starts
+/// with RESET: the subscriber must drop everything it cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_too_old_to_replay_starts_with_reset() {
+    let Some(a) = TestServer::start(Backend::Postgres).await else {
+        return;
+    };
+    // Events 2..=5 (1 is the bootstrap): two keys, each created and revoked.
+    for _ in 0..2 {
+        let (key, _) = a.org_key("org_a", &[]).await;
+        revoke(&a, &key.key_id).await;
+    }
+    let b =
+        crate::replicas::Replica::start(&a.database_url, "replica-b", &["--feed-max-replay", "2"])
+            .await;
+    let mut stream = watch(&b.url(), &a.admin_token, 1).await;
+    let first = next_change(&mut stream).await;
+    assert_eq!(first.kind(), Kind::Reset, "{first:?}");
+    assert_eq!(first.sequence, 5, "RESET carries the head to resume after");
+    // Within reach, it replays instead: event 5 is the second revocation.
+    let mut stream = watch(&b.url(), &a.admin_token, 3).await;
+    let first = next_change(&mut stream).await;
+    assert_eq!((first.kind(), first.sequence), (Kind::Revoked, 5));
+}
