@@ -128,6 +128,13 @@ impl KeyCache {
                 Some(key) => self.known.insert(id, Arc::clone(key)),
                 None => self.unknown.insert(id, ()),
             }
+            // An invalidation that bumped the epoch after the check above may
+            // have run its removal before our insert: undo the insert. One
+            // that bumps it after this second check removes the entry itself.
+            if self.epoch.load(Ordering::SeqCst) != epoch {
+                self.known.invalidate(&id);
+                self.unknown.invalidate(&id);
+            }
         }
         Ok(loaded)
     }
