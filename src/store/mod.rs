@@ -21,6 +21,10 @@ use crate::domain::usage::UsageRecord;
 
 pub use sql::{SqlStore, redact as sql_redact};
 
+/// How long a silent replica stays in ListReplicas (shown as not live)
+/// before it is forgotten.
+pub const REPLICA_RETENTION: chrono::Duration = chrono::Duration::hours(1);
+
 /// The one read the Authorize path needs.
 #[async_trait]
 pub trait KeyReader: Send + Sync + 'static {
@@ -76,7 +80,9 @@ pub trait KeyStore: KeyReader {
     /// The highest event sequence, 0 when the log is empty.
     async fn head_sequence(&self) -> Result<i64, StoreError>;
 
-    /// Records a replica's position in the event log and its heartbeat.
+    /// Records a replica's position in the event log and its heartbeat, and
+    /// forgets replicas silent for longer than [`REPLICA_RETENTION`] (every
+    /// start is a new replica, so the table would otherwise only grow).
     async fn record_replica(&self, replica: &ReplicaStatus) -> Result<(), StoreError>;
 
     /// Every replica that has recorded itself, by name.

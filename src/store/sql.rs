@@ -346,6 +346,10 @@ impl KeyStore for SqlStore {
         .bind(micros(r.heartbeat_at))
         .execute(&self.pool)
         .await?;
+        sqlx::query("DELETE FROM replicas WHERE heartbeat_at < $1")
+            .bind(micros(r.heartbeat_at - super::REPLICA_RETENTION))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -572,6 +572,7 @@ async fn the_end_of_a_grace_period_is_announced_once_as_expired_secret(backend: 
 }
 
 on_both_backends!(
+    long_silent_replicas_are_forgotten,
     the_cached_authorizer_caches_only_keys_its_feed_covers,
     the_cached_authorizer_honours_rate_limits,
     the_end_of_a_grace_period_is_announced_once_as_expired_secret,
@@ -608,4 +609,51 @@ async fn a_position_too_old_to_replay_starts_with_reset() {
     let mut stream = watch(&b.url(), &a.admin_token, 3).await;
     let first = next_change(&mut stream).await;
     assert_eq!((first.kind(), first.sequence), (Kind::Revoked, 5));
+}
+
+/// Every start is a new replica: those silent for over an hour are
+/// forgotten, recently silent ones stay listed as not live.
+async fn long_silent_replicas_are_forgotten(backend: Backend) {
+    use sqlx::Connection;
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&s.database_url).await.unwrap();
+    let now = chrono::Utc::now().timestamp_micros();
+    for (name, ago_minutes) in [("gone-replica", 120), ("recent-replica", 10)] {
+        sqlx::query(
+            "INSERT INTO replicas (replica_id, name, applied_sequence, heartbeat_at) VALUES ($1, $2, 0, $3)",
+        )
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(name)
+        .bind(now - ago_minutes * 60_000_000)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let mut feed = RevocationFeedClient::new(
+        Channel::from_shared(s.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let listed =
+        crate::harness::eventually(Duration::from_secs(15), "the old replica to go", || {
+            let mut feed = feed.clone();
+            let token = s.admin_token.clone();
+            async move {
+                let r = feed
+                    .list_replicas(as_key(&token, pb::ListReplicasRequest {}))
+                    .await
+                    .ok()?
+                    .into_inner();
+                (!r.replicas.iter().any(|r| r.name == "gone-replica")).then_some(r)
+            }
+        })
+        .await;
+    let recent = listed.replicas.iter().find(|r| r.name == "recent-replica");
+    assert!(recent.is_some_and(|r| !r.live), "{listed:?}");
+    let _ = &mut feed;
 }
