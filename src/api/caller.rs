@@ -30,6 +30,8 @@ pub async fn authenticate(
         .authenticate(token)
         .await?
         .map_err(Error::Denied)?;
+    // The RPC's span names the calling key (never its token).
+    tracing::Span::current().record("key_id", tracing::field::display(key.id));
     if !decision::ip_allowed(&key, peer.map(|p| p.ip())) {
         return Err(Error::Denied(DenyReason::IpNotAllowed));
     }

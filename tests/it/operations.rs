@@ -145,6 +145,13 @@ async fn sigterm_lets_every_in_flight_authorize_finish_then_exits_0() {
         .unwrap();
     assert_eq!(next.status(), ServingStatus::NotServing);
     drop(health_watch);
+    // No new connections while draining (the calls are still held).
+    eventually(
+        Duration::from_secs(5),
+        "new connections refused",
+        || async { health(&b.url(), "").await.is_none().then_some(()) },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock.rollback().await.unwrap();
     for call in calls {

@@ -96,25 +96,41 @@ fn ask(token: &str) -> pb::AuthorizeRequest {
 async fn prometheus_counters_move() {
     let metrics_port = free_port();
     let (server, token) = serve(
-        &["--metrics-addr", &format!("127.0.0.1:{metrics_port}")],
+        &[
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--default-rate-limit",
+            "3",
+        ],
         &[],
     )
     .await;
     let before = scrape(metrics_port).await.expect("metrics served");
+    let limited = "keygate_authorize_decisions_total{decision=\"DENY\",reason=\"RATE_LIMITED\"}";
     let allow = "keygate_authorize_decisions_total{decision=\"ALLOW\",reason=\"\"}";
     let invalid = "keygate_authorize_decisions_total{decision=\"DENY\",reason=\"INVALID_TOKEN\"}";
     let mut client = AuthorizerClient::connect(format!("http://127.0.0.1:{}", server.port))
         .await
         .unwrap();
-    for _ in 0..3 {
+    // The bootstrap key has the default limit, 3 here: 3 ALLOWs, then 2 over.
+    for _ in 0..5 {
         client.authorize(ask(&token)).await.unwrap();
     }
     client.authorize(ask("kg_live_nope")).await.unwrap();
+    let _watch = crate::feed::watch(&format!("http://127.0.0.1:{}", server.port), &token, 0).await;
     let after = eventually(Duration::from_secs(10), "counters to move", || async {
         let m = scrape(metrics_port).await?;
-        (value(&m, allow) >= value(&before, allow) + 3.0).then_some(m)
+        (value(&m, allow) >= value(&before, allow) + 3.0
+            && value(&m, "keygate_feed_subscribers") >= 1.0)
+            .then_some(m)
     })
     .await;
+    assert_eq!(
+        value(&after, limited),
+        value(&before, limited) + 2.0,
+        "{after}"
+    );
+    assert_eq!(value(&after, "keygate_rate_limited_total"), 2.0, "{after}");
     assert_eq!(value(&after, invalid), value(&before, invalid) + 1.0);
     assert!(value(&after, "keygate_cache_hits_total") >= 2.0, "{after}");
     assert!(value(&after, "keygate_cache_misses_total") >= 1.0);
@@ -202,6 +218,37 @@ async fn traces_go_to_otlp_and_continue_the_callers_trace() {
         has("decision", "ALLOW") && has("key_id", &answer.key_id),
         "{attrs:?}"
     );
+
+    // An admin call's span names the calling key.
+    let mut admin =
+        crate::harness::KeyAdminClient::connect(format!("http://127.0.0.1:{}", server.port))
+            .await
+            .unwrap();
+    admin
+        .list_keys(crate::harness::as_key(
+            &token,
+            pb::ListKeysRequest::default(),
+        ))
+        .await
+        .unwrap();
+    let listed = eventually(Duration::from_secs(15), "the admin span", || {
+        let spans = collector.0.clone();
+        async move {
+            spans
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|s| format!("{:?}", s.attributes).contains("/keygate.v1.KeyAdmin/ListKeys"))
+                .cloned()
+        }
+    })
+    .await;
+    assert!(
+        format!("{:?}", listed.attributes).contains(&answer.key_id),
+        "{:?}",
+        listed.attributes
+    );
+
     let all = format!("{:?}", collector.0.lock().unwrap());
     assert!(!all.contains(&token[30..73]), "no secret in traces");
 }
