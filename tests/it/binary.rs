@@ -348,3 +348,23 @@ async fn reflection_v1_services(channel: tonic::transport::Channel) -> Vec<Strin
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
+
+/// `keygate serve` with no flags on a fresh machine: it creates ./keygate.db
+/// itself and serves.
+#[tokio::test]
+async fn serve_alone_creates_the_embedded_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = keygate(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_serving(port).await;
+    assert!(dir.path().join("keygate.db").exists());
+    let logs = tokio::task::spawn_blocking(move || stop(child))
+        .await
+        .unwrap();
+    assert!(logs.contains("keygate serving"), "{logs}");
+}
