@@ -17,23 +17,21 @@ pub(super) fn handles(url: &str) -> bool {
 
 /// Creates the database file when missing, as `keygate serve` promises.
 pub(super) fn connect_url(url: &str) -> String {
-    if url.contains("mode=") || url.contains(":memory:") {
-        url.to_owned()
-    } else if url.contains('?') {
-        format!("{url}&mode=rwc")
-    } else {
-        format!("{url}?mode=rwc")
-    }
+    with_mode(url, "rwc")
 }
 
 /// Opens the file only if it exists, and never writes to it.
 pub(super) fn read_only_url(url: &str) -> String {
+    with_mode(url, "ro")
+}
+
+fn with_mode(url: &str, mode: &str) -> String {
     if url.contains("mode=") || url.contains(":memory:") {
         url.to_owned()
     } else if url.contains('?') {
-        format!("{url}&mode=ro")
+        format!("{url}&mode={mode}")
     } else {
-        format!("{url}?mode=ro")
+        format!("{url}?mode={mode}")
     }
 }
 

@@ -274,23 +274,8 @@ async fn the_cached_authorizer_drops_a_revoked_key_within_500ms(backend: Backend
         return;
     };
     let (key, token) = s.org_key("org_a", &["checkout:create"]).await;
-    let channel = Channel::from_shared(s.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     // A long TTL: only the feed can drop the entry in time.
-    let settings = ClientSettings {
-        ttl: Duration::from_secs(300),
-        ..Default::default()
-    };
-    let gateway = CachedAuthorizer::new(channel, s.admin_token.clone(), settings).unwrap();
-    crate::harness::eventually(
-        Duration::from_secs(10),
-        "the feed to be followed",
-        || async { gateway.feed_alive().then_some(()) },
-    )
-    .await;
+    let gateway = cached_authorizer(&s, &s.admin_token, Duration::from_secs(300)).await;
     let ask = || pb::AuthorizeRequest {
         token: token.clone(),
         route: "POST /v1/checkouts".into(),
