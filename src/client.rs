@@ -41,6 +41,7 @@ use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
+use crate::api::convert::std_duration;
 use crate::domain::clock::SystemClock;
 use crate::pb::keygate::v1::authorizer_client::AuthorizerClient;
 use crate::pb::keygate::v1::revocation_event::Kind;
@@ -149,7 +150,7 @@ impl Shared {
         }
         let rate = self.limits.check(key_id, answer.rate_limit);
         answer.rate_limit_remaining = rate.remaining.min(answer.rate_limit_remaining);
-        answer.rate_limit_reset = Some(duration(rate.reset));
+        answer.rate_limit_reset = Some(std_duration(rate.reset));
         if let Some(wait) = rate.retry_after {
             answer.set_decision(Decision::Deny);
             answer.set_reason(DenyReason::RateLimited);
@@ -157,7 +158,7 @@ impl Shared {
             answer.message = crate::domain::decision::DenyReason::RateLimited
                 .message()
                 .to_owned();
-            answer.retry_after = Some(duration(wait));
+            answer.retry_after = Some(std_duration(wait));
         }
         answer
     }
@@ -278,13 +279,6 @@ fn fingerprint(r: &AuthorizeRequest) -> [u8; 32] {
         h.update(scope.as_bytes());
     }
     h.finalize().into()
-}
-
-fn duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
 }
 
 /// Asks keygate whose events `feed_token` will be shown: the credential's

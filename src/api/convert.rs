@@ -168,7 +168,8 @@ pub fn authorize_response(o: Outcome) -> pb::AuthorizeResponse {
     r
 }
 
-fn std_duration(d: std::time::Duration) -> prost_types::Duration {
+/// A std duration on the wire (saturating).
+pub fn std_duration(d: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
