@@ -128,14 +128,15 @@ impl ExtAuthzApi {
     fn allow(&self, outcome: &Outcome, headers: &RequestHeaders<'_>) -> CheckResponse {
         let mut ok = OkHttpResponseBuilder::new();
         let identity = outcome.key.as_deref().map(Identity::of).unwrap_or_default();
-        for (name, value) in identity.headers() {
+        let identity_headers = identity.headers();
+        for (name, value) in &identity_headers {
             if value.is_empty() {
                 // Removing rather than setting "" leaves no doubt upstream.
-                ok.remove_header(name);
+                ok.remove_header(*name);
             } else {
                 ok.add_header(
-                    name,
-                    value,
+                    *name,
+                    value.as_str(),
                     Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
                     false,
                 );
@@ -143,7 +144,9 @@ impl ExtAuthzApi {
         }
         // Whatever else the client sent under keygate's prefix is a forgery.
         for name in headers.names() {
-            if name.starts_with(IDENTITY_PREFIX) && !IDENTITY_HEADERS.contains(&name) {
+            if name.starts_with(IDENTITY_PREFIX)
+                && !identity_headers.iter().any(|(n, _)| *n == name)
+            {
                 ok.remove_header(name);
             }
         }
@@ -169,14 +172,6 @@ impl ExtAuthzApi {
         response
     }
 }
-
-const IDENTITY_HEADERS: [&str; 5] = [
-    ORGANIZATION_HEADER,
-    KEY_ID_HEADER,
-    SCOPES_HEADER,
-    MODE_HEADER,
-    TIER_HEADER,
-];
 
 /// The caller's identity as the upstream and Envoy's access log see it.
 #[derive(Debug, Default)]

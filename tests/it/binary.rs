@@ -30,6 +30,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `keygate bootstrap` in `dir` (the command with `extra` applied, e.g.
+/// flags or environment); asserts it worked and returns the token it printed.
+pub fn bootstrap(dir: &Path, extra: impl FnOnce(&mut Command) -> &mut Command) -> String {
+    let mut cmd = keygate(dir);
+    cmd.args(["bootstrap", "--name", "ops"]);
+    let boot = extra(&mut cmd).output().unwrap();
+    let stderr = String::from_utf8_lossy(&boot.stderr);
+    assert!(boot.status.success(), "{stderr}");
+    assert!(stderr.contains("shown once"), "{stderr}");
+    String::from_utf8(boot.stdout).unwrap().trim().to_owned()
+}
+
 /// Stops the server with SIGTERM and returns its stderr.
 pub fn stop(child: Child) -> String {
     Command::new("kill")
@@ -60,18 +72,8 @@ pub async fn wait_serving(port: u16) {
 #[tokio::test]
 async fn serve_with_no_database_flag_creates_keygate_db_and_never_logs_secrets() {
     let dir = tempfile::tempdir().unwrap();
-    let boot = keygate(dir.path())
-        .args(["bootstrap", "--name", "ops"])
-        .output()
-        .unwrap();
-    assert!(
-        boot.status.success(),
-        "{}",
-        String::from_utf8_lossy(&boot.stderr)
-    );
-    let admin_token = String::from_utf8(boot.stdout).unwrap().trim().to_owned();
+    let admin_token = bootstrap(dir.path(), |c| c);
     assert!(admin_token.starts_with("kg_live_"));
-    assert!(String::from_utf8_lossy(&boot.stderr).contains("shown once"));
     assert!(
         dir.path().join("keygate.db").exists(),
         "the embedded default is ./keygate.db"
@@ -250,17 +252,9 @@ async fn serve_reaches_postgres_over_tls_with_sslmode_require() {
 async fn database_url_fallback_brand_and_json_logs() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("fallback.db").display());
-    let boot = keygate(dir.path())
-        .args(["bootstrap", "--name", "ops", "--brand", "ck"])
-        .env("DATABASE_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        boot.status.success(),
-        "{}",
-        String::from_utf8_lossy(&boot.stderr)
-    );
-    let admin_token = String::from_utf8(boot.stdout).unwrap().trim().to_owned();
+    let admin_token = bootstrap(dir.path(), |c| {
+        c.args(["--brand", "ck"]).env("DATABASE_URL", &url)
+    });
     assert!(admin_token.starts_with("ck_live_"), "{admin_token}");
     assert!(dir.path().join("fallback.db").exists());
     assert!(!dir.path().join("keygate.db").exists());

@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::binary::{free_port, keygate, wait_serving};
+use crate::binary::{bootstrap, free_port, keygate, wait_serving};
 use crate::harness::{AuthorizerClient, eventually};
 
 /// GET http://addr/metrics, the plain way.
@@ -56,11 +56,7 @@ impl Drop for Server {
 /// keygate serve on SQLite with a bootstrap key; returns the server and the key's token.
 async fn serve(extra: &[&str], env: &[(&str, String)]) -> (Server, String) {
     let dir = tempfile::tempdir().unwrap();
-    let boot = keygate(dir.path())
-        .args(["bootstrap", "--name", "ops"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8(boot.stdout).unwrap().trim().to_owned();
+    let token = bootstrap(dir.path(), |c| c);
     let port = free_port();
     let mut cmd = keygate(dir.path());
     cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -143,6 +139,17 @@ async fn prometheus_counters_move() {
 #[derive(Clone, Default)]
 struct Collector(Arc<Mutex<Vec<Span>>>);
 
+impl Collector {
+    /// The first exported span matching `is`, waiting up to 15 s for it.
+    async fn exported(&self, what: &str, is: impl Fn(&Span) -> bool) -> Span {
+        eventually(Duration::from_secs(15), what, || {
+            let found = self.0.lock().unwrap().iter().find(|s| is(s)).cloned();
+            async move { found }
+        })
+        .await
+    }
+}
+
 #[tonic::async_trait]
 impl TraceService for Collector {
     async fn export(
@@ -187,18 +194,11 @@ async fn traces_go_to_otlp_and_continue_the_callers_trace() {
     );
     let answer = client.authorize(req).await.unwrap().into_inner();
 
-    let span = eventually(Duration::from_secs(15), "the span to be exported", || {
-        let spans = collector.0.clone();
-        async move {
-            spans
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|s| hex(&s.trace_id) == trace_id && s.name == "rpc")
-                .cloned()
-        }
-    })
-    .await;
+    let span = collector
+        .exported("the Authorize span", |s| {
+            hex(&s.trace_id) == trace_id && s.name == "rpc"
+        })
+        .await;
     assert_eq!(
         hex(&span.parent_span_id),
         parent_id,
@@ -231,18 +231,11 @@ async fn traces_go_to_otlp_and_continue_the_callers_trace() {
         ))
         .await
         .unwrap();
-    let listed = eventually(Duration::from_secs(15), "the admin span", || {
-        let spans = collector.0.clone();
-        async move {
-            spans
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|s| format!("{:?}", s.attributes).contains("/keygate.v1.KeyAdmin/ListKeys"))
-                .cloned()
-        }
-    })
-    .await;
+    let listed = collector
+        .exported("the ListKeys span", |s| {
+            format!("{:?}", s.attributes).contains("/keygate.v1.KeyAdmin/ListKeys")
+        })
+        .await;
     assert!(
         format!("{:?}", listed.attributes).contains(&answer.key_id),
         "{:?}",

@@ -141,7 +141,7 @@ async fn tls_without_client_ca_admits_any_client() {
 /// probes, which cannot speak TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reads_tls_files_and_keeps_a_plaintext_health_port() {
-    use crate::binary::{free_port, keygate, stop, wait_serving};
+    use crate::binary::{bootstrap, free_port, keygate, stop, wait_serving};
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
     for (name, pem) in [
@@ -151,11 +151,7 @@ async fn serve_reads_tls_files_and_keeps_a_plaintext_health_port() {
     ] {
         std::fs::write(dir.path().join(name), pem).unwrap();
     }
-    let boot = keygate(dir.path())
-        .args(["bootstrap", "--name", "ops"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8(boot.stdout).unwrap().trim().to_owned();
+    let token = bootstrap(dir.path(), |c| c);
     let (port, health_port) = (free_port(), free_port());
     let child = keygate(dir.path())
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
