@@ -256,16 +256,7 @@ async fn over_the_limit_is_429_with_retry_after(backend: Backend) {
     let Some((server, gateway)) = start(backend).await else {
         return;
     };
-    let (_, token) = server
-        .create_key(pb::CreateKeyRequest {
-            name: "slow".into(),
-            organization_id: "org_a".into(),
-            mode: pb::Mode::Live as i32,
-            scopes: vec!["checkout:create".into()],
-            rate_limit_per_minute: 2,
-            ..Default::default()
-        })
-        .await;
+    let (_, token) = crate::limits::limited_key(&server, 2).await;
     let headers = [("x-api-key", token.as_str())];
     for remaining in ["1", "0"] {
         let reply = gateway.send("POST", "/v1/checkouts", &headers).await;

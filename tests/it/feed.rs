@@ -343,16 +343,7 @@ async fn the_cached_authorizer_honours_rate_limits(backend: Backend) {
     let Some(s) = TestServer::start(backend).await else {
         return;
     };
-    let (_, token) = s
-        .create_key(pb::CreateKeyRequest {
-            name: "slow".into(),
-            organization_id: "org_a".into(),
-            mode: pb::Mode::Live as i32,
-            scopes: vec!["checkout:create".into()],
-            rate_limit_per_minute: 3,
-            ..Default::default()
-        })
-        .await;
+    let (_, token) = crate::limits::limited_key(&s, 3).await;
     let gateway = cached_authorizer(&s, &s.admin_token, Duration::from_secs(300)).await;
     let mut answers = Vec::new();
     for _ in 0..5 {

@@ -9,7 +9,8 @@ use crate::on_both_backends;
 
 const ROUTE: &str = "POST /v1/checkouts";
 
-async fn limited_key(s: &TestServer, per_minute: u32) -> (pb::ApiKey, String) {
+/// An org_a key with checkout:create, limited to `per_minute`.
+pub async fn limited_key(s: &TestServer, per_minute: u32) -> (pb::ApiKey, String) {
     s.create_key(pb::CreateKeyRequest {
         name: "limited".into(),
         organization_id: "org_a".into(),
