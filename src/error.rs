@@ -3,6 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::domain::decision::DenyReason;
+use crate::domain::grant::Exceeds;
 use crate::domain::key::LifecycleError;
 use crate::store::StoreError;
 
@@ -22,6 +23,10 @@ pub enum Error {
     /// The caller is authenticated but may not do this.
     #[error("INSUFFICIENT_SCOPE: {0}")]
     InsufficientScope(String),
+    /// The change would give a key more than the caller has (mode,
+    /// allow-list, expiry, rate limit); the message names the restriction.
+    #[error(transparent)]
+    Exceeds(#[from] Exceeds),
     /// Concurrent changes kept winning; the caller may retry.
     #[error("{0}")]
     Aborted(&'static str),
@@ -50,7 +55,9 @@ impl From<Error> for Status {
             Error::NotFound(_) => Code::NotFound,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Denied(reason) if reason.http_status() == 401 => Code::Unauthenticated,
-            Error::Denied(_) | Error::InsufficientScope(_) => Code::PermissionDenied,
+            Error::Denied(_) | Error::InsufficientScope(_) | Error::Exceeds(_) => {
+                Code::PermissionDenied
+            }
             Error::Aborted(_) => Code::Aborted,
             Error::ReplicasLagging(_) => Code::DeadlineExceeded,
             Error::Store(StoreError::Conflict) => Code::AlreadyExists,

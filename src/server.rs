@@ -138,15 +138,18 @@ impl Keygate {
             settings.default_rate_limit,
             usage.clone(),
         ));
-        let keys = Arc::new(KeyService::new(
-            store.clone(),
-            cache.clone(),
-            clock,
-            settings.brand,
-            page_key,
-            feed.wake_handle(),
-            usage,
-        ));
+        let keys = Arc::new(
+            KeyService::new(
+                store.clone(),
+                cache.clone(),
+                clock,
+                settings.brand,
+                page_key,
+                feed.wake_handle(),
+                usage,
+            )
+            .with_default_rate_limit(settings.default_rate_limit.get()),
+        );
         Ok(Self {
             authorizer,
             keys,

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod clock;
 pub mod decision;
 pub mod event;
+pub mod grant;
 pub mod key;
 pub mod policy;
 pub mod scope;

@@ -4,6 +4,13 @@
 //! them); `write` grants create, update and delete. A resource is lowercase
 //! letters, digits, `_`, `-` and `.`, or `*` for every resource: `*:*` is
 //! everything.
+//!
+//! keygate's own resources ([`ADMIN_RESOURCES`]) are the exception to `*`: a
+//! wildcard resource with a narrower action (`*:read`, `*:write`) is meant
+//! for the customer's own routes, and must not turn a read-only integration
+//! key into one that lists every key of its organization, or an `*:update`
+//! key into one that revokes them. Only a scope naming the resource
+//! (`api_key:read`, `api_key:*`) or `*:*` grants them.
 
 use std::fmt;
 
@@ -17,6 +24,10 @@ const ALL: u8 = CREATE | READ | UPDATE | DELETE | EXECUTE;
 
 /// Longest scope accepted.
 pub const MAX_SCOPE_LEN: usize = 100;
+
+/// The resources keygate itself guards: its admin API and its revocation
+/// feed. Granted only by a scope naming them, or by `*:*`.
+pub const ADMIN_RESOURCES: &[&str] = &["api_key", "revocation"];
 
 /// One parsed scope. Keeps the text it was written as, for display.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +105,7 @@ impl Scope {
     /// Whether holding `self` grants everything `other` grants.
     pub fn covers(&self, other: &Scope) -> bool {
         let resource_ok = match (self.resource(), other.resource()) {
+            (None, Some(theirs)) if ADMIN_RESOURCES.contains(&theirs) => self.actions == ALL,
             (None, _) => true,
             (Some(mine), Some(theirs)) => mine == theirs,
             (Some(_), None) => false,
@@ -186,6 +198,34 @@ mod tests {
         assert!(s("*:read").covers(&s("client:read")));
         assert!(!s("*:read").covers(&s("client:update")));
         assert!(!s("invoice:read").covers(&s("invoice:*")));
+    }
+
+    #[test]
+    fn wildcard_resources_do_not_reach_keygates_own() {
+        for admin in [
+            "api_key:read",
+            "api_key:create",
+            "api_key:update",
+            "api_key:delete",
+            "revocation:read",
+        ] {
+            let needed = s(admin);
+            for wildcard in ["*:read", "*:write", "*:update", "*:create", "*:delete"] {
+                assert!(
+                    !s(wildcard).covers(&needed),
+                    "{wildcard} must not grant {admin}"
+                );
+            }
+            assert!(s("*:*").covers(&needed), "*:*");
+            let (resource, _) = admin.split_once(':').unwrap();
+            assert!(s(&format!("{resource}:*")).covers(&needed));
+        }
+        // The customer's own resources keep their wildcards.
+        assert!(s("*:read").covers(&s("transaction:read")));
+        assert!(s("*:update").covers(&s("transaction:update")));
+        assert!(s("*:write").covers(&s("links:delete")));
+        // A resource that merely starts like an admin one is the customer's.
+        assert!(s("*:read").covers(&s("api_keys:read")));
     }
 
     #[test]

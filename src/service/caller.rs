@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::domain::grant;
 use crate::domain::key::{KeyRecord, Tier};
 use crate::domain::scope::Scope;
 use crate::error::Error;
@@ -46,6 +47,30 @@ impl Caller {
                 "cannot {action} a key holding {missing}, which the calling key does not hold"
             ))),
         }
+    }
+
+    /// Fails with PERMISSION_DENIED unless `target`, as it will be after a
+    /// create, update, rotate or enable, has no more power than the caller:
+    /// every scope held by the caller, and within its mode, allow-list,
+    /// expiry and rate limit (see [`grant`]). `before` is the target as
+    /// stored: when a key changes itself, its stored record is the caller,
+    /// so it may narrow itself but never widen itself.
+    pub fn require_within(
+        &self,
+        before: Option<&KeyRecord>,
+        target: &KeyRecord,
+        default_rate_limit: u32,
+    ) -> Result<(), Error> {
+        let grantor = match before {
+            Some(own) if own.id == self.key.id => own,
+            _ => &self.key,
+        };
+        if let Some(missing) = grantor.scopes.first_missing(target.scopes.iter()) {
+            return Err(Error::InsufficientScope(format!(
+                "cannot grant {missing}, which the calling key does not hold"
+            )));
+        }
+        Ok(grant::within(grantor, target, default_rate_limit)?)
     }
 
     /// The organization a listing is limited to: what was asked for, if the

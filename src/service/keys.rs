@@ -16,6 +16,7 @@ use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::domain::clock::Clock;
 use crate::domain::event::{Actor, EventKind, NewEvent};
+use crate::domain::grant;
 use crate::domain::key::{KeyChanges, KeyRecord, KeyState, Mode, Tier};
 use crate::domain::scope::{Scope, ScopeSet};
 use crate::domain::token::{self, Brand, NewToken};
@@ -67,6 +68,8 @@ pub struct KeyService {
     brand: Brand,
     pub(super) pages: PageTokens,
     pub(super) scopes: Scopes,
+    /// What a key's rate limit of 0 means, to compare limits with the caller's.
+    default_rate_limit: u32,
 }
 
 impl KeyService {
@@ -94,7 +97,14 @@ impl KeyService {
                 update: scope("api_key:update"),
                 delete: scope("api_key:delete"),
             },
+            default_rate_limit: 100,
         }
+    }
+
+    /// Sets what a rate limit of 0 means (the server's `--default-rate-limit`).
+    pub fn with_default_rate_limit(mut self, per_minute: u32) -> Self {
+        self.default_rate_limit = per_minute;
+        self
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -128,11 +138,6 @@ impl KeyService {
                 Some(org)
             }
         };
-        if let Some(missing) = caller.key().scopes.first_missing(spec.scopes.iter()) {
-            return Err(Error::InsufficientScope(format!(
-                "cannot grant {missing}, which the calling key does not hold"
-            )));
-        }
         let now = self.clock.now();
         if spec.expires_at.is_some_and(|at| at <= now) {
             return Err(Error::invalid("expires_at", "must be in the future"));
@@ -143,7 +148,7 @@ impl KeyService {
             prefix,
             digest,
         } = self.new_token(spec.mode, id)?;
-        let key = KeyRecord {
+        let mut key = KeyRecord {
             id,
             name: spec.name,
             organization_id,
@@ -163,6 +168,8 @@ impl KeyService {
             created_by: Actor::Key(caller.key().id).to_string(),
             version: 1,
         };
+        grant::inherit(caller.key(), &mut key);
+        caller.require_within(None, &key, self.default_rate_limit)?;
         self.store
             .insert_key(
                 &key,
@@ -204,7 +211,9 @@ impl KeyService {
         let described = changes.describe();
         self.change(caller, id, EventKind::Updated, |key, _| {
             caller.require_covers(key, "update")?;
+            let before = key.clone();
             key.update(&changes)?;
+            caller.require_within(Some(&before), key, self.default_rate_limit)?;
             Ok(described.clone())
         })
         .await
@@ -281,6 +290,7 @@ impl KeyService {
         let (key, seq) = self
             .change(caller, id, EventKind::Rotated, |key, now| {
                 caller.require_covers(key, "rotate")?;
+                caller.require_within(Some(key), key, self.default_rate_limit)?;
                 let fresh = match &token {
                     Some(t) => t,
                     None => token.insert(self.new_token(key.mode, key.id)?),
@@ -319,6 +329,7 @@ impl KeyService {
         caller.require(&self.scopes.update)?;
         self.change(caller, id, EventKind::Enabled, |key, _| {
             caller.require_covers(key, "enable")?;
+            caller.require_within(None, key, self.default_rate_limit)?;
             Ok(key.enable().map(|()| String::new())?)
         })
         .await

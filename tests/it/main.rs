@@ -20,6 +20,7 @@ mod listing;
 mod multi_replica;
 mod operations;
 mod replicas;
+mod restrictions;
 mod telemetry;
 mod tls;
 mod usage;

@@ -1,0 +1,322 @@
+//! What a key may hand out: no key can make, change, rotate or re-enable a key
+//! with more power than its own, and no key can widen itself.
+//!
+//! Power is more than scopes (checked by [`ScopeSet::first_missing`]): a TEST
+//! key reaches only test traffic, an allow-list fences where a key can be
+//! used from, an expiry bounds how long, and a rate limit how much. A caller
+//! bound by any of these could otherwise shed it by minting a key without
+//! it. The rules, applied to the target key as it will be after the change:
+//!
+//! - **mode**: a TEST caller makes and changes TEST keys only;
+//! - **allow-list**: a caller with an allow-list makes keys with a non-empty
+//!   allow-list inside its own (CIDR containment; IPv4-mapped IPv6 counts as
+//!   IPv4);
+//! - **expiry**: a caller that expires makes keys that expire no later;
+//! - **rate limit**: an ORGANIZATION caller makes keys limited to at most
+//!   its own limit (a SYSTEM key's limit throttles only its own calls: SYSTEM
+//!   operators set customers' limits).
+//!
+//! A key updating itself is the same check with its own stored record as the
+//! caller, so it may narrow itself but never widen itself.
+//!
+//! [`ScopeSet::first_missing`]: super::scope::ScopeSet::first_missing
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use ipnet::{IpNet, Ipv4Net};
+
+use super::key::{KeyRecord, Mode, Tier};
+
+/// A restriction of the caller that the target key would exceed. The
+/// message names the field and both sides, for PERMISSION_DENIED.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Exceeds {
+    #[error("mode: a TEST key can create or change only TEST keys")]
+    Mode,
+    #[error("allowed_cidrs: must not be empty: the caller is limited to {caller}")]
+    NoAllowList { caller: Cidrs },
+    #[error("allowed_cidrs: {cidr} is outside the caller's allow-list {caller}")]
+    OutsideAllowList { cidr: IpNet, caller: Cidrs },
+    #[error("expires_at: must be set: the caller expires at {caller}")]
+    NoExpiry { caller: Timestamp },
+    #[error("expires_at: {asked} is later than the caller's expiry {caller}")]
+    LaterExpiry { asked: Timestamp, caller: Timestamp },
+    #[error(
+        "rate_limit_per_minute: {asked} per minute is above the caller's own limit of {caller}"
+    )]
+    RateLimit { asked: u32, caller: u32 },
+}
+
+/// An allow-list, shown comma-separated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cidrs(pub Vec<IpNet>);
+
+impl fmt::Display for Cidrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, net) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{net}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A time in RFC 3339, as grpcurl shows timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp(pub DateTime<Utc>);
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+    }
+}
+
+/// Fails with the first restriction of `caller` that `target` exceeds.
+/// `default_rate_limit` is what a limit of 0 means. Scopes and tier are
+/// checked by the caller of this function (their messages name the scope).
+pub fn within(
+    caller: &KeyRecord,
+    target: &KeyRecord,
+    default_rate_limit: u32,
+) -> Result<(), Exceeds> {
+    if caller.mode == Mode::Test && target.mode != Mode::Test {
+        return Err(Exceeds::Mode);
+    }
+    if !caller.allowed_cidrs.is_empty() {
+        let fence = || Cidrs(caller.allowed_cidrs.clone());
+        if target.allowed_cidrs.is_empty() {
+            return Err(Exceeds::NoAllowList { caller: fence() });
+        }
+        if let Some(cidr) = target
+            .allowed_cidrs
+            .iter()
+            .find(|net| !inside(net, &caller.allowed_cidrs))
+        {
+            return Err(Exceeds::OutsideAllowList {
+                cidr: *cidr,
+                caller: fence(),
+            });
+        }
+    }
+    if let Some(limit) = caller.expires_at {
+        match target.expires_at {
+            None => {
+                return Err(Exceeds::NoExpiry {
+                    caller: Timestamp(limit),
+                });
+            }
+            Some(at) if at > limit => {
+                return Err(Exceeds::LaterExpiry {
+                    asked: Timestamp(at),
+                    caller: Timestamp(limit),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    if caller.tier == Tier::Organization {
+        let effective = |limit: u32| {
+            if limit == 0 {
+                default_rate_limit
+            } else {
+                limit
+            }
+        };
+        let (asked, own) = (
+            effective(target.rate_limit_per_minute),
+            effective(caller.rate_limit_per_minute),
+        );
+        if asked > own {
+            return Err(Exceeds::RateLimit { asked, caller: own });
+        }
+    }
+    Ok(())
+}
+
+/// Fills in what a new key leaves unset from the caller's own restrictions,
+/// so a restricted caller's keys inherit them: its allow-list when none is
+/// asked for, its expiry when none is asked for. Anything set explicitly is
+/// left for [`within`] to judge.
+pub fn inherit(caller: &KeyRecord, target: &mut KeyRecord) {
+    if target.allowed_cidrs.is_empty() {
+        target.allowed_cidrs.clone_from(&caller.allowed_cidrs);
+    }
+    if target.expires_at.is_none() {
+        target.expires_at = caller.expires_at;
+    }
+}
+
+/// Whether every address of `net` lies in one of `fence`.
+fn inside(net: &IpNet, fence: &[IpNet]) -> bool {
+    let net = canonical(*net);
+    fence.iter().any(|outer| match (canonical(*outer), net) {
+        (IpNet::V4(outer), IpNet::V4(inner)) => outer.contains(&inner),
+        (IpNet::V6(outer), IpNet::V6(inner)) => outer.contains(&inner),
+        _ => false,
+    })
+}
+
+/// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) as the IPv4 network
+/// it is (`10.0.0.0/8`); anything else unchanged.
+pub fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(|n| IpNet::V4(n.trunc()))
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::*;
+    use crate::domain::key::fixtures::key_with;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    fn pair() -> (KeyRecord, KeyRecord) {
+        let (caller, _) = key_with(&["api_key:*"]);
+        let (target, _) = key_with(&[]);
+        (caller, target)
+    }
+
+    #[test]
+    fn an_unrestricted_live_caller_may_make_anything_within_its_limit() {
+        let (caller, mut target) = pair();
+        assert_eq!(within(&caller, &target, 100), Ok(()));
+        target.mode = Mode::Test;
+        target.allowed_cidrs = nets(&["0.0.0.0/0"]);
+        target.expires_at = Some(caller.created_at + Duration::days(3650));
+        assert_eq!(within(&caller, &target, 100), Ok(()));
+    }
+
+    #[test]
+    fn a_test_caller_makes_only_test_keys() {
+        let (mut caller, mut target) = pair();
+        caller.mode = Mode::Test;
+        assert_eq!(within(&caller, &target, 100), Err(Exceeds::Mode));
+        target.mode = Mode::Test;
+        assert_eq!(within(&caller, &target, 100), Ok(()));
+    }
+
+    #[test]
+    fn allow_lists_nest() {
+        let (mut caller, mut target) = pair();
+        caller.allowed_cidrs = nets(&["10.0.0.0/8", "2001:db8::/32"]);
+        assert!(matches!(
+            within(&caller, &target, 100),
+            Err(Exceeds::NoAllowList { .. })
+        ));
+        for ok in [
+            &["10.0.0.0/8"][..],
+            &["10.1.0.0/16", "10.2.3.4/32"],
+            &["2001:db8:1::/48"],
+            &["::ffff:10.1.0.0/112"],
+        ] {
+            target.allowed_cidrs = nets(ok);
+            assert_eq!(within(&caller, &target, 100), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            "0.0.0.0/0",
+            "10.0.0.0/7",
+            "11.0.0.0/8",
+            "2001:db8::/31",
+            "::/0",
+            "::ffff:0.0.0.0/96",
+        ] {
+            target.allowed_cidrs = nets(&["10.0.0.0/16", bad]);
+            let err = within(&caller, &target, 100).unwrap_err();
+            assert!(
+                matches!(&err, Exceeds::OutsideAllowList { cidr, .. } if cidr.to_string() == bad),
+                "{bad}: {err:?}"
+            );
+        }
+        target.allowed_cidrs = nets(&["0.0.0.0/0"]);
+        caller.allowed_cidrs = nets(&["10.0.0.0/8"]);
+        assert_eq!(
+            within(&caller, &target, 100).unwrap_err().to_string(),
+            "allowed_cidrs: 0.0.0.0/0 is outside the caller's allow-list 10.0.0.0/8"
+        );
+    }
+
+    #[test]
+    fn a_mapped_caller_fence_is_ipv4() {
+        let (mut caller, mut target) = pair();
+        caller.allowed_cidrs = nets(&["::ffff:127.0.0.0/104"]);
+        target.allowed_cidrs = nets(&["127.0.0.1/32"]);
+        assert_eq!(within(&caller, &target, 100), Ok(()));
+    }
+
+    #[test]
+    fn expiry_never_extends() {
+        let (mut caller, mut target) = pair();
+        let at = caller.created_at + Duration::hours(1);
+        caller.expires_at = Some(at);
+        assert!(matches!(
+            within(&caller, &target, 100),
+            Err(Exceeds::NoExpiry { .. })
+        ));
+        target.expires_at = Some(at + Duration::seconds(1));
+        assert!(matches!(
+            within(&caller, &target, 100),
+            Err(Exceeds::LaterExpiry { .. })
+        ));
+        target.expires_at = Some(at);
+        assert_eq!(within(&caller, &target, 100), Ok(()));
+    }
+
+    #[test]
+    fn organization_callers_cannot_raise_limits_system_callers_can() {
+        let (mut caller, mut target) = pair();
+        target.rate_limit_per_minute = 101;
+        assert_eq!(
+            within(&caller, &target, 100),
+            Err(Exceeds::RateLimit {
+                asked: 101,
+                caller: 100
+            })
+        );
+        target.rate_limit_per_minute = 0;
+        assert_eq!(within(&caller, &target, 100), Ok(()));
+        caller.rate_limit_per_minute = 50;
+        assert!(
+            within(&caller, &target, 100).is_err(),
+            "0 means the default"
+        );
+        caller.tier = Tier::System;
+        caller.organization_id = None;
+        target.rate_limit_per_minute = 1_000_000;
+        assert_eq!(within(&caller, &target, 100), Ok(()));
+    }
+
+    #[test]
+    fn new_keys_inherit_what_they_leave_unset() {
+        let (mut caller, mut target) = pair();
+        caller.allowed_cidrs = nets(&["10.0.0.0/8"]);
+        caller.expires_at = Some(caller.created_at + Duration::hours(1));
+        inherit(&caller, &mut target);
+        assert_eq!(target.allowed_cidrs, caller.allowed_cidrs);
+        assert_eq!(target.expires_at, caller.expires_at);
+        assert_eq!(within(&caller, &target, 100), Ok(()));
+    }
+
+    #[test]
+    fn mapped_networks_become_ipv4() {
+        let c = |s: &str| canonical(s.parse().unwrap()).to_string();
+        assert_eq!(c("::ffff:10.0.0.0/104"), "10.0.0.0/8");
+        assert_eq!(c("::ffff:1.2.3.4/128"), "1.2.3.4/32");
+        assert_eq!(c("::ffff:0.0.0.0/96"), "0.0.0.0/0");
+        assert_eq!(c("::/0"), "::/0");
+        assert_eq!(c("2001:db8::/32"), "2001:db8::/32");
+    }
+}
