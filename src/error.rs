@@ -22,6 +22,9 @@ pub enum Error {
     /// The caller is authenticated but may not do this.
     #[error("INSUFFICIENT_SCOPE: {0}")]
     InsufficientScope(String),
+    /// The caller holds as much of a bounded resource as it may; the message names the bound.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Concurrent changes kept winning; the caller may retry.
     #[error("{0}")]
     Aborted(&'static str),
@@ -51,6 +54,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Denied(reason) if reason.http_status() == 401 => Code::Unauthenticated,
             Error::Denied(_) | Error::InsufficientScope(_) => Code::PermissionDenied,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
             Error::ReplicasLagging(_) => Code::DeadlineExceeded,
             Error::Store(StoreError::Conflict) => Code::AlreadyExists,
