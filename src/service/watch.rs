@@ -78,6 +78,7 @@ impl Watchers {
             peer,
             read,
             recheck,
+            period: self.recheck_every,
             ended: false,
             _slot: slot,
         })
@@ -128,6 +129,7 @@ pub struct WatchSession {
     peer: Option<IpAddr>,
     read: Scope,
     recheck: tokio::time::Interval,
+    period: Duration,
     ended: bool,
     _slot: WatchSlot,
 }
@@ -151,14 +153,14 @@ impl WatchSession {
                 item = self.items.recv() => {
                     let item = item?;
                     if matches!(&item, FeedItem::Event(e) if e.key_id == self.credential.key_id)
-                        && let Err(e) = self.recheck().await
+                        && let Some(e) = self.lost().await
                     {
                         return self.end(e);
                     }
                     return Some(Ok(item));
                 }
                 _ = self.recheck.tick() => {
-                    if let Err(e) = self.recheck().await {
+                    if let Some(e) = self.lost().await {
                         return self.end(e);
                     }
                 }
@@ -171,6 +173,25 @@ impl WatchSession {
         // Dropping the receiver ends the feed's side of the session.
         self.items.close();
         Some(Err(e))
+    }
+
+    /// Why the session must end, if it must. Only a definite answer ends it:
+    /// a store that fails or is slow to answer (beyond one re-check period)
+    /// leaves the stream running and the question for the next check, so an
+    /// outage neither ends every stream nor holds back their events.
+    async fn lost(&mut self) -> Option<Error> {
+        match tokio::time::timeout(self.period, self.recheck()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(Error::Store(e))) => {
+                tracing::warn!(error = %e, key_id = %self.credential.key_id, "could not re-check a Watch credential; will retry");
+                None
+            }
+            Ok(Err(e)) => Some(e),
+            Err(_) => {
+                tracing::warn!(key_id = %self.credential.key_id, "re-checking a Watch credential timed out; will retry");
+                None
+            }
+        }
     }
 
     /// What opening the stream checked, again: the credential, the key's IP
