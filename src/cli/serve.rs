@@ -124,7 +124,11 @@ pub struct ServeArgs {
     max_request_size: NonZeroUsize,
     /// Largest Envoy CheckRequest in bytes (it carries every request header:
     /// keep it above Envoy's max_request_headers_kb, 60 KiB by default).
-    #[arg(long, env = "KEYGATE_EXT_AUTHZ_MAX_REQUEST_SIZE", default_value = "262144")]
+    #[arg(
+        long,
+        env = "KEYGATE_EXT_AUTHZ_MAX_REQUEST_SIZE",
+        default_value = "262144"
+    )]
     ext_authz_max_request_size: NonZeroUsize,
     /// Watch streams one key may have open at once on this replica.
     #[arg(long, env = "KEYGATE_WATCH_MAX_STREAMS_PER_KEY", default_value = "16")]

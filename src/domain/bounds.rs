@@ -52,7 +52,10 @@ pub fn check_authorize(route: &str, ip: &str, required_scopes: &[String]) -> Res
     if ip.len() > MAX_IP_BYTES {
         return Err(OverBound {
             field: "ip",
-            reason: format!("is {} bytes; must be at most {MAX_IP_BYTES} bytes", ip.len()),
+            reason: format!(
+                "is {} bytes; must be at most {MAX_IP_BYTES} bytes",
+                ip.len()
+            ),
         });
     }
     Ok(())

@@ -35,7 +35,12 @@ async fn channel(s: &TestServer) -> Channel {
         .unwrap()
 }
 
-fn authorize_request(token: &str, route: &str, ip: &str, scopes: &[String]) -> pb::AuthorizeRequest {
+fn authorize_request(
+    token: &str,
+    route: &str,
+    ip: &str,
+    scopes: &[String],
+) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
         token: token.into(),
         route: route.into(),
@@ -44,7 +49,10 @@ fn authorize_request(token: &str, route: &str, ip: &str, scopes: &[String]) -> p
     }
 }
 
-async fn authorize(s: &TestServer, req: pb::AuthorizeRequest) -> Result<pb::AuthorizeResponse, Status> {
+async fn authorize(
+    s: &TestServer,
+    req: pb::AuthorizeRequest,
+) -> Result<pb::AuthorizeResponse, Status> {
     s.authorizer()
         .await
         .authorize(req)
@@ -88,7 +96,11 @@ async fn authorize_refuses_each_field_over_its_bound_and_takes_one_just_under(ba
     let longest = format!("{}:read", "t".repeat(95));
     assert_eq!(longest.len(), 100);
     let r = authorize(&s, authorize_request(&token, "", "", &[longest])).await;
-    assert_eq!(r.unwrap().decision(), pb::Decision::Deny, "answered, denied on scope");
+    assert_eq!(
+        r.unwrap().decision(),
+        pb::Decision::Deny,
+        "answered, denied on scope"
+    );
     let too_long = format!("{}:read", "t".repeat(124));
     assert_refused(
         authorize(&s, authorize_request(&token, "", "", &[too_long])).await,
@@ -111,7 +123,11 @@ async fn authorize_refuses_each_field_over_its_bound_and_takes_one_just_under(ba
     assert_eq!(ip.len(), 64);
     allowed(authorize(&s, authorize_request(&token, &route, &ip, &[])).await);
     assert_refused(
-        authorize(&s, authorize_request(&token, &route, &format!(" {ip}"), &[])).await,
+        authorize(
+            &s,
+            authorize_request(&token, &route, &format!(" {ip}"), &[]),
+        )
+        .await,
         Code::InvalidArgument,
         &["ip", "64 bytes"],
     );
@@ -183,7 +199,8 @@ async fn envoy_check_answers_an_over_long_path_with_414_naming_the_route() {
     assert_eq!(status, 414);
     assert_eq!(body["code"], "URI_TOO_LONG");
     assert!(
-        body["message"].as_str().unwrap().contains("route") && body["message"].as_str().unwrap().contains("2048 bytes"),
+        body["message"].as_str().unwrap().contains("route")
+            && body["message"].as_str().unwrap().contains("2048 bytes"),
         "{body}"
     );
 }
@@ -235,7 +252,10 @@ async fn stalled_authorize(channel: Channel) -> Result<pb::AuthorizeResponse, St
         .map(|r| r.into_inner())
 }
 
-async fn open_watch(channel: Channel, token: &str) -> Result<Streaming<pb::RevocationEvent>, Status> {
+async fn open_watch(
+    channel: Channel,
+    token: &str,
+) -> Result<Streaming<pb::RevocationEvent>, Status> {
     RevocationFeedClient::new(channel)
         .watch(as_key(token, pb::WatchRequest { after_sequence: 0 }))
         .await
@@ -252,15 +272,20 @@ async fn a_stalled_unary_call_times_out_while_a_watch_lives_on() {
         return;
     };
     let mut watch = open_watch(channel(&s).await, &s.admin_token).await.unwrap();
-    let stalled = tokio::time::timeout(Duration::from_secs(10), stalled_authorize(channel(&s).await))
-        .await
-        .expect("the server answers a stalled call");
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(10),
+        stalled_authorize(channel(&s).await),
+    )
+    .await
+    .expect("the server answers a stalled call");
     let status = stalled.expect_err("timed out");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("300ms"), "{status:?}");
     // A call that does arrive is answered as ever.
     assert_eq!(
-        s.authorize(&s.admin_token, "POST /v1/checkouts", "").await.decision(),
+        s.authorize(&s.admin_token, "POST /v1/checkouts", "")
+            .await
+            .decision(),
         pb::Decision::Allow
     );
     // The Watch, open for longer than the timeout, still streams heartbeats.
@@ -290,20 +315,32 @@ async fn calls_beyond_the_global_limit_are_refused_and_open_watches_hold_no_perm
         watches.push(open_watch(channel(&s).await, &s.admin_token).await.unwrap());
     }
     assert_eq!(
-        s.authorize(&s.admin_token, "POST /v1/checkouts", "").await.decision(),
+        s.authorize(&s.admin_token, "POST /v1/checkouts", "")
+            .await
+            .decision(),
         pb::Decision::Allow
     );
     // Two stalled calls, on two connections, take both permits.
     let first = tokio::spawn(stalled_authorize(channel(&s).await));
     let second = tokio::spawn(stalled_authorize(channel(&s).await));
-    let refused = eventually(Duration::from_secs(10), "the limit to be reached", || async {
-        authorize(&s, authorize_request(&s.admin_token, "POST /v1/checkouts", "", &[]))
+    let refused = eventually(
+        Duration::from_secs(10),
+        "the limit to be reached",
+        || async {
+            authorize(
+                &s,
+                authorize_request(&s.admin_token, "POST /v1/checkouts", "", &[]),
+            )
             .await
             .err()
-    })
+        },
+    )
     .await;
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("2 calls in progress"), "{refused:?}");
+    assert!(
+        refused.message().contains("2 calls in progress"),
+        "{refused:?}"
+    );
     // Health probes are never refused.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&s).await);
     health
@@ -313,9 +350,12 @@ async fn calls_beyond_the_global_limit_are_refused_and_open_watches_hold_no_perm
     // A call that ends gives its permit back.
     first.abort();
     eventually(Duration::from_secs(10), "a permit to come back", || async {
-        authorize(&s, authorize_request(&s.admin_token, "POST /v1/checkouts", "", &[]))
-            .await
-            .ok()
+        authorize(
+            &s,
+            authorize_request(&s.admin_token, "POST /v1/checkouts", "", &[]),
+        )
+        .await
+        .ok()
     })
     .await;
     second.abort();
@@ -363,15 +403,24 @@ async fn seventeenth_watch_of_one_key_is_refused_and_others_are_not(backend: Bac
     let shared = channel(&s).await;
     let mut open = Vec::new();
     for _ in 0..16 {
-        open.push(open_watch(shared.clone(), &greedy).await.expect("within the cap"));
+        open.push(
+            open_watch(shared.clone(), &greedy)
+                .await
+                .expect("within the cap"),
+        );
     }
     let refused = open_watch(channel(&s).await, &greedy)
         .await
         .expect_err("the 17th is refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("16 Watch streams"), "{refused:?}");
+    assert!(
+        refused.message().contains("16 Watch streams"),
+        "{refused:?}"
+    );
     // Another key is not affected.
-    let mut others = open_watch(channel(&s).await, &other).await.expect("another key");
+    let mut others = open_watch(channel(&s).await, &other)
+        .await
+        .expect("another key");
     let beat = tokio::time::timeout(Duration::from_secs(5), others.message())
         .await
         .unwrap()
@@ -435,45 +484,60 @@ async fn a_watch_ends_within_a_heartbeat_when_its_credential_stops_authenticatin
         match change {
             "revoke" => drop(
                 admin
-                    .revoke_key(as_key(&admin_token, pb::RevokeKeyRequest {
-                        key_id: id.clone(),
-                        reason: "leaked".into(),
-                        ..Default::default()
-                    }))
+                    .revoke_key(as_key(
+                        &admin_token,
+                        pb::RevokeKeyRequest {
+                            key_id: id.clone(),
+                            reason: "leaked".into(),
+                            ..Default::default()
+                        },
+                    ))
                     .await
                     .unwrap(),
             ),
             "disable" => drop(
                 admin
-                    .disable_key(as_key(&admin_token, pb::DisableKeyRequest {
-                        key_id: id.clone(),
-                        ..Default::default()
-                    }))
+                    .disable_key(as_key(
+                        &admin_token,
+                        pb::DisableKeyRequest {
+                            key_id: id.clone(),
+                            ..Default::default()
+                        },
+                    ))
                     .await
                     .unwrap(),
             ),
             "delete" => drop(
                 admin
-                    .delete_key(as_key(&admin_token, pb::DeleteKeyRequest {
-                        key_id: id.clone(),
-                        ..Default::default()
-                    }))
+                    .delete_key(as_key(
+                        &admin_token,
+                        pb::DeleteKeyRequest {
+                            key_id: id.clone(),
+                            ..Default::default()
+                        },
+                    ))
                     .await
                     .unwrap(),
             ),
             _ => drop(
                 admin
-                    .rotate_key(as_key(&admin_token, pb::RotateKeyRequest {
-                        key_id: id.clone(),
-                        ..Default::default()
-                    }))
+                    .rotate_key(as_key(
+                        &admin_token,
+                        pb::RotateKeyRequest {
+                            key_id: id.clone(),
+                            ..Default::default()
+                        },
+                    ))
                     .await
                     .unwrap(),
             ),
         }
         let (status, heartbeats) = ending(&mut stream).await;
         assert_eq!(status.code(), Code::Unauthenticated, "{change}: {status:?}");
-        assert!(heartbeats <= 1, "{change}: ended only after {heartbeats} heartbeats");
+        assert!(
+            heartbeats <= 1,
+            "{change}: ended only after {heartbeats} heartbeats"
+        );
         ended.push(id);
     }
 
@@ -481,11 +545,17 @@ async fn a_watch_ends_within_a_heartbeat_when_its_credential_stops_authenticatin
     let (key, token) = s.create_key(watcher("org_w")).await;
     let mut graced = open_watch(channel(&s).await, &token).await.unwrap();
     admin
-        .rotate_key(as_key(&admin_token, pb::RotateKeyRequest {
-            key_id: key.key_id.clone(),
-            grace_period: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
-            ..Default::default()
-        }))
+        .rotate_key(as_key(
+            &admin_token,
+            pb::RotateKeyRequest {
+                key_id: key.key_id.clone(),
+                grace_period: Some(prost_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap();
     let mut heartbeats = 0;
@@ -504,9 +574,16 @@ async fn a_watch_ends_within_a_heartbeat_when_its_credential_stops_authenticatin
     // ...and ends within a heartbeat of its end.
     s.advance(chrono::Duration::seconds(601));
     let (status, heartbeats) = ending(&mut graced).await;
-    assert_eq!(status.code(), Code::Unauthenticated, "grace end: {status:?}");
+    assert_eq!(
+        status.code(),
+        Code::Unauthenticated,
+        "grace end: {status:?}"
+    );
     assert!(status.message().contains("EXPIRED_TOKEN"), "{status:?}");
-    assert!(heartbeats <= 1, "grace end: ended only after {heartbeats} heartbeats");
+    assert!(
+        heartbeats <= 1,
+        "grace end: ended only after {heartbeats} heartbeats"
+    );
 
     // Expired: the key's own expiry, driven by the clock.
     let expires = s.clock.now() + chrono::Duration::hours(1);
@@ -530,7 +607,10 @@ async fn a_watch_ends_within_a_heartbeat_when_its_credential_stops_authenticatin
     let (status, heartbeats) = ending(&mut expiring).await;
     assert_eq!(status.code(), Code::Unauthenticated, "expiry: {status:?}");
     assert!(status.message().contains("EXPIRED_TOKEN"), "{status:?}");
-    assert!(heartbeats <= 1, "expiry: ended only after {heartbeats} heartbeats");
+    assert!(
+        heartbeats <= 1,
+        "expiry: ended only after {heartbeats} heartbeats"
+    );
 
     // The bystander saw every change and streams on.
     let mut seen = Vec::new();
@@ -540,7 +620,10 @@ async fn a_watch_ends_within_a_heartbeat_when_its_credential_stops_authenticatin
             .unwrap()
             .expect("the bystander's stream stays open")
             .unwrap();
-        if msg.kind() != Kind::Heartbeat && ended.contains(&msg.key_id) && !seen.contains(&msg.key_id) {
+        if msg.kind() != Kind::Heartbeat
+            && ended.contains(&msg.key_id)
+            && !seen.contains(&msg.key_id)
+        {
             seen.push(msg.key_id);
         }
     }
@@ -607,12 +690,20 @@ async fn a_watch_replays_100000_events_exactly_once_in_order(backend: Backend) {
     let (victim, _) = s.org_key("org_v", &[]).await;
     crate::feed::revoke(&s, &victim.key_id).await;
     let live = crate::feed::next_change(&mut stream).await;
-    assert_eq!((live.sequence, live.key_id), (start + REPLAYED + 2, victim.key_id));
+    assert_eq!(
+        (live.sequence, live.key_id),
+        (start + REPLAYED + 2, victim.key_id)
+    );
 }
 
 async fn open_watch_after(s: &TestServer, after: i64) -> Streaming<pb::RevocationEvent> {
     RevocationFeedClient::new(channel(s).await)
-        .watch(as_key(&s.admin_token, pb::WatchRequest { after_sequence: after }))
+        .watch(as_key(
+            &s.admin_token,
+            pb::WatchRequest {
+                after_sequence: after,
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
