@@ -27,6 +27,9 @@ pub enum Error {
     /// allow-list, expiry, rate limit); the message names the restriction.
     #[error(transparent)]
     Exceeds(#[from] Exceeds),
+    /// The caller holds as much of a bounded resource as it may; the message names the bound.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Concurrent changes kept winning; the caller may retry.
     #[error("{0}")]
     Aborted(&'static str),
@@ -58,6 +61,7 @@ impl From<Error> for Status {
             Error::Denied(_) | Error::InsufficientScope(_) | Error::Exceeds(_) => {
                 Code::PermissionDenied
             }
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
             Error::ReplicasLagging(_) => Code::DeadlineExceeded,
             Error::Store(StoreError::Conflict) => Code::AlreadyExists,

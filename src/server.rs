@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 use crate::api::admin::AdminApi;
+use crate::api::admission::AdmissionLayer;
 use crate::api::authorizer::AuthorizerApi;
+use crate::api::convert::MAX_REPLICA_WAIT;
 use crate::api::ext_authz::{ExtAuthzApi, ExtAuthzSettings};
 use crate::api::feed::FeedApi;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
@@ -20,6 +22,7 @@ use crate::domain::token::Brand;
 use crate::feed::{Feed, FeedSettings};
 use crate::pb;
 use crate::service::usage::UsageTracker;
+use crate::service::watch::Watchers;
 use crate::service::{Authorizer, KeyService};
 use crate::store::{KeyStore, SqlStore, StoreError};
 
@@ -43,6 +46,40 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// How Envoy's Check finds credentials and what it hides from upstreams.
     pub ext_authz: ExtAuthzSettings,
+    /// How much of the server one caller or connection can hold.
+    pub limits: ServerLimits,
+}
+
+/// Bounds on what callers can hold of a server.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// HTTP/2 streams one connection may have open at once (each open Watch is one).
+    pub max_concurrent_streams: u32,
+    /// Calls in progress across all connections; beyond it RESOURCE_EXHAUSTED.
+    /// An open Watch stream does not count, only its opening.
+    pub max_concurrent_requests: usize,
+    /// Longest a call may take to answer (a stream: to start); KeyAdmin calls
+    /// get the longest replica wait on top. Beyond it DEADLINE_EXCEEDED.
+    pub request_timeout: Duration,
+    /// Largest request message, in bytes, for every service but Envoy's Check.
+    pub max_request_size: usize,
+    /// Largest CheckRequest from Envoy, in bytes: it carries every request header.
+    pub ext_authz_max_request_size: usize,
+    /// Watch streams one key may have open at once, on this replica.
+    pub watch_streams_per_key: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 256,
+            max_concurrent_requests: 1024,
+            request_timeout: Duration::from_secs(10),
+            max_request_size: 64 * 1024,
+            ext_authz_max_request_size: 256 * 1024,
+            watch_streams_per_key: 16,
+        }
+    }
 }
 
 /// PEM certificate chain and key, and optionally the CA that client
@@ -89,6 +126,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(20),
             tls: None,
             ext_authz: ExtAuthzSettings::default(),
+            limits: ServerLimits::default(),
         }
     }
 }
@@ -100,11 +138,13 @@ pub struct Keygate {
     pub store: Arc<SqlStore>,
     pub feed: Arc<Feed>,
     pub cache: Arc<KeyCache>,
+    pub watchers: Arc<Watchers>,
     poll_interval: Duration,
     usage_flush_interval: Duration,
     shutdown_grace: Duration,
     tls: Option<TlsSettings>,
     ext_authz: ExtAuthzSettings,
+    limits: ServerLimits,
     health_listener: Option<TcpListener>,
 }
 
@@ -121,6 +161,7 @@ impl Keygate {
         ));
         let listen_url = store.listen_url().map(str::to_owned);
         let poll_interval = settings.feed.poll_interval;
+        let heartbeat = settings.feed.heartbeat;
         let feed = Feed::new(
             store.clone(),
             cache.clone(),
@@ -137,6 +178,12 @@ impl Keygate {
             clock.clone(),
             settings.default_rate_limit,
             usage.clone(),
+        ));
+        let watchers = Arc::new(Watchers::new(
+            authorizer.clone(),
+            feed.clone(),
+            settings.limits.watch_streams_per_key,
+            heartbeat,
         ));
         let keys = Arc::new(
             KeyService::new(
@@ -156,11 +203,13 @@ impl Keygate {
             store,
             feed,
             cache,
+            watchers,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
             shutdown_grace: settings.shutdown_grace,
             tls: settings.tls,
             ext_authz: settings.ext_authz,
+            limits: settings.limits,
             health_listener: None,
         })
     }
@@ -216,27 +265,40 @@ impl Keygate {
             });
         }
 
-        let authorizer = AuthorizerApi::new(self.authorizer.clone()).into_server();
+        let size = self.limits.max_request_size;
+        let authorizer = AuthorizerApi::new(self.authorizer.clone())
+            .into_server()
+            .max_decoding_message_size(size);
         let admin = AdminApi::new(
             self.authorizer.clone(),
             self.keys.clone(),
             self.feed.clone(),
         )
-        .into_server();
-        let ext_authz =
-            ExtAuthzApi::new(self.authorizer.clone(), self.ext_authz.clone()).into_server();
-        let feed = FeedApi::new(self.authorizer.clone(), self.feed.clone(), stopping.clone())
-            .into_server();
+        .into_server()
+        .max_decoding_message_size(size);
+        let ext_authz = ExtAuthzApi::new(self.authorizer.clone(), self.ext_authz.clone())
+            .into_server()
+            .max_decoding_message_size(self.limits.ext_authz_max_request_size);
+        let feed = FeedApi::new(
+            self.authorizer.clone(),
+            self.feed.clone(),
+            self.watchers.clone(),
+            stopping.clone(),
+        )
+        .into_server()
+        .max_decoding_message_size(size);
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .expect("embedded descriptor sets are valid");
+            .expect("embedded descriptor sets are valid")
+            .max_decoding_message_size(size);
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
-            .expect("embedded descriptor sets are valid");
+            .expect("embedded descriptor sets are valid")
+            .max_decoding_message_size(size);
 
         let (drain, drained) = tokio::sync::oneshot::channel::<()>();
         let mut builder = tonic::transport::Server::builder();
@@ -244,8 +306,14 @@ impl Keygate {
             builder = builder.tls_config(tls.server_config())?;
         }
         let server = builder
+            .max_concurrent_streams(self.limits.max_concurrent_streams)
             .trace_fn(crate::telemetry::rpc_span)
-            .add_service(health_service)
+            .layer(AdmissionLayer::new(
+                self.limits.max_concurrent_requests,
+                self.limits.request_timeout,
+                MAX_REPLICA_WAIT,
+            ))
+            .add_service(health_service.max_decoding_message_size(size))
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(authorizer)

@@ -19,6 +19,8 @@ const MAX_REASON_CHARS: usize = 500;
 const MAX_CIDRS: usize = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 const MAX_RATE_LIMIT: u32 = 1_000_000;
+/// The longest a KeyAdmin call may wait for replicas to confirm a change.
+pub const MAX_REPLICA_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -412,7 +414,7 @@ pub fn replica_wait(
         Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => return Err(bad()),
         Some(d) => std::time::Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs()),
     };
-    if timeout > std::time::Duration::from_secs(60) {
+    if timeout > MAX_REPLICA_WAIT {
         return Err(bad());
     }
     Ok(wait.then(|| {

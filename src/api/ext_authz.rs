@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use super::authorizer::record_outcome;
 use crate::domain::decision::DenyReason;
 use crate::domain::key::KeyRecord;
+use crate::error::Error;
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
 
@@ -113,8 +114,17 @@ impl Authorization for ExtAuthzApi {
             ip,
             required_scopes: &[],
         };
-        // A store failure is a gRPC error: Envoy's failure_mode_allow decides.
-        let outcome = self.authorizer.authorize(input).await?;
+        let outcome = match self.authorizer.authorize(input).await {
+            Ok(outcome) => outcome,
+            // The HTTP request itself is unusable (say, a path over the
+            // route bound): the client's fault, so a 4xx for the client,
+            // not an error that Envoy's failure mode would decide.
+            Err(Error::InvalidArgument { field, reason }) => {
+                return Ok(Response::new(bad_request(field, &reason)));
+            }
+            // A store failure is a gRPC error: Envoy's failure_mode_allow decides.
+            Err(e) => return Err(e.into()),
+        };
         record_outcome(&self.metrics, &outcome, started);
         let response = match outcome.deny {
             None => self.allow(&outcome, &headers),
@@ -267,6 +277,38 @@ fn deny(reason: DenyReason, outcome: &Outcome) -> CheckResponse {
         _ => Status::permission_denied(reason.code()),
     };
     let mut response = CheckResponse::with_status(status);
+    response.set_http_response(denied);
+    response
+}
+
+/// What the client gets when Envoy's description of its request breaks an
+/// Authorize rule: 414 for an over-long route (method and path), 400
+/// otherwise, with the seeds' body shape naming the field.
+fn bad_request(field: &'static str, reason: &str) -> CheckResponse {
+    let (status, code) = if field == "route" {
+        (HttpStatusCode::UriTooLong, "URI_TOO_LONG")
+    } else {
+        (HttpStatusCode::BadRequest, "INVALID_REQUEST")
+    };
+    let body = serde_json::json!({
+        "error": true,
+        "code": code,
+        "message": format!("{field}: {reason}"),
+    });
+    let mut denied = DeniedHttpResponseBuilder::new();
+    denied.set_http_status(status).set_body(body.to_string());
+    for (name, value) in [
+        ("content-type", "application/json"),
+        ("cache-control", "no-store"),
+    ] {
+        denied.add_header(
+            name,
+            value,
+            Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+            false,
+        );
+    }
+    let mut response = CheckResponse::with_status(Status::invalid_argument(code));
     response.set_http_response(denied);
     response
 }

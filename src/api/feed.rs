@@ -17,21 +17,29 @@ use crate::pb::keygate::v1::revocation_feed_server;
 use crate::pb::keygate::v1::{
     ListReplicasRequest, ListReplicasResponse, Replica, RevocationEvent, WatchRequest,
 };
+use crate::service::watch::{WatchSession, Watchers};
 use crate::service::{Authorizer, Caller};
 
 pub struct FeedApi {
     authorizer: Arc<Authorizer>,
     feed: Arc<Feed>,
+    watchers: Arc<Watchers>,
     shutdown: CancellationToken,
     read: Scope,
 }
 
 impl FeedApi {
-    pub fn new(authorizer: Arc<Authorizer>, feed: Arc<Feed>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        authorizer: Arc<Authorizer>,
+        feed: Arc<Feed>,
+        watchers: Arc<Watchers>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let read = Scope::parse("revocation:read").expect("built-in scope parses");
         Self {
             authorizer,
             feed,
+            watchers,
             shutdown,
             read,
         }
@@ -83,6 +91,25 @@ fn marker(sequence: i64, kind: Kind) -> RevocationEvent {
     }
 }
 
+/// What the subscriber gets for one item of its session, if anything.
+fn message(
+    session: &WatchSession,
+    item: Result<FeedItem, Error>,
+) -> Option<Result<RevocationEvent, Status>> {
+    match item {
+        Ok(FeedItem::Event(e)) if session.caller().can_see(e.organization_id.as_deref()) => {
+            feed_kind(e.kind).map(|kind| Ok(event_message(&e, kind)))
+        }
+        Ok(FeedItem::Event(_)) => None,
+        Ok(FeedItem::Heartbeat(seq)) => Some(Ok(marker(seq, Kind::Heartbeat))),
+        Ok(FeedItem::Reset(seq)) => Some(Ok(marker(seq, Kind::Reset))),
+        Ok(FeedItem::Closing(seq)) => Some(Err(Status::unavailable(format!(
+            "feed closing; reconnect with after_sequence = {seq}"
+        )))),
+        Err(e) => Some(Err(e.into())),
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<RevocationEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -95,26 +122,21 @@ impl revocation_feed_server::RevocationFeed for FeedApi {
         if after < 0 {
             return Err(Error::invalid("after_sequence", "must not be negative").into());
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        // Subscribe before the session reads the head, so nothing falls in between.
-        let live = self.feed.subscribe();
-        tokio::spawn(
-            self.feed
-                .clone()
-                .watch(after, live, tx, self.shutdown.clone()),
-        );
-        let stream =
-            tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(move |item| match item {
-                FeedItem::Event(e) if caller.can_see(e.organization_id.as_deref()) => {
-                    feed_kind(e.kind).map(|kind| Ok(event_message(&e, kind)))
-                }
-                FeedItem::Event(_) => None,
-                FeedItem::Heartbeat(seq) => Some(Ok(marker(seq, Kind::Heartbeat))),
-                FeedItem::Reset(seq) => Some(Ok(marker(seq, Kind::Reset))),
-                FeedItem::Closing(seq) => Some(Err(Status::unavailable(format!(
-                    "feed closing; reconnect with after_sequence = {seq}"
-                )))),
-            });
+        let token = caller::credential(request.metadata()).unwrap_or_default();
+        let peer = request.remote_addr().map(|a| a.ip());
+        let session = self.watchers.open(
+            caller,
+            token,
+            peer,
+            after,
+            self.read.clone(),
+            self.shutdown.clone(),
+        )?;
+        let stream = futures_util::stream::unfold(session, |mut session| async move {
+            let item = session.next().await?;
+            Some((message(&session, item), session))
+        })
+        .filter_map(|message| message);
         Ok(Response::new(Box::pin(stream)))
     }
 

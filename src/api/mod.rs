@@ -1,6 +1,7 @@
 //! The gRPC transport: thin services over the service layer.
 
 pub mod admin;
+pub mod admission;
 pub mod authorizer;
 mod caller;
 pub mod convert;

@@ -1,6 +1,7 @@
 //! `keygate serve`.
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use crate::domain::clock::SystemClock;
 use crate::domain::policy::RouteTable;
 use crate::domain::token::Brand;
 use crate::feed::FeedSettings;
-use crate::server::{Keygate, Settings, TlsSettings};
+use crate::server::{Keygate, ServerLimits, Settings, TlsSettings};
 use crate::store::sql_redact;
 
 #[derive(Debug, Args)]
@@ -106,6 +107,32 @@ pub struct ServeArgs {
         action = clap::ArgAction::Set
     )]
     ext_authz_strip_credentials: bool,
+    /// HTTP/2 streams one connection may have open at once; each open Watch
+    /// is one for its whole life.
+    #[arg(long, env = "KEYGATE_MAX_CONCURRENT_STREAMS", default_value = "256")]
+    max_concurrent_streams: NonZeroU32,
+    /// Calls in progress across all connections; beyond it calls are refused
+    /// with RESOURCE_EXHAUSTED (an open Watch counts only while it opens).
+    #[arg(long, env = "KEYGATE_MAX_CONCURRENT_REQUESTS", default_value = "1024")]
+    max_concurrent_requests: NonZeroUsize,
+    /// Longest a call may take to answer (a stream: to start) before
+    /// DEADLINE_EXCEEDED; KeyAdmin calls get 60s more for replica waits.
+    #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Largest request message in bytes, for every service but Envoy's Check.
+    #[arg(long, env = "KEYGATE_MAX_REQUEST_SIZE", default_value = "65536")]
+    max_request_size: NonZeroUsize,
+    /// Largest Envoy CheckRequest in bytes (it carries every request header:
+    /// keep it above Envoy's max_request_headers_kb, 60 KiB by default).
+    #[arg(
+        long,
+        env = "KEYGATE_EXT_AUTHZ_MAX_REQUEST_SIZE",
+        default_value = "262144"
+    )]
+    ext_authz_max_request_size: NonZeroUsize,
+    /// Watch streams one key may have open at once on this replica.
+    #[arg(long, env = "KEYGATE_WATCH_MAX_STREAMS_PER_KEY", default_value = "16")]
+    watch_max_streams_per_key: NonZeroUsize,
     /// Log format; traces also go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -162,6 +189,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             RouteTable::default()
         }
     };
+    if args.request_timeout.is_zero() {
+        return Err("--request-timeout must be more than 0s".into());
+    }
     let url = args.store.url();
     let settings = Settings {
         database_url: url.clone(),
@@ -191,6 +221,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         ext_authz: ExtAuthzSettings {
             credential_headers: args.ext_authz_credential_headers.clone(),
             strip_credentials: args.ext_authz_strip_credentials,
+        },
+        limits: ServerLimits {
+            max_concurrent_streams: args.max_concurrent_streams.get(),
+            max_concurrent_requests: args.max_concurrent_requests.get(),
+            request_timeout: args.request_timeout,
+            max_request_size: args.max_request_size.get(),
+            ext_authz_max_request_size: args.ext_authz_max_request_size.get(),
+            watch_streams_per_key: args.watch_max_streams_per_key.get(),
         },
     };
     let mut keygate = Keygate::open(settings, Arc::new(SystemClock))

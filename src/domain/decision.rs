@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::key::{KeyRecord, KeyState};
 use super::policy::RouteTable;
 use super::scope::Scope;
-use super::token::ParsedToken;
+use super::token::{Credential, ParsedToken, SecretDigest};
 
 /// Why a request is denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,12 +90,32 @@ pub fn authenticate(
     if token.prefix != key.prefix {
         return Err(DenyReason::InvalidToken);
     }
-    let presented = token.digest();
-    let used = if key.secret_digest.matches(&presented) {
+    authenticate_digest(key, &token.digest(), now)
+}
+
+/// `authenticate` for a credential a session kept: whether the token it was
+/// opened with would still authenticate now.
+pub fn reauthenticate(
+    key: &KeyRecord,
+    credential: &Credential,
+    now: DateTime<Utc>,
+) -> Result<SecretUsed, DenyReason> {
+    if credential.key_id != key.id || credential.prefix != key.prefix {
+        return Err(DenyReason::InvalidToken);
+    }
+    authenticate_digest(key, &credential.digest, now)
+}
+
+fn authenticate_digest(
+    key: &KeyRecord,
+    presented: &SecretDigest,
+    now: DateTime<Utc>,
+) -> Result<SecretUsed, DenyReason> {
+    let used = if key.secret_digest.matches(presented) {
         SecretUsed::Current
     } else {
         match &key.previous_secret {
-            Some(prev) if prev.digest.matches(&presented) => {
+            Some(prev) if prev.digest.matches(presented) => {
                 if prev.expires_at <= now {
                     return Err(DenyReason::ExpiredToken);
                 }
@@ -251,6 +271,26 @@ mod tests {
         assert_eq!(
             authenticate(&key, &new, now + Duration::days(30)),
             Ok(SecretUsed::Current)
+        );
+    }
+
+    #[test]
+    fn a_kept_credential_stops_authenticating_when_its_token_would() {
+        let (mut key, token) = key_with(&[]);
+        let now = key.created_at;
+        let kept = ParsedToken::parse(&token).unwrap().credential();
+        assert_eq!(reauthenticate(&key, &kept, now), Ok(SecretUsed::Current));
+        let new = generate(&Brand::default(), Mode::Live, key.id).unwrap();
+        key.rotate(new.digest, Duration::minutes(5), now).unwrap();
+        assert_eq!(reauthenticate(&key, &kept, now), Ok(SecretUsed::Previous));
+        assert_eq!(
+            reauthenticate(&key, &kept, now + Duration::minutes(5)),
+            Err(DenyReason::ExpiredToken)
+        );
+        let (other, _) = key_with(&[]);
+        assert_eq!(
+            reauthenticate(&other, &kept, now),
+            Err(DenyReason::InvalidToken)
         );
     }
 

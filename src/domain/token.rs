@@ -170,6 +170,32 @@ impl<'a> ParsedToken<'a> {
     pub fn digest(&self) -> SecretDigest {
         SecretDigest::of(self.secret)
     }
+
+    /// What a long-lived session keeps of this token to check it again later.
+    pub fn credential(&self) -> Credential {
+        Credential {
+            key_id: self.key_id,
+            prefix: self.prefix.to_owned(),
+            digest: self.digest(),
+        }
+    }
+}
+
+/// A presented token as a session keeps it: key id, prefix and the digest of
+/// the secret, never the secret itself. Its `Debug` shows no digest.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub key_id: Uuid,
+    pub prefix: String,
+    pub digest: SecretDigest,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Strips a leading `Bearer ` (any case), as sent in an Authorization header.

@@ -8,12 +8,13 @@ use std::num::NonZeroU32;
 use super::limits::{RateDecision, RateLimits};
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
+use crate::domain::bounds;
 use crate::domain::clock::Clock;
 use crate::domain::decision::{self, DenyReason, Requirement, Verdict};
 use crate::domain::key::KeyRecord;
 use crate::domain::policy::RouteTable;
 use crate::domain::scope::Scope;
-use crate::domain::token::{ParsedToken, TokenError};
+use crate::domain::token::{Credential, ParsedToken, TokenError};
 use crate::error::Error;
 
 /// One Authorize call, as received.
@@ -74,6 +75,8 @@ impl Authorizer {
     /// Decides one request. A bad token is a deny, never an error; errors are
     /// for malformed requests and an unreachable store (fail closed).
     pub async fn authorize(&self, input: AuthorizeInput<'_>) -> Result<Outcome, Error> {
+        bounds::check_authorize(input.route, input.ip, input.required_scopes)
+            .map_err(|e| Error::invalid(e.field, e.reason))?;
         let ip = parse_ip(input.ip)?;
         let required: Vec<Scope> = input
             .required_scopes
@@ -137,6 +140,20 @@ impl Authorizer {
             self.usage.record(&key, used, now);
             key
         }))
+    }
+
+    /// Whether a credential kept by a long-lived session (a Watch) would
+    /// still authenticate now: the key exists, is active and unexpired, and
+    /// the kept secret is its current one or its previous one inside the
+    /// grace period. Not a use: nothing is recorded.
+    pub async fn reauthenticate(
+        &self,
+        credential: &Credential,
+    ) -> Result<Result<Arc<KeyRecord>, DenyReason>, Error> {
+        let Some(key) = self.keys.get(credential.key_id).await? else {
+            return Ok(Err(DenyReason::InvalidToken));
+        };
+        Ok(decision::reauthenticate(&key, credential, self.clock.now()).map(|_| key))
     }
 }
 

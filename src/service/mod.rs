@@ -8,6 +8,7 @@ pub mod keys;
 pub mod limits;
 mod page;
 pub mod usage;
+pub mod watch;
 
 pub use authorize::{AuthorizeInput, Authorizer, Outcome};
 pub use caller::Caller;

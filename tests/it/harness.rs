@@ -115,6 +115,12 @@ impl TestServer {
         backend: Backend,
         tls: Option<keygate::server::TlsSettings>,
     ) -> Option<Self> {
+        Self::start_with(backend, move |s| s.tls = tls.clone()).await
+    }
+
+    /// Like `start`, with the test's own changes to the server's settings.
+    pub async fn start_with(backend: Backend, configure: impl Fn(&mut Settings)) -> Option<Self> {
+        let configure: &dyn Fn(&mut Settings) = &configure;
         let dir = tempfile::tempdir().expect("temp dir");
         let (database_url, postgres_db) = match backend {
             Backend::Sqlite => (
@@ -127,7 +133,8 @@ impl TestServer {
                         return skip_postgres();
                     };
                     let temp_url = temp.connection_uri();
-                    return Self::start_on(temp_url, dir, PostgresDb::Temporary(temp), tls).await;
+                    return Self::start_on(temp_url, dir, PostgresDb::Temporary(temp), configure)
+                        .await;
                 };
                 let name = format!("keygate_it_{}", uuid::Uuid::new_v4().simple());
                 let mut admin = sqlx::PgConnection::connect(&server)
@@ -143,7 +150,7 @@ impl TestServer {
                 )
             }
         };
-        Self::start_on(database_url, dir, postgres_db, tls).await
+        Self::start_on(database_url, dir, postgres_db, configure).await
     }
 
     /// Stops the server gracefully (which writes pending usage) and starts a
@@ -153,7 +160,7 @@ impl TestServer {
         let dir = self.dir.take().expect("dir");
         let postgres_db = std::mem::replace(&mut self.postgres_db, PostgresDb::None);
         let (url, clock) = (self.database_url.clone(), self.clock.clone());
-        Self::start_with_clock(url, dir, postgres_db, clock, None)
+        Self::start_with_clock(url, dir, postgres_db, clock, &|_| {})
             .await
             .expect("restart")
     }
@@ -172,10 +179,10 @@ impl TestServer {
         database_url: String,
         dir: tempfile::TempDir,
         postgres_db: PostgresDb,
-        tls: Option<keygate::server::TlsSettings>,
+        configure: &dyn Fn(&mut Settings),
     ) -> Option<Self> {
         let clock = Arc::new(ManualClock::new(epoch()));
-        Self::start_with_clock(database_url, dir, postgres_db, clock, tls).await
+        Self::start_with_clock(database_url, dir, postgres_db, clock, configure).await
     }
 
     async fn start_with_clock(
@@ -183,13 +190,13 @@ impl TestServer {
         dir: tempfile::TempDir,
         postgres_db: PostgresDb,
         clock: Arc<ManualClock>,
-        tls: Option<keygate::server::TlsSettings>,
+        configure: &dyn Fn(&mut Settings),
     ) -> Option<Self> {
         let mut settings = Settings::new(database_url.clone());
-        settings.tls = tls;
         settings.policy = RouteTable::from_toml(POLICY).expect("test policy");
         settings.feed.heartbeat = Duration::from_millis(500);
         settings.feed.poll_interval = Duration::from_millis(200);
+        configure(&mut settings);
         let keygate = Keygate::open(settings, clock.clone() as Arc<dyn Clock>)
             .await
             .expect("open keygate");

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod abuse;
 mod admin_auth;
 mod audit;
 mod authorize;
