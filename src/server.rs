@@ -24,7 +24,6 @@ use crate::service::{Authorizer, KeyService};
 use crate::store::{KeyStore, SqlStore, StoreError};
 
 /// Everything `serve` needs besides the listener.
-#[derive(Debug)]
 pub struct Settings {
     pub database_url: String,
     pub policy: RouteTable,
@@ -43,6 +42,16 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// How Envoy's Check finds credentials and what it hides from upstreams.
     pub ext_authz: ExtAuthzSettings,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The database URL may carry a password.
+        f.debug_struct("Settings")
+            .field("database_url", &crate::store::sql_redact(&self.database_url))
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
 }
 
 /// PEM certificate chain and key, and optionally the CA that client

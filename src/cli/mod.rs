@@ -39,12 +39,20 @@ enum Command {
 }
 
 /// Where the keys live.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct StoreArgs {
     /// sqlite://PATH (created when missing) or postgres://…; falls back to
     /// DATABASE_URL, then to sqlite://keygate.db.
     #[arg(long, env = "KEYGATE_DATABASE_URL")]
     database_url: Option<String>,
+}
+
+impl std::fmt::Debug for StoreArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        let url = self.database_url.as_deref().map(crate::store::sql_redact);
+        f.debug_struct("StoreArgs").field("database_url", &url).finish()
+    }
 }
 
 impl StoreArgs {

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::row::{
     KEY_COLUMNS, bind_key, key_assignment, key_from_row, key_placeholders, micros, replica_from_row,
 };
+use super::url::{redact, without_ignored_secrets};
 use super::{
     EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaStatus, StoreError, postgres, sqlite,
 };
@@ -68,7 +69,7 @@ impl SqlStore {
         let (dialect, url) = if sqlite::handles(url) {
             (Dialect::Sqlite, sqlite_url)
         } else if postgres::handles(url) {
-            (Dialect::Postgres, url.to_owned())
+            (Dialect::Postgres, without_ignored_secrets(url))
         } else {
             return Err(StoreError::UnsupportedUrl(redact(url)));
         };
@@ -121,18 +122,6 @@ async fn observe<T>(
     let result = call.await;
     crate::telemetry::store_query(operation, started.elapsed(), result.is_ok());
     result
-}
-
-/// A database URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 #[async_trait]
@@ -387,16 +376,5 @@ impl KeyStore for SqlStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact("sqlite://keygate.db"), "sqlite://keygate.db");
     }
 }
