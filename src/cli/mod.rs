@@ -135,7 +135,7 @@ mod tests {
     /// Every setting can come from a KEYGATE_* variable. The exception is
     /// what one `keygate keys …` call acts on (a name, a scope, a key id):
     /// a stray variable must not change what such a command does, so only
-    /// its connection settings (--server) read the environment.
+    /// its connection settings (--server, the TLS files) read the environment.
     #[test]
     fn every_setting_has_an_environment_variable() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
@@ -146,7 +146,8 @@ mod tests {
                 if matches!(id, "help" | "version") || arg.is_positional() {
                     continue;
                 }
-                if per_call && id != "server" {
+                let connection = ["server", "ca_cert", "client_cert", "client_key"];
+                if per_call && !connection.contains(&id) {
                     continue;
                 }
                 match arg.get_env() {
