@@ -2,6 +2,7 @@
 //! decision. Nothing here does I/O or knows about gRPC or SQL.
 
 pub mod audit;
+pub mod cidr;
 pub mod clock;
 pub mod decision;
 pub mod event;

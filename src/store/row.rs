@@ -124,7 +124,13 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
     let scopes: Vec<&str> = scopes_text.split_whitespace().collect();
     let cidrs = text("allowed_cidrs")?
         .split_whitespace()
-        .map(|c| c.parse().map_err(|_| format!("bad cidr {c:?}")))
+        .map(|c| {
+            let net: ipnet::IpNet = c.parse().map_err(|_| format!("bad cidr {c:?}"))?;
+            // Entries stored before mapped networks were normalised start
+            // matching; one that cannot be (a short mapped prefix) keeps
+            // what it matched before.
+            Ok::<_, String>(crate::domain::cidr::normalize(net).unwrap_or(net))
+        })
         .collect::<Result<_, _>>()?;
     let rate: i64 = row.try_get("rate_limit_per_minute").map_err(get_err)?;
     Ok(KeyRecord {
