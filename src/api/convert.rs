@@ -132,6 +132,7 @@ pub fn key_event(e: &Event) -> pb::KeyEvent {
         actor: e.actor.clone(),
         at: Some(timestamp(e.at)),
         reason: e.reason.clone(),
+        details: e.details.clone(),
     }
 }
 

@@ -199,9 +199,10 @@ pub fn bind_key<'q>(query: AnyQuery<'q>, key: &KeyRecord) -> AnyQuery<'q> {
         )
 }
 
-pub const EVENT_COLUMNS: &str = "seq, kind, key_id, organization_id, actor, at, reason, hash";
+pub const EVENT_COLUMNS: &str =
+    "seq, kind, key_id, organization_id, actor, at, reason, hash, details";
 
-/// Binds an event's columns, in `EVENT_COLUMNS` order, to `$1..$8`.
+/// Binds an event's columns, in `EVENT_COLUMNS` order, to `$1..$9`.
 pub fn bind_event<'q>(query: AnyQuery<'q>, event: &Event) -> AnyQuery<'q> {
     query
         .bind(event.sequence)
@@ -212,6 +213,7 @@ pub fn bind_event<'q>(query: AnyQuery<'q>, event: &Event) -> AnyQuery<'q> {
         .bind(micros(event.at))
         .bind(event.reason.as_str())
         .bind(event.hash.map(|h| h.to_vec()))
+        .bind(event.details.as_str())
 }
 
 pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
@@ -230,6 +232,7 @@ pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
         actor: row.try_get("actor")?,
         at: time(row.try_get("at")?).map_err(corrupt)?,
         reason: row.try_get("reason")?,
+        details: row.try_get("details")?,
         hash: match row.try_get::<Option<Vec<u8>>, _>("hash")? {
             Some(bytes) => Some(
                 bytes
