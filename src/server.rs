@@ -48,7 +48,10 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The database URL may carry a password.
         f.debug_struct("Settings")
-            .field("database_url", &crate::store::sql_redact(&self.database_url))
+            .field(
+                "database_url",
+                &crate::store::sql_redact(&self.database_url),
+            )
             .field("tls", &self.tls)
             .finish_non_exhaustive()
     }

@@ -497,9 +497,15 @@ mod tests {
         assert_eq!(cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
         assert_eq!(cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(cidr("2001:db8::1/32").unwrap().to_string(), "2001:db8::/32");
-        assert_eq!(cidr("::ffff:10.0.0.0/104").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            cidr("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         assert_eq!(cidr("::ffff:1.2.3.4").unwrap().to_string(), "1.2.3.4/32");
-        assert_eq!(field_of(cidr("::ffff:10.0.0.0/95").unwrap_err()), "allowed_cidrs");
+        assert_eq!(
+            field_of(cidr("::ffff:10.0.0.0/95").unwrap_err()),
+            "allowed_cidrs"
+        );
     }
 
     #[test]

@@ -51,7 +51,9 @@ impl std::fmt::Debug for StoreArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password.
         let url = self.database_url.as_deref().map(crate::store::sql_redact);
-        f.debug_struct("StoreArgs").field("database_url", &url).finish()
+        f.debug_struct("StoreArgs")
+            .field("database_url", &url)
+            .finish()
     }
 }
 

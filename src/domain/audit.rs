@@ -163,7 +163,13 @@ mod tests {
         h.update(b"keygate-audit-v1");
         h.update(GENESIS);
         h.update(7i64.to_be_bytes());
-        for field in ["revoked", "6f1c1a52-1f0b-4f5e-9a51-2d1b6d0c8e11", "org_1", "bootstrap", "leaked"] {
+        for field in [
+            "revoked",
+            "6f1c1a52-1f0b-4f5e-9a51-2d1b6d0c8e11",
+            "org_1",
+            "bootstrap",
+            "leaked",
+        ] {
             h.update((field.len() as u64).to_be_bytes());
             h.update(field.as_bytes());
         }

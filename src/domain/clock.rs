@@ -92,10 +92,17 @@ mod tests {
         let clock = ManualClock::new(start);
         clock.advance(Duration::seconds(5));
         clock.step_wall(-Duration::hours(1));
-        assert_eq!(clock.now(), start + Duration::seconds(5) - Duration::hours(1));
+        assert_eq!(
+            clock.now(),
+            start + Duration::seconds(5) - Duration::hours(1)
+        );
         assert_eq!(clock.monotonic(), std::time::Duration::from_secs(5));
         clock.advance(-Duration::seconds(3));
-        assert_eq!(clock.monotonic(), std::time::Duration::from_secs(5), "never back");
+        assert_eq!(
+            clock.monotonic(),
+            std::time::Duration::from_secs(5),
+            "never back"
+        );
     }
 
     #[test]

@@ -130,11 +130,17 @@ pub fn details(kind: EventKind, key: &KeyRecord, changed: &str) -> String {
         ("mode", key.mode.as_str().to_owned()),
         (
             "scopes",
-            list(key.scopes.iter().map(|s| s.as_str().to_owned()).collect(), "none"),
+            list(
+                key.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+                "none",
+            ),
         ),
         (
             "allowed_cidrs",
-            list(key.allowed_cidrs.iter().map(ToString::to_string).collect(), "any"),
+            list(
+                key.allowed_cidrs.iter().map(ToString::to_string).collect(),
+                "any",
+            ),
         ),
         (
             "rate_limit_per_minute",
@@ -189,7 +195,9 @@ mod tests {
         bare.expires_at = None;
         let d = details(EventKind::Created, &bare, "");
         assert!(
-            d.ends_with("scopes=none allowed_cidrs=any rate_limit_per_minute=default expires_at=never"),
+            d.ends_with(
+                "scopes=none allowed_cidrs=any rate_limit_per_minute=default expires_at=never"
+            ),
             "{d}"
         );
     }

@@ -203,8 +203,15 @@ mod tests {
         let after = l.check(key, 5).retry_after.unwrap();
         assert_eq!(after, before, "the step changes nothing");
         clock.advance(ChronoDuration::seconds(12));
-        assert_eq!(l.check(key, 5).retry_after, None, "allowances still come back");
-        assert!(l.check(key, 5).retry_after.is_some(), "and the limit still holds");
+        assert_eq!(
+            l.check(key, 5).retry_after,
+            None,
+            "allowances still come back"
+        );
+        assert!(
+            l.check(key, 5).retry_after.is_some(),
+            "and the limit still holds"
+        );
         // Forward too: a step is not time passing, so no allowance comes back.
         clock.step_wall(ChronoDuration::hours(1));
         assert!(l.check(key, 5).retry_after.is_some());

@@ -32,7 +32,7 @@ pub(super) async fn serialize_writers(
 
 /// An arbitrary, fixed advisory-lock key for "usage flushes", apart from
 /// [`WRITE_LOCK`] so that flushes never wait for admin writes.
-const USAGE_LOCK: i64 = 0x6b67_7573_6167_65;
+const USAGE_LOCK: i64 = 0x006b_6775_7361_6765;
 
 /// Makes usage flushes from every replica take turns until commit: each
 /// locks many rows, and two doing so at once could deadlock.

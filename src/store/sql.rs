@@ -126,7 +126,14 @@ fn usage_statement(keys: usize) -> String {
     let values = (0..keys)
         .map(|k| {
             let p = k * 5;
-            format!("(${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5)
+            format!(
+                "(${}, ${}, ${}, ${}, ${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5
+            )
         })
         .collect::<Vec<_>>()
         .join(", ");

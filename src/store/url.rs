@@ -102,13 +102,15 @@ fn decoded_name(pair: &str) -> String {
     while i < raw.len() {
         match raw[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 1 < raw.len() => match (hex(raw[i + 1]), raw.get(i + 2).copied().and_then(hex)) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi * 16 + lo);
-                    i += 2;
+            b'%' if i + 1 < raw.len() => {
+                match (hex(raw[i + 1]), raw.get(i + 2).copied().and_then(hex)) {
+                    (Some(hi), Some(lo)) => {
+                        out.push(hi * 16 + lo);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
                 }
-                _ => out.push(b'%'),
-            },
+            }
             b => out.push(b),
         }
         i += 1;
@@ -124,23 +126,47 @@ mod tests {
     fn redacts_every_password_form() {
         for (url, shown) in [
             ("postgres://u:secret@h/db", "postgres://u:***@h/db"),
-            ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
+            (
+                "postgresql://u:secret@h:5432/db",
+                "postgresql://u:***@h:5432/db",
+            ),
             ("postgres://u:@h/db", "postgres://u:***@h/db"),
             ("postgres://u:p@ss@h/db", "postgres://u:***@h/db"),
             ("postgres://u:pa/ss@h/db", "postgres://u:***@h/db"),
             ("postgres://u:pa?ss@h/db", "postgres://u:***@h/db"),
-            ("postgres://h/db?password=secret", "postgres://h/db?password=***"),
+            (
+                "postgres://h/db?password=secret",
+                "postgres://h/db?password=***",
+            ),
             (
                 "postgres://u@h/db?sslmode=require&password=secret&application_name=x",
                 "postgres://u@h/db?sslmode=require&password=***&application_name=x",
             ),
-            ("postgres://h/db?PASSWORD=secret", "postgres://h/db?PASSWORD=***"),
-            ("postgres://h/db?sslpassword=secret", "postgres://h/db?sslpassword=***"),
-            ("postgres://h/db?ssl_Password=secret", "postgres://h/db?ssl_Password=***"),
-            ("postgres://h/db?pass%77ord=secret", "postgres://h/db?pass%77ord=***"),
-            ("postgres://h/db?pass%57ord=secret", "postgres://h/db?pass%57ord=***"),
+            (
+                "postgres://h/db?PASSWORD=secret",
+                "postgres://h/db?PASSWORD=***",
+            ),
+            (
+                "postgres://h/db?sslpassword=secret",
+                "postgres://h/db?sslpassword=***",
+            ),
+            (
+                "postgres://h/db?ssl_Password=secret",
+                "postgres://h/db?ssl_Password=***",
+            ),
+            (
+                "postgres://h/db?pass%77ord=secret",
+                "postgres://h/db?pass%77ord=***",
+            ),
+            (
+                "postgres://h/db?pass%57ord=secret",
+                "postgres://h/db?pass%57ord=***",
+            ),
             ("postgres://h/db?password", "postgres://h/db?password=***"),
-            ("postgres://h/db?password=secret#frag", "postgres://h/db?password=***"),
+            (
+                "postgres://h/db?password=secret#frag",
+                "postgres://h/db?password=***",
+            ),
             (
                 "postgres://u:secret@h/db?password=secret2",
                 "postgres://u:***@h/db?password=***",
@@ -152,15 +178,24 @@ mod tests {
             ),
             ("sqlite://keygate.db", "sqlite://keygate.db"),
             ("sqlite:keygate.db?mode=rwc", "sqlite:keygate.db?mode=rwc"),
-            ("sqlite://k.db?password=secret", "sqlite://k.db?password=***"),
+            (
+                "sqlite://k.db?password=secret",
+                "sqlite://k.db?password=***",
+            ),
             ("postgres://u@h/db", "postgres://u@h/db"),
-            ("mysql://root:secret@localhost/db", "mysql://root:***@localhost/db"),
+            (
+                "mysql://root:secret@localhost/db",
+                "mysql://root:***@localhost/db",
+            ),
             ("", ""),
             ("sqlite:file@x.db", "sqlite:file@x.db"),
         ] {
             let got = redact(url);
             assert_eq!(got, shown, "{url}");
-            assert!(!got.contains("secret") && !got.contains("ss@"), "{url} -> {got}");
+            assert!(
+                !got.contains("secret") && !got.contains("ss@"),
+                "{url} -> {got}"
+            );
         }
     }
 

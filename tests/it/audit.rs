@@ -374,12 +374,23 @@ async fn events_record_the_settings_they_leave_in_force(backend: Backend) {
     }
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["keys", "--server", &s.url(), "events", "--key-id", &key.key_id])
+        .args([
+            "keys",
+            "--server",
+            &s.url(),
+            "events",
+            "--key-id",
+            &key.key_id,
+        ])
         .env("KEYGATE_TOKEN", &s.admin_token)
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(table.lines().next().unwrap().contains("DETAILS"), "{table}");
     assert!(
         table.contains("scopes=links:read rate_limit_per_minute=7")

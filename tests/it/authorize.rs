@@ -239,7 +239,10 @@ async fn ipv4_mapped_allow_list_entries_match_their_ipv4_clients(backend: Backen
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("allowed_cidrs"), "{}", err.message());
-    assert_eq!(s.get_key(&key.key_id).await.allowed_cidrs, ["192.168.0.0/16"]);
+    assert_eq!(
+        s.get_key(&key.key_id).await.allowed_cidrs,
+        ["192.168.0.0/16"]
+    );
 
     // A row written in mapped form before the fix matches once read.
     sqlx::any::install_default_drivers();
@@ -254,7 +257,10 @@ async fn ipv4_mapped_allow_list_entries_match_their_ipv4_clients(backend: Backen
         .unwrap();
     drop(db);
     let s = s.restart().await;
-    assert_eq!(s.get_key(&key.key_id).await.allowed_cidrs, ["10.0.0.0/8", "1.2.3.4/32"]);
+    assert_eq!(
+        s.get_key(&key.key_id).await.allowed_cidrs,
+        ["10.0.0.0/8", "1.2.3.4/32"]
+    );
     mapped_entries_allow(&s, &token).await;
 }
 

@@ -373,14 +373,21 @@ async fn database_passwords_never_reach_the_output() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let separator = if server.database_url.contains('?') { '&' } else { '?' };
+    let separator = if server.database_url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
     // Trust authentication accepts any password.
     let url = format!(
         "{}{separator}password=SECRET1&sslpassword=SECRET2&Ssl_PassWord=SECRET3",
         server.database_url
     );
     let assert_hidden = |what: &str, output: &str| {
-        assert!(!output.contains("SECRET"), "{what} shows a password:\n{output}");
+        assert!(
+            !output.contains("SECRET"),
+            "{what} shows a password:\n{output}"
+        );
     };
 
     let migrate = keygate(dir.path())
@@ -428,13 +435,22 @@ async fn database_passwords_never_reach_the_output() {
         free_port()
     );
     let failed = keygate(dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &unreachable])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &unreachable,
+        ])
         .env("RUST_LOG", "debug")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success());
-    assert!(stderr.contains("opening postgres://postgres:***@127.0.0.1"), "{stderr}");
+    assert!(
+        stderr.contains("opening postgres://postgres:***@127.0.0.1"),
+        "{stderr}"
+    );
     assert_hidden(
         "a failed serve",
         &format!("{}{stderr}", String::from_utf8_lossy(&failed.stdout)),

@@ -243,7 +243,10 @@ async fn a_wall_clock_stepped_back_an_hour_limits_no_further(backend: Backend) {
     s.clock.step_wall(-Duration::hours(1));
     let after = s.authorize(&token, ROUTE, "").await;
     assert_eq!(after.reason(), pb::DenyReason::RateLimited);
-    assert_eq!(after.retry_after, before.retry_after, "no longer than before");
+    assert_eq!(
+        after.retry_after, before.retry_after,
+        "no longer than before"
+    );
     s.advance(Duration::seconds(12));
     assert_eq!(
         s.authorize(&token, ROUTE, "").await.decision(),

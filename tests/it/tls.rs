@@ -245,7 +245,10 @@ async fn the_cli_reaches_tls_and_mtls_servers() {
     let tls = server(false).await;
     let (ok, out, err) = run(cli(&tls, &["keys", "--ca-cert", "ca.pem", "list"])).await;
     assert!(ok, "{err}");
-    assert!(out.contains("test admin"), "the bootstrap key is listed: {out}");
+    assert!(
+        out.contains("test admin"),
+        "the bootstrap key is listed: {out}"
+    );
     let (ok, _, err) = run(cli(&tls, &["keys", "list"])).await;
     assert!(!ok && err.contains("--ca-cert"), "{err}");
     let (ok, _, err) = run(cli(&tls, &["replicas", "--ca-cert", "missing.pem"])).await;
@@ -261,34 +264,64 @@ async fn the_cli_reaches_tls_and_mtls_servers() {
     let (ok, out, err) = run(with_env).await;
     assert!(ok, "{err}");
     assert!(out.contains("head sequence"), "{out}");
-    let mtls_flags = ["--ca-cert", "ca.pem", "--client-cert", "client.pem", "--client-key", "client.key"];
-    let (ok, out, err) = run(cli(&mtls, &[&["keys"][..], &mtls_flags, &["list"]].concat())).await;
+    let mtls_flags = [
+        "--ca-cert",
+        "ca.pem",
+        "--client-cert",
+        "client.pem",
+        "--client-key",
+        "client.key",
+    ];
+    let (ok, out, err) = run(cli(
+        &mtls,
+        &[&["keys"][..], &mtls_flags, &["list"]].concat(),
+    ))
+    .await;
     assert!(ok && out.contains("test admin"), "{err}");
     let (ok, _, _) = run(cli(&mtls, &["keys", "--ca-cert", "ca.pem", "list"])).await;
     assert!(!ok, "no client certificate: refused");
-    let stranger = ["--ca-cert", "ca.pem", "--client-cert", "stranger.pem", "--client-key", "stranger.key"];
+    let stranger = [
+        "--ca-cert",
+        "ca.pem",
+        "--client-cert",
+        "stranger.pem",
+        "--client-key",
+        "stranger.key",
+    ];
     let (ok, _, _) = run(cli(&mtls, &[&["keys"][..], &stranger, &["list"]].concat())).await;
     assert!(!ok, "another CA's client certificate: refused");
 
     // watch streams over mTLS: it prints the revocation made below.
-    let mut watch = cli(&mtls, &[&["watch"][..], &mtls_flags, &["--after", "0"]].concat());
+    let mut watch = cli(
+        &mtls,
+        &[&["watch"][..], &mtls_flags, &["--after", "0"]].concat(),
+    );
     let mut watch = watch
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
-        watch.stdout.take().unwrap(),
-    ));
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
     // Until watch has subscribed, a revocation may go unseen: revoke
     // another key each round.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     let created = loop {
-        assert!(tokio::time::Instant::now() < deadline, "watch printed no REVOKED");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watch printed no REVOKED"
+        );
         let create = [
             &["keys"][..],
             &mtls_flags,
-            &["--json", "create", "--name", "w", "--organization-id", "org_1"],
+            &[
+                "--json",
+                "create",
+                "--name",
+                "w",
+                "--organization-id",
+                "org_1",
+            ],
         ]
         .concat();
         let (ok, out, err) = run(cli(&mtls, &create)).await;
