@@ -74,6 +74,14 @@ pub enum FeedItem {
     Closing(i64),
 }
 
+/// A Watch subscription, taken when the RPC arrives: live events and the
+/// applied position they follow, read together.
+#[derive(Debug)]
+pub struct Subscription {
+    live: broadcast::Receiver<Arc<Event>>,
+    head: i64,
+}
+
 /// A replica as ListReplicas shows it.
 #[derive(Debug, Clone)]
 pub struct ReplicaView {
@@ -91,6 +99,10 @@ pub struct Feed {
     freshness: Arc<Freshness>,
     applied: AtomicI64,
     events: broadcast::Sender<Arc<Event>>,
+    /// Held around "advance `applied`, then publish" and around "subscribe,
+    /// then read `applied`", so a new subscription sees each event either
+    /// live or as before its start, never neither. Never held across an await.
+    publishing: std::sync::Mutex<()>,
     wake: Arc<Notify>,
     replica_id: Uuid,
     listen_url: Option<String>,
@@ -116,6 +128,7 @@ impl Feed {
             freshness,
             applied: AtomicI64::new(head),
             events: broadcast::channel(4096).0,
+            publishing: std::sync::Mutex::new(()),
             wake: Arc::new(Notify::new()),
             replica_id: Uuid::new_v4(),
             listen_url,
@@ -137,8 +150,17 @@ impl Feed {
         self.replica_id
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.events.subscribe()
+    /// Live events from now on, and the applied position they start after:
+    /// every event above `head` arrives on `live`.
+    pub fn subscribe(&self) -> Subscription {
+        let _publishing = self
+            .publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Subscription {
+            live: self.events.subscribe(),
+            head: self.applied(),
+        }
     }
 
     /// Follows the log until `shutdown`.
@@ -191,8 +213,13 @@ impl Feed {
             let done = batch.len() < BATCH as usize;
             for event in batch {
                 self.cache.invalidate(event.key_id);
-                // Applied before published: a Watch that reads `applied` after
-                // subscribing never misses the event in between.
+                // Applied and published as one step (see `publishing`): a
+                // Watch starting in between would otherwise count the event
+                // as sent without ever receiving it.
+                let _publishing = self
+                    .publishing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 self.applied.store(event.sequence, Ordering::Release);
                 let _ = self.events.send(Arc::new(event));
             }
@@ -270,18 +297,19 @@ impl Feed {
     }
 
     /// One Watch session: replay after `after`, then live events, with
-    /// heartbeats, until the subscriber leaves or `shutdown`. `live` must have
-    /// been subscribed before this is called, so nothing falls in between.
+    /// heartbeats, until the subscriber leaves or `shutdown`. With `after` 0
+    /// it starts at the subscription's head: what was applied before
+    /// [`Feed::subscribe`] returned is not sent, everything after is.
     pub async fn watch(
         self: Arc<Self>,
         after: i64,
-        mut live: broadcast::Receiver<Arc<Event>>,
+        subscription: Subscription,
         sink: mpsc::Sender<FeedItem>,
         shutdown: CancellationToken,
     ) {
         self.metrics.subscribers.increment(1.0);
         let _leave = DecrementOnDrop(self.metrics.subscribers.clone());
-        let head = self.applied();
+        let Subscription { mut live, head } = subscription;
         let mut last = head;
         let start = async {
             let store_head = self.store.head_sequence().await?;

@@ -27,7 +27,6 @@ use crate::service::{Authorizer, KeyService};
 use crate::store::{KeyStore, SqlStore, StoreError};
 
 /// Everything `serve` needs besides the listener.
-#[derive(Debug)]
 pub struct Settings {
     pub database_url: String,
     pub policy: RouteTable,
@@ -79,6 +78,19 @@ impl Default for ServerLimits {
             ext_authz_max_request_size: 256 * 1024,
             watch_streams_per_key: 16,
         }
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The database URL may carry a password.
+        f.debug_struct("Settings")
+            .field(
+                "database_url",
+                &crate::store::sql_redact(&self.database_url),
+            )
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
     }
 }
 

@@ -134,6 +134,7 @@ pub fn key_event(e: &Event) -> pb::KeyEvent {
         actor: e.actor.clone(),
         at: Some(timestamp(e.at)),
         reason: e.reason.clone(),
+        details: e.details.clone(),
     }
 }
 
@@ -356,19 +357,21 @@ fn rate_limit(per_minute: u32) -> Result<u32, Error> {
     Ok(per_minute)
 }
 
-/// A CIDR, or a single address meaning just that address.
+/// A CIDR, or a single address meaning just that address, in the domain's
+/// canonical form (an IPv4-mapped network as IPv4).
 fn cidr(value: &str) -> Result<IpNet, Error> {
     let value = value.trim();
     let parsed = value
         .parse::<IpNet>()
         .or_else(|_| value.parse::<std::net::IpAddr>().map(IpNet::from));
-    parsed.map(|net| net.trunc()).map_err(|_| {
+    let net = parsed.map_err(|_| {
         let shown = crate::service::authorize::truncate(value, 64);
         Error::invalid(
             "allowed_cidrs",
             format!("{shown:?} is not a CIDR or IP address"),
         )
-    })
+    })?;
+    crate::domain::cidr::normalize(net).map_err(|why| Error::invalid("allowed_cidrs", why))
 }
 
 pub fn list_spec(r: pb::ListKeysRequest) -> Result<ListSpec, Error> {
@@ -496,6 +499,15 @@ mod tests {
         assert_eq!(cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
         assert_eq!(cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(cidr("2001:db8::1/32").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(
+            cidr("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(cidr("::ffff:1.2.3.4").unwrap().to_string(), "1.2.3.4/32");
+        assert_eq!(
+            field_of(cidr("::ffff:10.0.0.0/95").unwrap_err()),
+            "allowed_cidrs"
+        );
     }
 
     #[test]

@@ -515,12 +515,13 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                             "sequence": e.sequence, "kind": e.kind().as_str_name(), "key_id": e.key_id,
                             "organization_id": e.organization_id, "actor": e.actor,
                             "at": time(e.at.as_ref()), "reason": e.reason,
+                            "details": e.details,
                         })
                     })
                     .collect();
                 println!("{}", Value::Array(list));
             } else {
-                let rows: Vec<[String; 6]> = events
+                let rows: Vec<[String; 7]> = events
                     .iter()
                     .map(|e| {
                         [
@@ -530,12 +531,16 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                             e.key_id.clone(),
                             e.actor.clone(),
                             e.reason.clone(),
+                            e.details.clone(),
                         ]
                     })
                     .collect();
                 println!(
                     "{}",
-                    table(["SEQ", "AT", "EVENT", "KEY ID", "ACTOR", "REASON"], &rows)
+                    table(
+                        ["SEQ", "AT", "EVENT", "KEY ID", "ACTOR", "REASON", "DETAILS"],
+                        &rows
+                    )
                 );
             }
         }

@@ -39,12 +39,22 @@ enum Command {
 }
 
 /// Where the keys live.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct StoreArgs {
     /// sqlite://PATH (created when missing) or postgres://…; falls back to
     /// DATABASE_URL, then to sqlite://keygate.db.
     #[arg(long, env = "KEYGATE_DATABASE_URL")]
     database_url: Option<String>,
+}
+
+impl std::fmt::Debug for StoreArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        let url = self.database_url.as_deref().map(crate::store::sql_redact);
+        f.debug_struct("StoreArgs")
+            .field("database_url", &url)
+            .finish()
+    }
 }
 
 impl StoreArgs {
@@ -127,7 +137,7 @@ mod tests {
     /// Every setting can come from a KEYGATE_* variable. The exception is
     /// what one `keygate keys …` call acts on (a name, a scope, a key id):
     /// a stray variable must not change what such a command does, so only
-    /// its connection settings (--server) read the environment.
+    /// its connection settings (--server, the TLS files) read the environment.
     #[test]
     fn every_setting_has_an_environment_variable() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
@@ -138,7 +148,8 @@ mod tests {
                 if matches!(id, "help" | "version") || arg.is_positional() {
                     continue;
                 }
-                if per_call && id != "server" {
+                let connection = ["server", "ca_cert", "client_cert", "client_key"];
+                if per_call && !connection.contains(&id) {
                     continue;
                 }
                 match arg.get_env() {

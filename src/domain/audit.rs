@@ -29,6 +29,12 @@ pub fn chain_hash(previous: &[u8; 32], e: &Event) -> [u8; 32] {
     }
     h.update([u8::from(org.is_some())]);
     h.update(e.at.timestamp_micros().to_be_bytes());
+    // Added after the chain existed: hashed only when present, so events
+    // written before (all without details) keep their hashes.
+    if !e.details.is_empty() {
+        h.update((e.details.len() as u64).to_be_bytes());
+        h.update(e.details.as_bytes());
+    }
     h.finalize().into()
 }
 
@@ -117,6 +123,11 @@ mod tests {
                     actor: "bootstrap".into(),
                     at: DateTime::from_timestamp(1_800_000_000 + sequence, 0).unwrap(),
                     reason: String::new(),
+                    details: if sequence % 2 == 0 {
+                        format!("name=\"k{sequence}\"")
+                    } else {
+                        String::new()
+                    },
                     hash: None,
                 };
                 previous = chain_hash(&previous, &e);
@@ -133,6 +144,41 @@ mod tests {
         Ok(v.verified())
     }
 
+    /// Events from before details existed keep the hash they were given.
+    #[test]
+    fn an_event_without_details_hashes_as_it_did_before_details() {
+        let e = Event {
+            sequence: 7,
+            kind: EventKind::Revoked,
+            key_id: Uuid::parse_str("6f1c1a52-1f0b-4f5e-9a51-2d1b6d0c8e11").unwrap(),
+            organization_id: Some("org_1".into()),
+            actor: "bootstrap".into(),
+            at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            reason: "leaked".into(),
+            details: String::new(),
+            hash: None,
+        };
+        // Computed with the v1 encoding, before the details field was added.
+        let mut h = Sha256::new();
+        h.update(b"keygate-audit-v1");
+        h.update(GENESIS);
+        h.update(7i64.to_be_bytes());
+        for field in [
+            "revoked",
+            "6f1c1a52-1f0b-4f5e-9a51-2d1b6d0c8e11",
+            "org_1",
+            "bootstrap",
+            "leaked",
+        ] {
+            h.update((field.len() as u64).to_be_bytes());
+            h.update(field.as_bytes());
+        }
+        h.update([1u8]);
+        h.update(e.at.timestamp_micros().to_be_bytes());
+        let before: [u8; 32] = h.finalize().into();
+        assert_eq!(chain_hash(&GENESIS, &e), before);
+    }
+
     #[test]
     fn an_untouched_chain_verifies() {
         assert_eq!(verify(&chain(5)), Ok(5));
@@ -143,6 +189,13 @@ mod tests {
         let mut edited = chain(5);
         edited[2].0.reason = "tampered".into();
         assert_eq!(verify(&edited), Err(ChainBreak::Mismatch(3)));
+
+        let mut edited = chain(5);
+        edited[1].0.details = "name=\"other\"".into();
+        assert_eq!(verify(&edited), Err(ChainBreak::Mismatch(2)));
+        let mut added = chain(5);
+        added[2].0.details = "scopes=*:*".into();
+        assert_eq!(verify(&added), Err(ChainBreak::Mismatch(3)));
 
         let mut deleted = chain(5);
         deleted.remove(1);

@@ -1,7 +1,9 @@
 //! The event log: one row per lifecycle change, with a gap-free, increasing sequence.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
+
+use super::key::KeyRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -74,8 +76,10 @@ pub struct NewEvent {
     pub organization_id: Option<String>,
     pub actor: Actor,
     pub at: DateTime<Utc>,
-    /// The revoke reason; empty otherwise.
+    /// The revoke reason, or the fields an update changed; empty otherwise.
     pub reason: String,
+    /// The key's settings the event leaves in force (see [`details`]).
+    pub details: String,
 }
 
 /// A stored event.
@@ -88,6 +92,129 @@ pub struct Event {
     pub actor: String,
     pub at: DateTime<Utc>,
     pub reason: String,
+    /// The settings the event left in force; empty for events that change
+    /// none and for events written before details were recorded.
+    pub details: String,
     /// The audit chain hash (see `audit`); `None` only for a damaged row.
     pub hash: Option<[u8; 32]>,
+}
+
+/// The settings an event records, as `field=value` pairs separated by
+/// spaces, in a fixed order: every setting for a creation, and for an update
+/// the fields named in `changed` (as `KeyChanges::describe` names them) with
+/// their values after the change. Empty for every other kind. Never holds a
+/// secret: only what GetKey shows.
+///
+/// `name="checkout backend" tier=organization mode=live
+/// scopes=checkout:create,links:read allowed_cidrs=10.0.0.0/8
+/// rate_limit_per_minute=50 expires_at=2027-01-01T00:00:00Z`; an empty
+/// scope list is `none`, an empty allow-list `any`, a rate limit of 0
+/// `default` and no expiry `never`.
+pub fn details(kind: EventKind, key: &KeyRecord, changed: &str) -> String {
+    let wanted = |field: &str| match kind {
+        EventKind::Created => true,
+        EventKind::Updated => changed.split(", ").any(|c| c == field),
+        _ => false,
+    };
+    let list = |items: Vec<String>, empty: &str| {
+        if items.is_empty() {
+            empty.to_owned()
+        } else {
+            items.join(",")
+        }
+    };
+    // Admin writes only: computing every value and keeping some is cheap.
+    let settings = [
+        ("name", format!("{:?}", key.name)),
+        ("tier", key.tier.as_str().to_owned()),
+        ("mode", key.mode.as_str().to_owned()),
+        (
+            "scopes",
+            list(
+                key.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+                "none",
+            ),
+        ),
+        (
+            "allowed_cidrs",
+            list(
+                key.allowed_cidrs.iter().map(ToString::to_string).collect(),
+                "any",
+            ),
+        ),
+        (
+            "rate_limit_per_minute",
+            match key.rate_limit_per_minute {
+                0 => "default".to_owned(),
+                n => n.to_string(),
+            },
+        ),
+        (
+            "expires_at",
+            key.expires_at.map_or("never".to_owned(), |at| {
+                at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            }),
+        ),
+    ];
+    settings
+        .iter()
+        .filter(|(field, _)| wanted(field))
+        .map(|(field, value)| format!("{field}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::key::KeyChanges;
+    use crate::domain::scope::ScopeSet;
+
+    fn key() -> KeyRecord {
+        let (mut key, _) = crate::domain::key::fixtures::key_with(&[]);
+        key.name = "checkout \"backend\"".into();
+        key.scopes = ScopeSet::parse(&["checkout:create", "links:read"]).unwrap();
+        key.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        key.rate_limit_per_minute = 50;
+        key.expires_at = DateTime::from_timestamp(1_800_000_000, 0);
+        key
+    }
+
+    #[test]
+    fn a_creation_records_every_setting() {
+        assert_eq!(
+            details(EventKind::Created, &key(), ""),
+            "name=\"checkout \\\"backend\\\"\" tier=organization mode=live \
+             scopes=checkout:create,links:read allowed_cidrs=10.0.0.0/8 \
+             rate_limit_per_minute=50 expires_at=2027-01-15T08:00:00Z"
+        );
+        let mut bare = key();
+        bare.scopes = ScopeSet::parse::<&str>(&[]).unwrap();
+        bare.allowed_cidrs.clear();
+        bare.rate_limit_per_minute = 0;
+        bare.expires_at = None;
+        let d = details(EventKind::Created, &bare, "");
+        assert!(
+            d.ends_with(
+                "scopes=none allowed_cidrs=any rate_limit_per_minute=default expires_at=never"
+            ),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn an_update_records_the_changed_fields_new_values() {
+        let changes = KeyChanges {
+            scopes: Some(ScopeSet::parse(&["links:read"]).unwrap()),
+            expires_at: Some(None),
+            ..Default::default()
+        };
+        let mut after = key();
+        after.update(&changes).unwrap();
+        assert_eq!(
+            details(EventKind::Updated, &after, &changes.describe()),
+            "scopes=links:read expires_at=never"
+        );
+        assert_eq!(details(EventKind::Revoked, &after, "leaked"), "");
+    }
 }

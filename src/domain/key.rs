@@ -159,7 +159,8 @@ pub struct KeyChanges {
 }
 
 impl KeyChanges {
-    /// The changed fields, for the audit trail ("scopes, rate_limit_per_minute").
+    /// The changed fields, for the audit trail ("scopes, rate_limit_per_minute");
+    /// `event::details` reads the same names to record their new values.
     pub fn describe(&self) -> String {
         [
             ("name", self.name.is_some()),

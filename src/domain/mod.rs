@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod bounds;
+pub mod cidr;
 pub mod clock;
 pub mod decision;
 pub mod event;

@@ -15,7 +15,7 @@ use super::page::{PageTokens, last_of_page, page_size};
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::domain::clock::Clock;
-use crate::domain::event::{Actor, EventKind, NewEvent};
+use crate::domain::event::{self, Actor, EventKind, NewEvent};
 use crate::domain::grant;
 use crate::domain::key::{KeyChanges, KeyRecord, KeyState, Mode, Tier};
 use crate::domain::scope::{Scope, ScopeSet};
@@ -353,6 +353,7 @@ impl KeyService {
                 actor: Actor::Keygate,
                 at: now,
                 reason: String::new(),
+                details: String::new(),
             };
             if self.store.update_key(&key, &ev).await?.is_some() {
                 self.cache.invalidate(key.id);
@@ -401,6 +402,7 @@ impl KeyService {
             actor: Actor::Bootstrap,
             at: now,
             reason: String::new(),
+            details: event::details(EventKind::Created, &key, ""),
         };
         self.store.insert_key(&key, &ev).await?;
         tracing::info!(key_id = %id, "bootstrap key created");
@@ -477,6 +479,9 @@ fn event(
         organization_id: key.organization_id.clone(),
         actor: Actor::Key(caller.key().id),
         at,
+        // An update's reason names the changed fields; `key` is the key
+        // after the change.
+        details: event::details(kind, key, &reason),
         reason,
     }
 }

@@ -1,5 +1,5 @@
 //! Per-key rate limits: GCRA (governor) with each key's own allowance per
-//! minute, on the injected clock.
+//! minute, on the injected clock's monotonic reading.
 //!
 //! A key limited to L per minute may burst L requests and then gets one more
 //! every 60/L seconds: there is no fixed window, so no 2× burst at a minute
@@ -18,7 +18,9 @@ use uuid::Uuid;
 
 use crate::domain::clock::Clock;
 
-/// The domain clock as governor sees it: time since the Unix epoch.
+/// The domain clock as governor sees it: its monotonic reading, so a wall
+/// clock stepped back does not push every key's next allowance into the
+/// future (nor a step forward hand out full allowances).
 #[derive(Clone)]
 struct GovernorClock(Arc<dyn Clock>);
 
@@ -26,8 +28,7 @@ impl governor::clock::Clock for GovernorClock {
     type Instant = Duration;
 
     fn now(&self) -> Duration {
-        let micros = self.0.now().timestamp_micros();
-        Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+        self.0.monotonic()
     }
 }
 
@@ -185,6 +186,35 @@ mod tests {
                 .sum();
             assert_eq!(allowed, 20);
         }
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_limits_no_further() {
+        let clock = Arc::new(ManualClock::new(
+            DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        ));
+        let l = limits(&clock);
+        let key = Uuid::new_v4();
+        for _ in 0..5 {
+            assert_eq!(l.check(key, 5).retry_after, None);
+        }
+        let before = l.check(key, 5).retry_after.unwrap();
+        clock.step_wall(-ChronoDuration::hours(1));
+        let after = l.check(key, 5).retry_after.unwrap();
+        assert_eq!(after, before, "the step changes nothing");
+        clock.advance(ChronoDuration::seconds(12));
+        assert_eq!(
+            l.check(key, 5).retry_after,
+            None,
+            "allowances still come back"
+        );
+        assert!(
+            l.check(key, 5).retry_after.is_some(),
+            "and the limit still holds"
+        );
+        // Forward too: a step is not time passing, so no allowance comes back.
+        clock.step_wall(ChronoDuration::hours(1));
+        assert!(l.check(key, 5).retry_after.is_some());
     }
 
     #[test]

@@ -62,11 +62,12 @@ impl SqlStore {
             actor: event.actor.to_string(),
             at: event.at,
             reason: event.reason.clone(),
+            details: event.details.clone(),
             hash: None,
         };
         stored.hash = Some(chain_hash(&previous, &stored));
         let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO key_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            "INSERT INTO key_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         ));
         bind_event(sqlx::query(sql), &stored)
             .execute(&mut **tx)

@@ -10,6 +10,7 @@ pub mod postgres;
 mod row;
 mod sql;
 mod sqlite;
+mod url;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -19,7 +20,8 @@ use crate::domain::event::{Event, NewEvent};
 use crate::domain::key::{KeyRecord, Mode};
 use crate::domain::usage::UsageRecord;
 
-pub use sql::{SqlStore, redact as sql_redact};
+pub use sql::SqlStore;
+pub use url::redact as sql_redact;
 
 /// How long a silent replica stays in ListReplicas (shown as not live)
 /// before it is forgotten.

@@ -30,6 +30,22 @@ pub(super) async fn serialize_writers(
     Ok(())
 }
 
+/// An arbitrary, fixed advisory-lock key for "usage flushes", apart from
+/// [`WRITE_LOCK`] so that flushes never wait for admin writes.
+const USAGE_LOCK: i64 = 0x006b_6775_7361_6765;
+
+/// Makes usage flushes from every replica take turns until commit: each
+/// locks many rows, and two doing so at once could deadlock.
+pub(super) async fn serialize_usage_flushes(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(USAGE_LOCK)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// The channel every replica LISTENs on; a notification is only a wake-up,
 /// replicas read the events themselves by sequence.
 pub const EVENTS_CHANNEL: &str = "keygate_events";

@@ -124,7 +124,13 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
     let scopes: Vec<&str> = scopes_text.split_whitespace().collect();
     let cidrs = text("allowed_cidrs")?
         .split_whitespace()
-        .map(|c| c.parse().map_err(|_| format!("bad cidr {c:?}")))
+        .map(|c| {
+            let net: ipnet::IpNet = c.parse().map_err(|_| format!("bad cidr {c:?}"))?;
+            // Entries stored before mapped networks were normalised start
+            // matching; one that cannot be (a short mapped prefix) keeps
+            // what it matched before.
+            Ok::<_, String>(crate::domain::cidr::normalize(net).unwrap_or(net))
+        })
         .collect::<Result<_, _>>()?;
     let rate: i64 = row.try_get("rate_limit_per_minute").map_err(get_err)?;
     Ok(KeyRecord {
@@ -193,9 +199,10 @@ pub fn bind_key<'q>(query: AnyQuery<'q>, key: &KeyRecord) -> AnyQuery<'q> {
         )
 }
 
-pub const EVENT_COLUMNS: &str = "seq, kind, key_id, organization_id, actor, at, reason, hash";
+pub const EVENT_COLUMNS: &str =
+    "seq, kind, key_id, organization_id, actor, at, reason, hash, details";
 
-/// Binds an event's columns, in `EVENT_COLUMNS` order, to `$1..$8`.
+/// Binds an event's columns, in `EVENT_COLUMNS` order, to `$1..$9`.
 pub fn bind_event<'q>(query: AnyQuery<'q>, event: &Event) -> AnyQuery<'q> {
     query
         .bind(event.sequence)
@@ -206,6 +213,7 @@ pub fn bind_event<'q>(query: AnyQuery<'q>, event: &Event) -> AnyQuery<'q> {
         .bind(micros(event.at))
         .bind(event.reason.as_str())
         .bind(event.hash.map(|h| h.to_vec()))
+        .bind(event.details.as_str())
 }
 
 pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
@@ -224,6 +232,7 @@ pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
         actor: row.try_get("actor")?,
         at: time(row.try_get("at")?).map_err(corrupt)?,
         reason: row.try_get("reason")?,
+        details: row.try_get("details")?,
         hash: match row.try_get::<Option<Vec<u8>>, _>("hash")? {
             Some(bytes) => Some(
                 bytes

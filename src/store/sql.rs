@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::row::{
     KEY_COLUMNS, bind_key, key_assignment, key_from_row, key_placeholders, micros, replica_from_row,
 };
+use super::url::{redact, without_ignored_secrets};
 use super::{
     EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaStatus, StoreError, postgres, sqlite,
 };
@@ -68,7 +69,7 @@ impl SqlStore {
         let (dialect, url) = if sqlite::handles(url) {
             (Dialect::Sqlite, sqlite_url)
         } else if postgres::handles(url) {
-            (Dialect::Postgres, url.to_owned())
+            (Dialect::Postgres, without_ignored_secrets(url))
         } else {
             return Err(StoreError::UnsupportedUrl(redact(url)));
         };
@@ -112,6 +113,44 @@ impl SqlStore {
     }
 }
 
+/// Most keys one usage statement writes (5 parameters each: far below both
+/// dialects' parameter limits).
+const USAGE_BATCH: usize = 500;
+
+/// One round trip for `keys` keys' usage, the same SQL on both dialects
+/// (SQLite ≥ 3.33 has UPDATE … FROM). Per key: id, last_used_at, and the
+/// previous secret's uses, last use and rotation (NULL without one). Last-used
+/// times only move forward; previous-secret uses only count toward the
+/// rotation they were made under (`rotated_at = NULL` is never true).
+fn usage_statement(keys: usize) -> String {
+    let values = (0..keys)
+        .map(|k| {
+            let p = k * 5;
+            format!(
+                "(${}, ${}, ${}, ${}, ${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "WITH v (id, t, uses, plast, rot) AS (VALUES {values}) \
+         UPDATE api_keys SET \
+         last_used_at = CASE WHEN api_keys.last_used_at IS NULL OR api_keys.last_used_at < v.t \
+           THEN v.t ELSE api_keys.last_used_at END, \
+         previous_secret_uses = CASE WHEN api_keys.rotated_at = v.rot \
+           THEN api_keys.previous_secret_uses + v.uses ELSE api_keys.previous_secret_uses END, \
+         previous_secret_last_used_at = CASE WHEN api_keys.rotated_at = v.rot \
+           AND (api_keys.previous_secret_last_used_at IS NULL OR api_keys.previous_secret_last_used_at < v.plast) \
+           THEN v.plast ELSE api_keys.previous_secret_last_used_at END \
+         FROM v WHERE api_keys.id = v.id"
+    )
+}
+
 /// Times a store call and counts its failures.
 async fn observe<T>(
     operation: &'static str,
@@ -121,18 +160,6 @@ async fn observe<T>(
     let result = call.await;
     crate::telemetry::store_query(operation, started.elapsed(), result.is_ok());
     result
-}
-
-/// A database URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 #[async_trait]
@@ -279,31 +306,32 @@ impl KeyStore for SqlStore {
             if records.is_empty() {
                 return Ok(());
             }
+            // Key-id order and, on PostgreSQL, one flush at a time across
+            // replicas: two flushes locking overlapping rows in different
+            // orders would deadlock. The order of the joined rows an
+            // UPDATE … FROM locks is up to the planner, so sorting alone does
+            // not guarantee the lock order; the advisory lock does, and the
+            // sort keeps statements deterministic. One transaction for every
+            // batch: a failed flush is restored and retried whole, and a
+            // partly committed one would count previous-secret uses twice.
+            let mut sorted: Vec<&UsageRecord> = records.iter().collect();
+            sorted.sort_by_key(|r| r.key_id);
             let mut tx = self.pool.begin().await?;
-            for r in records {
-                sqlx::query(
-                    "UPDATE api_keys SET last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < $2 \
-                     THEN $2 ELSE last_used_at END WHERE id = $1",
-                )
-                .bind(r.key_id.to_string())
-                .bind(micros(r.last_used_at))
-                .execute(&mut *tx)
-                .await?;
-                if let Some(p) = &r.previous {
-                    // Only if the key has not been rotated again since.
-                    sqlx::query(
-                        "UPDATE api_keys SET previous_secret_uses = previous_secret_uses + $2, \
-                         previous_secret_last_used_at = CASE WHEN previous_secret_last_used_at IS NULL \
-                         OR previous_secret_last_used_at < $3 THEN $3 ELSE previous_secret_last_used_at END \
-                         WHERE id = $1 AND rotated_at = $4",
-                    )
-                    .bind(r.key_id.to_string())
-                    .bind(i64::try_from(p.uses).unwrap_or(i64::MAX))
-                    .bind(micros(p.last_used_at))
-                    .bind(micros(p.rotated_at))
-                    .execute(&mut *tx)
-                    .await?;
+            if self.dialect == Dialect::Postgres {
+                postgres::serialize_usage_flushes(&mut tx).await?;
+            }
+            for batch in sorted.chunks(USAGE_BATCH) {
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(usage_statement(batch.len())));
+                for r in batch {
+                    let previous = r.previous.as_ref();
+                    query = query
+                        .bind(r.key_id.to_string())
+                        .bind(micros(r.last_used_at))
+                        .bind(previous.map(|p| i64::try_from(p.uses).unwrap_or(i64::MAX)))
+                        .bind(previous.map(|p| micros(p.last_used_at)))
+                        .bind(previous.map(|p| micros(p.rotated_at)));
                 }
+                query.execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -387,16 +415,5 @@ impl KeyStore for SqlStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact("sqlite://keygate.db"), "sqlite://keygate.db");
     }
 }

@@ -301,7 +301,117 @@ fn audit_verify_refuses_a_missing_sqlite_file() {
     );
 }
 
+/// CREATED records every setting and UPDATED the changed fields' new
+/// values, in ListKeyEvents and `keygate keys events`; never a secret, and
+/// the chain still verifies.
+async fn events_record_the_settings_they_leave_in_force(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, token) = s
+        .create_key(pb::CreateKeyRequest {
+            name: "checkout backend".into(),
+            organization_id: "org_a".into(),
+            scopes: vec!["checkout:create".into(), "links:read".into()],
+            mode: pb::Mode::Test as i32,
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
+            rate_limit_per_minute: 50,
+            ..Default::default()
+        })
+        .await;
+    let mut admin = s.admin().await;
+    admin
+        .update_key(as_key(
+            &s.admin_token,
+            pb::UpdateKeyRequest {
+                key_id: key.key_id.clone(),
+                scopes: vec!["links:read".into()],
+                rate_limit_per_minute: 7,
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["rate_limit_per_minute".into(), "scopes".into()],
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let rotated = admin
+        .rotate_key(as_key(
+            &s.admin_token,
+            pb::RotateKeyRequest {
+                key_id: key.key_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let got = events(
+        &s,
+        &s.admin_token,
+        pb::ListKeyEventsRequest {
+            key_id: key.key_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .events;
+    let kinds: Vec<_> = got.iter().map(|e| e.kind()).collect();
+    assert_eq!(kinds, [Kind::Rotated, Kind::Updated, Kind::Created]);
+    assert_eq!(
+        got[2].details,
+        "name=\"checkout backend\" tier=organization mode=test \
+         scopes=checkout:create,links:read allowed_cidrs=10.0.0.0/8 \
+         rate_limit_per_minute=50 expires_at=never"
+    );
+    assert_eq!(got[1].reason, "scopes, rate_limit_per_minute");
+    assert_eq!(got[1].details, "scopes=links:read rate_limit_per_minute=7");
+    assert_eq!(got[0].details, "", "a rotation changes no setting");
+    for e in &got {
+        assert!(!e.details.contains(&token[30..]) && !e.details.contains(&rotated[30..]));
+    }
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args([
+            "keys",
+            "--server",
+            &s.url(),
+            "events",
+            "--key-id",
+            &key.key_id,
+        ])
+        .env("KEYGATE_TOKEN", &s.admin_token)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.lines().next().unwrap().contains("DETAILS"), "{table}");
+    assert!(
+        table.contains("scopes=links:read rate_limit_per_minute=7")
+            && table.contains("allowed_cidrs=10.0.0.0/8"),
+        "{table}"
+    );
+
+    let (ok, out) = verify(&s.database_url);
+    assert!(ok && out.contains("intact"), "{out}");
+    // Details are covered by the chain.
+    sql(
+        &s.database_url,
+        "UPDATE key_events SET details = 'scopes=*:*' WHERE kind = 'updated'",
+    )
+    .await;
+    let (ok, out) = verify(&s.database_url);
+    assert!(!ok && out.contains("edited"), "{out}");
+}
+
 on_both_backends!(
+    events_record_the_settings_they_leave_in_force,
     every_change_leaves_one_event_with_its_actor,
     audit_verify_names_an_edited_or_deleted_row,
     clearing_the_hashes_does_not_launder_an_edit,

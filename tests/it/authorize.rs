@@ -182,6 +182,88 @@ async fn enforces_ip_allow_lists(backend: Backend) {
     }
 }
 
+/// 10.0.0.0/8 and 1.2.3.4 are allowed, in either notation; nothing else is.
+async fn mapped_entries_allow(s: &TestServer, token: &str) {
+    let route = "POST /v1/checkouts";
+    for ip in ["10.1.2.3", "::ffff:10.1.2.3", "1.2.3.4", "::ffff:1.2.3.4"] {
+        assert_eq!(
+            s.authorize(token, route, ip).await.decision(),
+            pb::Decision::Allow,
+            "{ip}"
+        );
+    }
+    assert_deny(
+        &s.authorize(token, route, "11.0.0.1").await,
+        pb::DenyReason::IpNotAllowed,
+        403,
+    );
+}
+
+/// Allow-list entries in IPv4-mapped form are IPv4 networks: normalised at
+/// CreateKey and UpdateKey, and when read from rows stored before that.
+async fn ipv4_mapped_allow_list_entries_match_their_ipv4_clients(backend: Backend) {
+    use crate::harness::as_key;
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, token) = s
+        .create_key(pb::CreateKeyRequest {
+            name: "mapped".into(),
+            organization_id: "org_a".into(),
+            scopes: vec!["checkout:create".into()],
+            allowed_cidrs: vec!["::ffff:10.0.0.0/104".into(), "::ffff:1.2.3.4".into()],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(key.allowed_cidrs, ["10.0.0.0/8", "1.2.3.4/32"]);
+    mapped_entries_allow(&s, &token).await;
+
+    let mut admin = s.admin().await;
+    let update = |cidrs: &[&str]| pb::UpdateKeyRequest {
+        key_id: key.key_id.clone(),
+        allowed_cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["allowed_cidrs".into()],
+        }),
+        ..Default::default()
+    };
+    let updated = admin
+        .update_key(as_key(&s.admin_token, update(&["::ffff:192.168.0.0/112"])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.allowed_cidrs, ["192.168.0.0/16"]);
+    let err = admin
+        .update_key(as_key(&s.admin_token, update(&["::ffff:10.0.0.0/95"])))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("allowed_cidrs"), "{}", err.message());
+    assert_eq!(
+        s.get_key(&key.key_id).await.allowed_cidrs,
+        ["192.168.0.0/16"]
+    );
+
+    // A row written in mapped form before the fix matches once read.
+    sqlx::any::install_default_drivers();
+    let mut db = <sqlx::AnyConnection as sqlx::Connection>::connect(&s.database_url)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE api_keys SET allowed_cidrs = $1 WHERE id = $2")
+        .bind("::ffff:10.0.0.0/104 ::ffff:1.2.3.4/128")
+        .bind(&key.key_id)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    drop(db);
+    let s = s.restart().await;
+    assert_eq!(
+        s.get_key(&key.key_id).await.allowed_cidrs,
+        ["10.0.0.0/8", "1.2.3.4/32"]
+    );
+    mapped_entries_allow(&s, &token).await;
+}
+
 async fn rejects_malformed_requests_as_invalid_argument(backend: Backend) {
     let Some(s) = TestServer::start(backend).await else {
         return;
@@ -304,6 +386,7 @@ on_both_backends!(
     denies_missing_scope_and_unknown_route_with_403,
     required_scopes_replace_the_route_policy,
     enforces_ip_allow_lists,
+    ipv4_mapped_allow_list_entries_match_their_ipv4_clients,
     rejects_malformed_requests_as_invalid_argument,
     expired_keys_are_expired_token,
     a_warm_key_is_authorized_without_the_store,

@@ -362,3 +362,97 @@ async fn serve_alone_creates_the_embedded_database() {
         .unwrap();
     assert!(logs.contains("keygate serving"), "{logs}");
 }
+
+/// A database password, in the userinfo or in any `…password…` query
+/// parameter, reaches neither stdout nor stderr: not at start-up, not in
+/// sqlx's own warnings (debug logs on), not when the connection fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_passwords_never_reach_the_output() {
+    let Some(server) = crate::harness::TestServer::start(crate::harness::Backend::Postgres).await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let separator = if server.database_url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    // Trust authentication accepts any password.
+    let url = format!(
+        "{}{separator}password=SECRET1&sslpassword=SECRET2&Ssl_PassWord=SECRET3",
+        server.database_url
+    );
+    let assert_hidden = |what: &str, output: &str| {
+        assert!(
+            !output.contains("SECRET"),
+            "{what} shows a password:\n{output}"
+        );
+    };
+
+    let migrate = keygate(dir.path())
+        .args(["migrate", "--database-url", &url])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&migrate.stdout);
+    let stderr = String::from_utf8_lossy(&migrate.stderr);
+    assert!(migrate.status.success(), "{stderr}");
+    assert!(stdout.contains("password=***"), "{stdout}");
+    assert_hidden("migrate", &format!("{stdout}{stderr}"));
+
+    let port = free_port();
+    let child = keygate(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("KEYGATE_DATABASE_URL", &url)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_serving(port).await;
+    let child_id = child.id();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("kill")
+            .args(["-TERM", &child_id.to_string()])
+            .status()
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("keygate serving"), "{stderr}");
+    assert!(stderr.contains("password=***"), "{stderr}");
+    assert_hidden(
+        "serve",
+        &format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)),
+    );
+
+    // Nothing listens on this port: serve fails, naming the database.
+    let unreachable = format!(
+        "postgres://postgres:SECRET0@127.0.0.1:{}/keygate?password=SECRET1&sslpassword=SECRET2",
+        free_port()
+    );
+    let failed = keygate(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &unreachable,
+        ])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(
+        stderr.contains("opening postgres://postgres:***@127.0.0.1"),
+        "{stderr}"
+    );
+    assert_hidden(
+        "a failed serve",
+        &format!("{}{stderr}", String::from_utf8_lossy(&failed.stdout)),
+    );
+}

@@ -565,7 +565,55 @@ on_both_backends!(
     the_cached_authorizer_drops_a_revoked_key_within_500ms,
     keygate_watch_prints_events,
     a_read_racing_an_invalidation_never_resurrects_the_old_record,
+    an_event_applied_while_a_watch_starts_is_delivered,
+    a_revocation_right_after_watch_returns_is_delivered,
 );
+
+/// The race itself, made certain: an event applied after the subscription
+/// was taken but before the session starts is delivered, not skipped while
+/// heartbeats claim it was sent.
+async fn an_event_applied_while_a_watch_starts_is_delivered(backend: Backend) {
+    use keygate::feed::FeedItem;
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, _) = s.org_key("org_a", &[]).await;
+    s.settle().await;
+    let subscription = s.feed.subscribe();
+    revoke(&s, &key.key_id).await;
+    s.settle().await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(s.feed.clone().watch(0, subscription, tx, shutdown.clone()));
+    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    match first {
+        FeedItem::Event(e) => assert_eq!(e.key_id.to_string(), key.key_id),
+        other => panic!("the revocation was skipped; first came {other:?}"),
+    }
+    shutdown.cancel();
+}
+
+/// What a gateway sees: a revocation made as soon as Watch (after 0)
+/// returned is on the stream, round after round.
+async fn a_revocation_right_after_watch_returns_is_delivered(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    for round in 0..30 {
+        let (key, _) = s.org_key("org_a", &[]).await;
+        let mut stream = watch(&s.url(), &s.admin_token, 0).await;
+        revoke(&s, &key.key_id).await;
+        let e = next_change(&mut stream).await;
+        assert_eq!(
+            (e.kind(), e.key_id.as_str()),
+            (Kind::Revoked, key.key_id.as_str()),
+            "round {round}"
+        );
+    }
+}
 
 /// A position older than the replica replays (--feed-max-replay) starts
 /// with RESET: the subscriber must drop everything it cached.

@@ -225,7 +225,41 @@ async fn update_key_changes_limits_and_scopes_at_once(backend: Backend) {
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
+/// An NTP step back of an hour: a key at its limit waits no longer than it
+/// did, and its allowance comes back as time passes.
+async fn a_wall_clock_stepped_back_an_hour_limits_no_further(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (_, token) = limited_key(&s, 5).await;
+    for _ in 0..5 {
+        assert_eq!(
+            s.authorize(&token, ROUTE, "").await.decision(),
+            pb::Decision::Allow
+        );
+    }
+    let before = s.authorize(&token, ROUTE, "").await;
+    assert_eq!(before.reason(), pb::DenyReason::RateLimited);
+    s.clock.step_wall(-Duration::hours(1));
+    let after = s.authorize(&token, ROUTE, "").await;
+    assert_eq!(after.reason(), pb::DenyReason::RateLimited);
+    assert_eq!(
+        after.retry_after, before.retry_after,
+        "no longer than before"
+    );
+    s.advance(Duration::seconds(12));
+    assert_eq!(
+        s.authorize(&token, ROUTE, "").await.decision(),
+        pb::Decision::Allow
+    );
+    assert_eq!(
+        s.authorize(&token, ROUTE, "").await.reason(),
+        pb::DenyReason::RateLimited
+    );
+}
+
 on_both_backends!(
+    a_wall_clock_stepped_back_an_hour_limits_no_further,
     five_per_minute_then_429_until_old_requests_age_out,
     two_hundred_concurrent_calls_on_a_limit_of_100_allow_exactly_100,
     update_key_changes_limits_and_scopes_at_once,

@@ -38,7 +38,7 @@ fn pki() -> Pki {
     };
     Pki {
         ca_pem: ca.pem(),
-        server: leaf(vec!["localhost".into()], &ca),
+        server: leaf(vec!["localhost".into(), "127.0.0.1".into()], &ca),
         client: leaf(vec!["gateway".into()], &ca),
         stranger: leaf(vec!["gateway".into()], &other_ca),
     }
@@ -187,4 +187,161 @@ async fn serve_reads_tls_files_and_keeps_a_plaintext_health_port() {
         .await
         .unwrap();
     assert!(!logs.contains(&token[30..]), "a secret reached the log");
+}
+
+/// `keygate keys|replicas|watch` over TLS: `--ca-cert` trusts the server's
+/// CA, `--client-cert`/`--client-key` (or their KEYGATE_* variables) present
+/// a client certificate to a server that requires mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reaches_tls_and_mtls_servers() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, pem) in [
+        ("ca.pem", &pki.ca_pem),
+        ("client.pem", &pki.client.0),
+        ("client.key", &pki.client.1),
+        ("stranger.pem", &pki.stranger.0),
+        ("stranger.key", &pki.stranger.1),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let server = |client_ca: bool| {
+        let pki = &pki;
+        async move {
+            let tls = TlsSettings {
+                cert_pem: pki.server.0.clone().into_bytes(),
+                key_pem: pki.server.1.clone().into_bytes(),
+                client_ca_pem: client_ca.then(|| pki.ca_pem.clone().into_bytes()),
+            };
+            TestServer::start_tls(Backend::Sqlite, Some(tls))
+                .await
+                .unwrap()
+        }
+    };
+    let cli = |s: &TestServer, args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
+        // The subcommand, then --server (`keys` takes it before its own).
+        cmd.current_dir(dir.path())
+            .arg(args[0])
+            .args(["--server", &format!("https://{}", s.addr)])
+            .args(&args[1..])
+            .env("KEYGATE_TOKEN", &s.admin_token)
+            .env_remove("KEYGATE_CA_CERT")
+            .env_remove("KEYGATE_CLIENT_CERT")
+            .env_remove("KEYGATE_CLIENT_KEY")
+            .kill_on_drop(true);
+        cmd
+    };
+    let run = |mut cmd: tokio::process::Command| async move {
+        let out = cmd.output().await.unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // TLS: the CA is enough; without it the server is not trusted.
+    let tls = server(false).await;
+    let (ok, out, err) = run(cli(&tls, &["keys", "--ca-cert", "ca.pem", "list"])).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("test admin"),
+        "the bootstrap key is listed: {out}"
+    );
+    let (ok, _, err) = run(cli(&tls, &["keys", "list"])).await;
+    assert!(!ok && err.contains("--ca-cert"), "{err}");
+    let (ok, _, err) = run(cli(&tls, &["replicas", "--ca-cert", "missing.pem"])).await;
+    assert!(!ok && err.contains("--ca-cert missing.pem"), "{err}");
+
+    // mTLS: a client certificate from the server's client CA is required.
+    let mtls = server(true).await;
+    let mut with_env = cli(&mtls, &["replicas"]);
+    with_env
+        .env("KEYGATE_CA_CERT", "ca.pem")
+        .env("KEYGATE_CLIENT_CERT", "client.pem")
+        .env("KEYGATE_CLIENT_KEY", "client.key");
+    let (ok, out, err) = run(with_env).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("head sequence"), "{out}");
+    let mtls_flags = [
+        "--ca-cert",
+        "ca.pem",
+        "--client-cert",
+        "client.pem",
+        "--client-key",
+        "client.key",
+    ];
+    let (ok, out, err) = run(cli(
+        &mtls,
+        &[&["keys"][..], &mtls_flags, &["list"]].concat(),
+    ))
+    .await;
+    assert!(ok && out.contains("test admin"), "{err}");
+    let (ok, _, _) = run(cli(&mtls, &["keys", "--ca-cert", "ca.pem", "list"])).await;
+    assert!(!ok, "no client certificate: refused");
+    let stranger = [
+        "--ca-cert",
+        "ca.pem",
+        "--client-cert",
+        "stranger.pem",
+        "--client-key",
+        "stranger.key",
+    ];
+    let (ok, _, _) = run(cli(&mtls, &[&["keys"][..], &stranger, &["list"]].concat())).await;
+    assert!(!ok, "another CA's client certificate: refused");
+
+    // watch streams over mTLS: it prints the revocation made below.
+    let mut watch = cli(
+        &mtls,
+        &[&["watch"][..], &mtls_flags, &["--after", "0"]].concat(),
+    );
+    let mut watch = watch
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(watch.stdout.take().unwrap()));
+    // Until watch has subscribed, a revocation may go unseen: revoke
+    // another key each round.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let created = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watch printed no REVOKED"
+        );
+        let create = [
+            &["keys"][..],
+            &mtls_flags,
+            &[
+                "--json",
+                "create",
+                "--name",
+                "w",
+                "--organization-id",
+                "org_1",
+            ],
+        ]
+        .concat();
+        let (ok, out, err) = run(cli(&mtls, &create)).await;
+        assert!(ok, "{err}");
+        let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let key_id = created["key"]["key_id"].as_str().unwrap().to_owned();
+        let revoke = [&["keys"][..], &mtls_flags, &["revoke", &key_id]].concat();
+        let (ok, _, err) = run(cli(&mtls, &revoke)).await;
+        assert!(ok, "{err}");
+        let wait = std::time::Duration::from_millis(500);
+        if let Ok(line) = tokio::time::timeout(wait, lines.next_line()).await {
+            let Some(line) = line.unwrap() else {
+                let out = watch.wait_with_output().await.unwrap();
+                panic!("watch ended: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            if line.contains("REVOKED") {
+                break line;
+            }
+        }
+    };
+    assert!(created.contains("org=org_1"), "{created}");
+    watch.kill().await.unwrap();
 }
