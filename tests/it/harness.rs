@@ -77,6 +77,7 @@ pub struct TestServer {
     pub store: Arc<SqlStore>,
     pub keys: Arc<keygate::service::KeyService>,
     pub feed: Arc<keygate::feed::Feed>,
+    pub cache: Arc<keygate::cache::KeyCache>,
     pub database_url: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -115,6 +116,22 @@ impl TestServer {
         backend: Backend,
         tls: Option<keygate::server::TlsSettings>,
     ) -> Option<Self> {
+        Self::start_configured(backend, tls, |_| {}).await
+    }
+
+    /// Like `start`, with `configure` changing the settings last.
+    pub async fn start_with(
+        backend: Backend,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Option<Self> {
+        Self::start_configured(backend, None, configure).await
+    }
+
+    async fn start_configured(
+        backend: Backend,
+        tls: Option<keygate::server::TlsSettings>,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Option<Self> {
         let dir = tempfile::tempdir().expect("temp dir");
         let (database_url, postgres_db) = match backend {
             Backend::Sqlite => (
@@ -127,7 +144,14 @@ impl TestServer {
                         return skip_postgres();
                     };
                     let temp_url = temp.connection_uri();
-                    return Self::start_on(temp_url, dir, PostgresDb::Temporary(temp), tls).await;
+                    return Self::start_on(
+                        temp_url,
+                        dir,
+                        PostgresDb::Temporary(temp),
+                        tls,
+                        configure,
+                    )
+                    .await;
                 };
                 let name = format!("keygate_it_{}", uuid::Uuid::new_v4().simple());
                 let mut admin = sqlx::PgConnection::connect(&server)
@@ -143,7 +167,7 @@ impl TestServer {
                 )
             }
         };
-        Self::start_on(database_url, dir, postgres_db, tls).await
+        Self::start_on(database_url, dir, postgres_db, tls, configure).await
     }
 
     /// Stops the server gracefully (which writes pending usage) and starts a
@@ -153,7 +177,7 @@ impl TestServer {
         let dir = self.dir.take().expect("dir");
         let postgres_db = std::mem::replace(&mut self.postgres_db, PostgresDb::None);
         let (url, clock) = (self.database_url.clone(), self.clock.clone());
-        Self::start_with_clock(url, dir, postgres_db, clock, None)
+        Self::start_with_clock(url, dir, postgres_db, clock, None, |_| {})
             .await
             .expect("restart")
     }
@@ -173,9 +197,10 @@ impl TestServer {
         dir: tempfile::TempDir,
         postgres_db: PostgresDb,
         tls: Option<keygate::server::TlsSettings>,
+        configure: impl FnOnce(&mut Settings),
     ) -> Option<Self> {
         let clock = Arc::new(ManualClock::new(epoch()));
-        Self::start_with_clock(database_url, dir, postgres_db, clock, tls).await
+        Self::start_with_clock(database_url, dir, postgres_db, clock, tls, configure).await
     }
 
     async fn start_with_clock(
@@ -184,12 +209,14 @@ impl TestServer {
         postgres_db: PostgresDb,
         clock: Arc<ManualClock>,
         tls: Option<keygate::server::TlsSettings>,
+        configure: impl FnOnce(&mut Settings),
     ) -> Option<Self> {
         let mut settings = Settings::new(database_url.clone());
         settings.tls = tls;
         settings.policy = RouteTable::from_toml(POLICY).expect("test policy");
         settings.feed.heartbeat = Duration::from_millis(500);
         settings.feed.poll_interval = Duration::from_millis(200);
+        configure(&mut settings);
         let keygate = Keygate::open(settings, clock.clone() as Arc<dyn Clock>)
             .await
             .expect("open keygate");
@@ -201,6 +228,7 @@ impl TestServer {
         let store = keygate.store.clone();
         let keys = keygate.keys.clone();
         let feed = keygate.feed.clone();
+        let cache = keygate.cache.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -217,6 +245,7 @@ impl TestServer {
             store,
             keys,
             feed,
+            cache,
             database_url,
             shutdown: Some(tx),
             task: Some(task),

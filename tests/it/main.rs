@@ -13,6 +13,7 @@ mod cli;
 mod concurrency;
 mod envoy;
 mod feed;
+mod forged;
 mod gateway;
 mod lifecycle;
 mod limits;
