@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{Notify, OnceCell, Semaphore, watch};
 use uuid::Uuid;
 
 use crate::domain::event::EventKind;
@@ -54,6 +54,10 @@ impl Default for CacheSettings {
         }
     }
 }
+
+/// Longest a lookup for an id the index lacks waits for the feed's next
+/// read of the log before it is refused anyway.
+const INDEX_CATCH_UP: Duration = Duration::from_millis(500);
 
 /// What one remembered unknown id costs: the id, moka's bookkeeping.
 const UNKNOWN_WEIGHT: u32 = 96;
@@ -97,11 +101,26 @@ pub fn record_weight(key: &KeyRecord) -> u32 {
 /// Whether this replica is in touch with the event log. A replica out of
 /// touch for longer than `max_staleness` cannot know what was revoked
 /// meanwhile, so it stops answering from memory.
+///
+/// It also numbers the feed's reads of the log, so a lookup can wait for a
+/// read that began after it arrived (see [`Freshness::read_since_now`]).
 #[derive(Debug)]
 pub struct Freshness {
     start: Instant,
     last_contact_ms: AtomicU64,
     max_staleness: Duration,
+    reads_begun: AtomicU64,
+    /// The number of the latest read that succeeded.
+    reads_done: watch::Sender<u64>,
+    /// Lookups waiting for a read; the feed answers at its own pace.
+    read_wanted: Notify,
+}
+
+/// One read of the log, as the feed begins it.
+#[derive(Debug, Clone, Copy)]
+pub struct LogRead {
+    number: u64,
+    began: Instant,
 }
 
 impl Freshness {
@@ -111,7 +130,48 @@ impl Freshness {
             start: Instant::now(),
             last_contact_ms: AtomicU64::new(0),
             max_staleness,
+            reads_begun: AtomicU64::new(0),
+            reads_done: watch::Sender::new(0),
+            read_wanted: Notify::new(),
         }
+    }
+
+    /// The feed begins a read of the log.
+    pub fn begin_read(&self) -> LogRead {
+        LogRead {
+            number: self.reads_begun.fetch_add(1, Ordering::SeqCst) + 1,
+            began: Instant::now(),
+        }
+    }
+
+    /// The feed has applied everything `read` returned: in touch as of when
+    /// it began.
+    pub fn read_succeeded(&self, read: LogRead) {
+        self.touch_at(read.began);
+        self.reads_done.send_if_modified(|done| {
+            let newer = read.number > *done;
+            *done = (*done).max(read.number);
+            newer
+        });
+    }
+
+    /// Resolves when some lookup wants a fresh read of the log.
+    pub async fn read_wanted(&self) {
+        self.read_wanted.notified().await;
+    }
+
+    /// Asks the feed for a read of the log and waits, at most `within`, until
+    /// one that began after this call has been applied; false on timeout.
+    /// Concurrent callers share reads, so a flood costs the store no more
+    /// than the feed's own pace.
+    pub async fn read_since_now(&self, within: Duration) -> bool {
+        let wanted = self.reads_begun.load(Ordering::SeqCst) + 1;
+        let mut done = self.reads_done.subscribe();
+        self.read_wanted.notify_one();
+        matches!(
+            tokio::time::timeout(within, done.wait_for(|n| *n >= wanted)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Records a successful read of the event log that began at `started`:
@@ -215,7 +275,13 @@ impl KeyCache {
                 self.metrics.hits.increment(1);
                 return Ok(Some(key));
             }
-            if self.index.refuses(id) {
+            // A key made on another replica a moment ago may not have reached
+            // this replica's feed yet: before refusing, wait for one read of
+            // the log that began after this lookup (shared by every lookup
+            // waiting, so forged ids cost no read of their own).
+            if self.index.refuses(id)
+                && (!self.freshness.read_since_now(INDEX_CATCH_UP).await || self.index.refuses(id))
+            {
                 self.metrics.refused.increment(1);
                 return Ok(None);
             }
@@ -288,14 +354,22 @@ impl KeyCache {
         self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// How many records and unknown ids are in memory, and their weight in
+    /// bytes (after moka's pending evictions have run).
+    pub fn memory(&self) -> (u64, u64) {
+        self.known.run_pending_tasks();
+        self.unknown.run_pending_tasks();
+        (
+            self.known.entry_count() + self.unknown.entry_count(),
+            self.known.weighted_size() + self.unknown.weighted_size(),
+        )
+    }
+
     /// Publishes how many records are in memory, and their weight in bytes.
     pub fn report_size(&self) {
-        self.metrics
-            .entries
-            .set((self.known.entry_count() + self.unknown.entry_count()) as f64);
-        self.metrics
-            .bytes
-            .set((self.known.weighted_size() + self.unknown.weighted_size()) as f64);
+        let (entries, bytes) = self.memory();
+        self.metrics.entries.set(entries as f64);
+        self.metrics.bytes.set(bytes as f64);
     }
 
     /// Forgets everything, as after a RESET.

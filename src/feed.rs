@@ -84,6 +84,9 @@ pub struct ReplicaView {
 
 const BATCH: u32 = 500;
 
+/// Shortest time between two reads of the log that lookups asked for.
+const READ_WANTED_GAP: Duration = Duration::from_millis(20);
+
 pub struct Feed {
     metrics: FeedMetrics,
     store: Arc<dyn KeyStore>,
@@ -159,10 +162,11 @@ impl Feed {
             self.cache.report_size();
             // In touch as of when the read began: what it returns may be
             // that old, however long it took.
-            let started = std::time::Instant::now();
+            let read = self.freshness.begin_read();
+            let read_began = tokio::time::Instant::now();
             match self.catch_up().await {
                 Ok(()) => {
-                    self.freshness.touch_at(started);
+                    self.freshness.read_succeeded(read);
                     read_at = tokio::time::Instant::now();
                     self.metrics.lag_seconds.set(0.0);
                     self.metrics.applied.set(self.applied() as f64);
@@ -188,6 +192,11 @@ impl Feed {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.wake.notified() => {}
+                // Lookups for ids the key-id index lacks: at most one read
+                // per READ_WANTED_GAP for all of them, however many.
+                () = self.freshness.read_wanted() => {
+                    tokio::time::sleep_until(read_began + READ_WANTED_GAP).await;
+                }
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
             }
         }

@@ -9,6 +9,7 @@ mod admin_auth;
 mod audit;
 mod authorize;
 mod binary;
+mod cache;
 mod cli;
 mod concurrency;
 mod envoy;
