@@ -22,8 +22,10 @@
 //!   id saw it unless it was deleted meanwhile, and then it does not exist;
 //! - created after that head: its CREATED event is after the feed's
 //!   position, so the feed inserts it when it reads the event, wherever the
-//!   load's cursor was (the window until then is the propagation bound every
-//!   replica already has for a key created elsewhere).
+//!   load's cursor was. Until then the id is missing here, as on any replica
+//!   for a key created elsewhere a moment ago: that is why a lookup for a
+//!   missing id first waits for one read of the log that began after it
+//!   arrived (`Freshness::read_since_now`) before it is refused.
 //!
 //! Removals only follow DELETED events (or a local delete), after which the
 //! key does not exist. A page read before a deletion and inserted after the
