@@ -1,45 +1,126 @@
 //! Key records in memory in front of the store, so a warm Authorize does no I/O.
 //!
 //! Known keys stay for the TTL; unknown ids are remembered briefly (negative
-//! cache) so a flood of made-up tokens does not become a flood of queries.
+//! cache). Before either, the key-id index (`crate::index`) refuses ids that
+//! are no key without any store read. What does go to the store is bounded:
+//! concurrent misses for one id share one read, and at most
+//! `CacheSettings::store_reads` reads run at once; a miss that cannot get a
+//! slot in time fails with `StoreError::Busy` (UNAVAILABLE), while cached keys
+//! never wait for one.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
+use tokio::sync::{Notify, OnceCell, Semaphore, watch};
 use uuid::Uuid;
 
-use crate::domain::key::KeyRecord;
+use crate::domain::event::EventKind;
+use crate::domain::key::{KeyRecord, KeyState};
+use crate::index::KeyIndex;
 use crate::store::{KeyReader, StoreError};
 use crate::telemetry::CacheMetrics;
 
-/// Sizes and lifetimes of the cache.
+/// Sizes and lifetimes of the cache, and the bound on its store reads.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheSettings {
-    pub capacity: u64,
+    /// Most memory for cached records and remembered unknown ids, in bytes
+    /// as estimated by [`record_weight`]; 1/8 of it goes to unknown ids.
+    pub max_bytes: u64,
     pub ttl: Duration,
     pub negative_ttl: Duration,
+    /// Most store reads the Authorize path runs at once (kept below the
+    /// store's pool, so admin calls always find a connection).
+    pub store_reads: u32,
+    /// How long a miss waits for one of those reads before it fails with
+    /// `StoreError::Busy`.
+    pub store_read_wait: Duration,
 }
+
+/// The default byte budget: 128 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 128 * 1024 * 1024;
 
 impl Default for CacheSettings {
     fn default() -> Self {
         Self {
-            capacity: 100_000,
+            max_bytes: DEFAULT_MAX_BYTES,
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(5),
+            store_reads: 8,
+            store_read_wait: Duration::from_millis(100),
         }
     }
+}
+
+/// Longest a lookup for an id the index lacks waits for the feed's next
+/// read of the log before it is refused anyway.
+const INDEX_CATCH_UP: Duration = Duration::from_millis(500);
+
+/// What one remembered unknown id costs: the id, moka's bookkeeping.
+const UNKNOWN_WEIGHT: u32 = 96;
+
+/// What moka and the `Arc` spend per entry besides the record: key, hashes,
+/// timestamps, the deque nodes and the reference counts.
+const ENTRY_OVERHEAD: usize = 160;
+
+/// The memory a cached record takes, in bytes (an estimate from above of its
+/// heap: the record, its strings, scopes and CIDRs, and the entry's overhead).
+pub fn record_weight(key: &KeyRecord) -> u32 {
+    /// Counts what a `Display` writes, without allocating it.
+    struct Len(usize);
+    impl std::fmt::Write for Len {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut scope_text = Len(0);
+    for scope in key.scopes.iter() {
+        let _ = write!(scope_text, "{scope}");
+    }
+    let reason = match &key.state {
+        KeyState::Revoked { reason, .. } => reason.len(),
+        KeyState::Active | KeyState::Disabled => 0,
+    };
+    let bytes = std::mem::size_of::<KeyRecord>()
+        + ENTRY_OVERHEAD
+        + key.name.len()
+        + key.organization_id.as_ref().map_or(0, String::len)
+        + key.prefix.len()
+        + key.created_by.len()
+        + reason
+        + key.scopes.len() * std::mem::size_of::<crate::domain::scope::Scope>()
+        + scope_text.0
+        + key.allowed_cidrs.len() * std::mem::size_of::<ipnet::IpNet>();
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 /// Whether this replica is in touch with the event log. A replica out of
 /// touch for longer than `max_staleness` cannot know what was revoked
 /// meanwhile, so it stops answering from memory.
+///
+/// It also numbers the feed's reads of the log, so a lookup can wait for a
+/// read that began after it arrived (see [`Freshness::read_since_now`]).
 #[derive(Debug)]
 pub struct Freshness {
     start: Instant,
     last_contact_ms: AtomicU64,
     max_staleness: Duration,
+    reads_begun: AtomicU64,
+    /// The number of the latest read that succeeded.
+    reads_done: watch::Sender<u64>,
+    /// Lookups waiting for a read; the feed answers at its own pace.
+    read_wanted: Notify,
+}
+
+/// One read of the log, as the feed begins it.
+#[derive(Debug, Clone, Copy)]
+pub struct LogRead {
+    number: u64,
+    began: Instant,
 }
 
 impl Freshness {
@@ -49,13 +130,61 @@ impl Freshness {
             start: Instant::now(),
             last_contact_ms: AtomicU64::new(0),
             max_staleness,
+            reads_begun: AtomicU64::new(0),
+            reads_done: watch::Sender::new(0),
+            read_wanted: Notify::new(),
         }
     }
 
-    /// Records a successful read of the event log.
-    pub fn touch(&self) {
+    /// The feed begins a read of the log.
+    pub fn begin_read(&self) -> LogRead {
+        LogRead {
+            number: self.reads_begun.fetch_add(1, Ordering::SeqCst) + 1,
+            began: Instant::now(),
+        }
+    }
+
+    /// The feed has applied everything `read` returned: in touch as of when
+    /// it began.
+    pub fn read_succeeded(&self, read: LogRead) {
+        self.touch_at(read.began);
+        self.reads_done.send_if_modified(|done| {
+            let newer = read.number > *done;
+            *done = (*done).max(read.number);
+            newer
+        });
+    }
+
+    /// Resolves when some lookup wants a fresh read of the log.
+    pub async fn read_wanted(&self) {
+        self.read_wanted.notified().await;
+    }
+
+    /// Asks the feed for a read of the log and waits, at most `within`, until
+    /// one that began after this call has been applied; false on timeout.
+    /// Concurrent callers share reads, so a flood costs the store no more
+    /// than the feed's own pace.
+    pub async fn read_since_now(&self, within: Duration) -> bool {
+        let wanted = self.reads_begun.load(Ordering::SeqCst) + 1;
+        let mut done = self.reads_done.subscribe();
+        self.read_wanted.notify_one();
+        matches!(
+            tokio::time::timeout(within, done.wait_for(|n| *n >= wanted)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Records a successful read of the event log that began at `started`:
+    /// the replica is in touch with the log as it was then. Never moves back.
+    pub fn touch_at(&self, started: Instant) {
+        let at = started.saturating_duration_since(self.start).as_millis();
         self.last_contact_ms
-            .store(self.elapsed_ms(), Ordering::Release);
+            .fetch_max(u64::try_from(at).unwrap_or(u64::MAX), Ordering::AcqRel);
+    }
+
+    /// Longest this replica may be out of touch before it bypasses the cache.
+    pub fn max_staleness(&self) -> Duration {
+        self.max_staleness
     }
 
     pub fn is_fresh(&self) -> bool {
@@ -70,15 +199,35 @@ impl Freshness {
     }
 }
 
+/// The outcome of one store read, shared by every miss that waited for it.
+type Loaded = Result<Option<Arc<KeyRecord>>, Arc<StoreError>>;
+
+/// One store read in flight; concurrent misses for its id wait for it.
+#[derive(Default)]
+struct Flight {
+    outcome: OnceCell<Loaded>,
+    /// Set by an invalidation of the id: what this read returns may predate
+    /// the change, so it is served to those already waiting but not kept.
+    invalidated: AtomicBool,
+    /// Lookups waiting on this flight; changed only under the map's lock.
+    waiters: AtomicUsize,
+}
+
 pub struct KeyCache {
     metrics: CacheMetrics,
     store: Arc<dyn KeyReader>,
     freshness: Arc<Freshness>,
+    index: Arc<KeyIndex>,
     known: Cache<Uuid, Arc<KeyRecord>>,
     unknown: Cache<Uuid, ()>,
-    /// Bumped by every invalidation. A load that started before an
-    /// invalidation must not put what it read back into the cache.
-    epoch: AtomicU64,
+    /// The read in flight for each id that has one. An invalidation marks
+    /// the id's flight and removes it, so what it read is not kept and later
+    /// misses start a new read instead of joining one that began before the
+    /// change. Never locked across an await.
+    flights: Mutex<HashMap<Uuid, Arc<Flight>>>,
+    /// Slots for store reads from the Authorize path.
+    reads: Semaphore,
+    read_wait: Duration,
 }
 
 impl KeyCache {
@@ -87,51 +236,112 @@ impl KeyCache {
         settings: CacheSettings,
         freshness: Arc<Freshness>,
     ) -> Self {
+        let unknown_bytes = settings.max_bytes / 8;
         Self {
             metrics: CacheMetrics::default(),
             store,
             freshness,
+            index: Arc::new(KeyIndex::new()),
             known: Cache::builder()
-                .max_capacity(settings.capacity)
+                .max_capacity(settings.max_bytes - unknown_bytes)
+                .weigher(|_, key: &Arc<KeyRecord>| record_weight(key))
                 .time_to_live(settings.ttl)
                 .build(),
             unknown: Cache::builder()
-                .max_capacity(settings.capacity)
+                .max_capacity(unknown_bytes)
+                .weigher(|_, ()| UNKNOWN_WEIGHT)
                 .time_to_live(settings.negative_ttl)
                 .build(),
-            epoch: AtomicU64::new(0),
+            flights: Mutex::default(),
+            reads: Semaphore::new(usize::try_from(settings.store_reads.max(1)).unwrap_or(1)),
+            read_wait: settings.store_read_wait,
         }
     }
 
-    /// The key with this id: from memory when cached, else from the store.
-    /// While out of touch with the event log, always from the store, so an
+    /// The key-id index this cache consults (loaded by the server at start).
+    pub fn index(&self) -> &Arc<KeyIndex> {
+        &self.index
+    }
+
+    /// The key with this id: from memory when cached, `None` without a
+    /// store read when the loaded key-id index has no such id, else from the
+    /// store. While out of touch with the event log, always from the store
+    /// (neither the cache nor the index may have heard of a change), so an
     /// unreachable store fails closed instead of serving a revoked key.
     pub async fn get(&self, id: Uuid) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        if !self.freshness.is_fresh() {
-            return Ok(self.store.get_key(id).await?.map(Arc::new));
+        let fresh = self.freshness.is_fresh();
+        if fresh {
+            if let Some(key) = self.known.get(&id) {
+                self.metrics.hits.increment(1);
+                return Ok(Some(key));
+            }
+            // A key made on another replica a moment ago may not have reached
+            // this replica's feed yet: before refusing, wait for one read of
+            // the log that began after this lookup (shared by every lookup
+            // waiting, so forged ids cost no read of their own).
+            if self.index.refuses(id)
+                && (!self.freshness.read_since_now(INDEX_CATCH_UP).await || self.index.refuses(id))
+            {
+                self.metrics.refused.increment(1);
+                return Ok(None);
+            }
+            if self.unknown.contains_key(&id) {
+                self.metrics.hits.increment(1);
+                return Ok(None);
+            }
+            self.metrics.misses.increment(1);
         }
-        if let Some(key) = self.known.get(&id) {
-            self.metrics.hits.increment(1);
-            return Ok(Some(key));
-        }
-        if self.unknown.contains_key(&id) {
-            self.metrics.hits.increment(1);
-            return Ok(None);
-        }
-        self.metrics.misses.increment(1);
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let loaded = self.store.get_key(id).await?.map(Arc::new);
+        self.load(id, fresh).await
+    }
+
+    /// Reads `id` from the store, joining the read already in flight for it
+    /// if there is one; `keep` says whether the result may be cached.
+    async fn load(&self, id: Uuid, keep: bool) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        let flight = {
+            let mut flights = self.lock_flights();
+            let flight = Arc::clone(flights.entry(id).or_default());
+            flight.waiters.fetch_add(1, Ordering::Relaxed);
+            flight
+        };
+        let leave = LeaveFlight {
+            cache: self,
+            id,
+            flight: Arc::clone(&flight),
+        };
+        // If the lookup running the read is cancelled, the next waiter reads.
+        let loaded = flight
+            .outcome
+            .get_or_init(|| self.read(id, keep, &flight))
+            .await
+            .clone();
+        drop(leave);
+        loaded.map_err(StoreError::Shared)
+    }
+
+    /// One store read for `flight`, within the cap on concurrent reads.
+    async fn read(&self, id: Uuid, keep: bool, flight: &Flight) -> Loaded {
+        let Ok(Ok(_slot)) = tokio::time::timeout(self.read_wait, self.reads.acquire()).await else {
+            self.metrics.busy.increment(1);
+            return Err(Arc::new(StoreError::Busy));
+        };
+        let loaded = self
+            .store
+            .get_key(id)
+            .await
+            .map_err(Arc::new)?
+            .map(Arc::new);
         // An invalidation during the read may mean the row we read is stale:
-        // serve it to this one caller, but do not keep it.
-        if self.epoch.load(Ordering::SeqCst) == epoch {
+        // serve it to the lookups already waiting, but do not keep it.
+        if keep && !flight.invalidated.load(Ordering::SeqCst) {
             match &loaded {
                 Some(key) => self.known.insert(id, Arc::clone(key)),
                 None => self.unknown.insert(id, ()),
             }
-            // An invalidation that bumped the epoch after the check above may
-            // have run its removal before our insert: undo the insert. One
-            // that bumps it after this second check removes the entry itself.
-            if self.epoch.load(Ordering::SeqCst) != epoch {
+            // An invalidation that marked the flight after the check above
+            // may have run its removal before our insert: undo the insert.
+            // One that marks it after this second check removes the entry
+            // itself (it marks first, then removes).
+            if flight.invalidated.load(Ordering::SeqCst) {
                 self.known.invalidate(&id);
                 self.unknown.invalidate(&id);
             }
@@ -139,24 +349,76 @@ impl KeyCache {
         Ok(loaded)
     }
 
-    /// Publishes how many records are in memory.
+    fn lock_flights(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Flight>>> {
+        // The map holds no invariant a panic could break halfway.
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many records and unknown ids are in memory, and their weight in
+    /// bytes (after moka's pending evictions have run).
+    pub fn memory(&self) -> (u64, u64) {
+        self.known.run_pending_tasks();
+        self.unknown.run_pending_tasks();
+        (
+            self.known.entry_count() + self.unknown.entry_count(),
+            self.known.weighted_size() + self.unknown.weighted_size(),
+        )
+    }
+
+    /// Publishes how many records are in memory, and their weight in bytes.
     pub fn report_size(&self) {
-        self.metrics
-            .entries
-            .set((self.known.entry_count() + self.unknown.entry_count()) as f64);
+        let (entries, bytes) = self.memory();
+        self.metrics.entries.set(entries as f64);
+        self.metrics.bytes.set(bytes as f64);
     }
 
     /// Forgets everything, as after a RESET.
     pub fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for (_, flight) in self.lock_flights().drain() {
+            flight.invalidated.store(true, Ordering::SeqCst);
+        }
         self.known.invalidate_all();
         self.unknown.invalidate_all();
     }
 
-    /// Forgets what is known about `id`, at once.
+    /// Forgets what is known about `id`, at once: the next lookup reads the
+    /// store afresh, joins no read that started before this call, and no
+    /// such read puts what it found back into the cache.
     pub fn invalidate(&self, id: Uuid) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        // Mark before removing from the caches: see the double check in `read`.
+        if let Some(flight) = self.lock_flights().remove(&id) {
+            flight.invalidated.store(true, Ordering::SeqCst);
+        }
         self.known.invalidate(&id);
         self.unknown.invalidate(&id);
+    }
+
+    /// Applies one event of the log: invalidates its key and keeps the
+    /// key-id index current.
+    pub fn apply(&self, kind: EventKind, id: Uuid) {
+        self.index.apply(kind, id);
+        self.invalidate(id);
+    }
+}
+
+/// Leaves a flight however the lookup ends, and retires the flight from the
+/// map once it has an outcome or nobody is left waiting for it.
+struct LeaveFlight<'a> {
+    cache: &'a KeyCache,
+    id: Uuid,
+    flight: Arc<Flight>,
+}
+
+impl Drop for LeaveFlight<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.cache.lock_flights();
+        // Under the lock, like every change to `waiters`, so the count is exact.
+        let left = self.flight.waiters.fetch_sub(1, Ordering::Relaxed) - 1;
+        let retire = flights.get(&self.id).is_some_and(|current| {
+            Arc::ptr_eq(current, &self.flight) && (current.outcome.initialized() || left == 0)
+        });
+        if retire {
+            flights.remove(&self.id);
+        }
     }
 }

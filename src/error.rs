@@ -64,15 +64,26 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
             Error::ReplicasLagging(_) => Code::DeadlineExceeded,
-            Error::Store(StoreError::Conflict) => Code::AlreadyExists,
-            Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-            Error::Store(_) | Error::Internal(_) => Code::Internal,
+            Error::Store(store) => match store.root() {
+                StoreError::Conflict => Code::AlreadyExists,
+                StoreError::Unavailable(_) | StoreError::Busy => Code::Unavailable,
+                _ => Code::Internal,
+            },
+            Error::Internal(_) => Code::Internal,
         };
         match code {
             // Store details (hosts, SQL) stay in the log, not in the answer.
             Code::Unavailable | Code::Internal => {
-                tracing::error!(error = %e, "request failed");
-                let message = if code == Code::Unavailable {
+                let busy = matches!(&e, Error::Store(s) if matches!(s.root(), StoreError::Busy));
+                if busy {
+                    // Shed load, not a fault: one line per call would flood the log.
+                    tracing::debug!("request shed: key store busy");
+                } else {
+                    tracing::error!(error = %e, "request failed");
+                }
+                let message = if busy {
+                    "key store busy"
+                } else if code == Code::Unavailable {
                     "key store unavailable"
                 } else {
                     "internal error"
@@ -95,6 +106,12 @@ mod tests {
         assert!(s.message().starts_with("INVALID_TOKEN"));
         let s: Status = Error::Denied(DenyReason::IpNotAllowed).into();
         assert_eq!(s.code(), Code::PermissionDenied);
+        let s: Status =
+            Error::Store(StoreError::Shared(std::sync::Arc::new(StoreError::Busy))).into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unavailable, "key store busy")
+        );
         let s: Status = Error::invalid("name", "must not be empty").into();
         assert_eq!(
             (s.code(), s.message()),

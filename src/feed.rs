@@ -39,10 +39,11 @@ pub struct FeedSettings {
     pub poll_interval: Duration,
     /// How often Watch streams get a HEARTBEAT.
     pub heartbeat: Duration,
-    /// How often this replica records its position in the store.
+    /// How often this replica records its position in the store. A replica
+    /// is live (counted by `confirm`) until its last record is older than
+    /// max-staleness plus one heartbeat plus one poll interval: by then it
+    /// has stopped answering from its cache (see `Feed::live_window`).
     pub replica_heartbeat: Duration,
-    /// A replica whose last record is older than this is not live.
-    pub replica_live_window: Duration,
     /// The furthest back a Watch can resume; older positions get RESET.
     pub max_replay: i64,
     /// This replica's name in ListReplicas, e.g. host:port.
@@ -55,7 +56,6 @@ impl Default for FeedSettings {
             poll_interval: Duration::from_secs(1),
             heartbeat: Duration::from_secs(5),
             replica_heartbeat: Duration::from_secs(2),
-            replica_live_window: Duration::from_secs(10),
             max_replay: 100_000,
             name: "keygate".into(),
         }
@@ -92,9 +92,15 @@ pub struct ReplicaView {
 
 const BATCH: u32 = 500;
 
+/// Shortest time between two reads of the log that lookups asked for.
+const READ_WANTED_GAP: Duration = Duration::from_millis(20);
+
 pub struct Feed {
     metrics: FeedMetrics,
     store: Arc<dyn KeyStore>,
+    /// The store over the feed's own connections: following the log and
+    /// recording heartbeats never wait behind Authorize's reads.
+    follower: Arc<dyn KeyStore>,
     cache: Arc<KeyCache>,
     freshness: Arc<Freshness>,
     applied: AtomicI64,
@@ -114,16 +120,19 @@ impl Feed {
     /// nothing before now needs applying.
     pub async fn new(
         store: Arc<dyn KeyStore>,
+        follower: Arc<dyn KeyStore>,
         cache: Arc<KeyCache>,
         freshness: Arc<Freshness>,
         listen_url: Option<String>,
         settings: FeedSettings,
     ) -> Result<Self, StoreError> {
-        let head = store.head_sequence().await?;
-        freshness.touch();
+        let started = std::time::Instant::now();
+        let head = follower.head_sequence().await?;
+        freshness.touch_at(started);
         Ok(Self {
             metrics: FeedMetrics::default(),
             store,
+            follower,
             cache,
             freshness,
             applied: AtomicI64::new(head),
@@ -173,9 +182,13 @@ impl Feed {
         let mut read_at = tokio::time::Instant::now();
         loop {
             self.cache.report_size();
+            // In touch as of when the read began: what it returns may be
+            // that old, however long it took.
+            let read = self.freshness.begin_read();
+            let read_began = tokio::time::Instant::now();
             match self.catch_up().await {
                 Ok(()) => {
-                    self.freshness.touch();
+                    self.freshness.read_succeeded(read);
                     read_at = tokio::time::Instant::now();
                     self.metrics.lag_seconds.set(0.0);
                     self.metrics.applied.set(self.applied() as f64);
@@ -201,18 +214,24 @@ impl Feed {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.wake.notified() => {}
+                // Lookups for ids the key-id index lacks: at most one read
+                // per READ_WANTED_GAP for all of them, however many.
+                () = self.freshness.read_wanted() => {
+                    tokio::time::sleep_until(read_began + READ_WANTED_GAP).await;
+                }
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
             }
         }
     }
 
-    /// Applies every event after the applied position: invalidate, then publish.
+    /// Applies every event after the applied position: invalidate (and keep
+    /// the key-id index current), then publish.
     async fn catch_up(&self) -> Result<(), StoreError> {
         loop {
-            let batch = self.store.events_after(self.applied(), BATCH).await?;
+            let batch = self.follower.events_after(self.applied(), BATCH).await?;
             let done = batch.len() < BATCH as usize;
             for event in batch {
-                self.cache.invalidate(event.key_id);
+                self.cache.apply(event.kind, event.key_id);
                 // Applied and published as one step (see `publishing`): a
                 // Watch starting in between would otherwise count the event
                 // as sent without ever receiving it.
@@ -230,7 +249,7 @@ impl Feed {
     }
 
     async fn record(&self) -> Result<(), StoreError> {
-        self.store
+        self.follower
             .record_replica(&ReplicaStatus {
                 replica_id: self.replica_id,
                 name: self.settings.name.clone(),
@@ -240,12 +259,30 @@ impl Feed {
             .await
     }
 
+    /// How long after its last heartbeat a replica still counts as live.
+    ///
+    /// A replica answers from its cache until max-staleness has passed since
+    /// the start of its last successful read of the log. It records a
+    /// heartbeat after a successful read once `replica_heartbeat` has passed
+    /// since the previous one, and reads at least every poll interval; so
+    /// that last read began at most one heartbeat plus one poll interval
+    /// after its last recorded heartbeat. A replica whose heartbeat is older
+    /// than this window has failed closed, and one that is younger may still
+    /// allow what it has not applied: confirmation must wait for it.
+    /// Replicas are assumed to share these three settings, and their clocks
+    /// to agree (the heartbeat is the replica's own wall-clock time).
+    pub fn live_window(&self) -> Duration {
+        self.freshness.max_staleness()
+            + self.settings.replica_heartbeat
+            + self.settings.poll_interval
+    }
+
     /// Every recorded replica with its lag behind the log's head.
     pub async fn replicas(&self) -> Result<(Vec<ReplicaView>, i64), Error> {
         let head = self.store.head_sequence().await?;
         let now = Utc::now();
-        let window = chrono::Duration::from_std(self.settings.replica_live_window)
-            .unwrap_or(chrono::Duration::MAX);
+        let window =
+            chrono::Duration::from_std(self.live_window()).unwrap_or(chrono::Duration::MAX);
         let views = self
             .store
             .list_replicas()

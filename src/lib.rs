@@ -7,6 +7,7 @@ pub mod client;
 pub mod domain;
 pub mod error;
 pub mod feed;
+pub mod index;
 pub mod pb;
 pub mod server;
 pub mod service;

@@ -32,6 +32,9 @@ pub struct Settings {
     pub policy: RouteTable,
     pub brand: Brand,
     pub cache: CacheSettings,
+    /// Load the key-id index at start (on by default). Off, every uncached
+    /// id is read from the store as if there were no index.
+    pub load_key_index: bool,
     pub feed: FeedSettings,
     /// Out of touch with the event log for longer than this, the cache is bypassed.
     pub max_staleness: Duration,
@@ -131,6 +134,7 @@ impl Settings {
             policy: RouteTable::default(),
             brand: Brand::default(),
             cache: CacheSettings::default(),
+            load_key_index: true,
             feed: FeedSettings::default(),
             max_staleness: Duration::from_secs(30),
             default_rate_limit: NonZeroU32::new(100).expect("100 is not 0"),
@@ -151,6 +155,7 @@ pub struct Keygate {
     pub feed: Arc<Feed>,
     pub cache: Arc<KeyCache>,
     pub watchers: Arc<Watchers>,
+    load_key_index: bool,
     poll_interval: Duration,
     usage_flush_interval: Duration,
     shutdown_grace: Duration,
@@ -174,8 +179,10 @@ impl Keygate {
         let listen_url = store.listen_url().map(str::to_owned);
         let poll_interval = settings.feed.poll_interval;
         let heartbeat = settings.feed.heartbeat;
+        let follower: Arc<dyn KeyStore> = Arc::new(store.follower());
         let feed = Feed::new(
             store.clone(),
+            follower,
             cache.clone(),
             freshness,
             listen_url,
@@ -216,6 +223,7 @@ impl Keygate {
             feed,
             cache,
             watchers,
+            load_key_index: settings.load_key_index,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
             shutdown_grace: settings.shutdown_grace,
@@ -243,6 +251,19 @@ impl Keygate {
     ) -> Result<(), tonic::transport::Error> {
         let stopping = CancellationToken::new();
         tokio::spawn(self.feed.clone().run(stopping.clone()));
+        if self.load_key_index {
+            // After the feed took its position (in `open`): see `crate::index`.
+            let (index, store, stopped) = (
+                self.cache.index().clone(),
+                self.store.clone(),
+                stopping.clone(),
+            );
+            tokio::spawn(async move {
+                index
+                    .load_until_done(&*store, crate::index::LOAD_PAGE, stopped)
+                    .await
+            });
+        }
         tokio::spawn(announce_expired_secrets(
             self.keys.clone(),
             self.poll_interval,

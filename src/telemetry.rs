@@ -53,6 +53,18 @@ fn describe() {
         "Key lookups that went to the store"
     );
     metrics::describe_gauge!("keygate_cache_entries", "Key records in memory");
+    metrics::describe_gauge!(
+        "keygate_cache_bytes",
+        "Estimated bytes of key records in memory"
+    );
+    metrics::describe_counter!(
+        "keygate_cache_refused_total",
+        "Key lookups refused by the key-id index without a store read"
+    );
+    metrics::describe_counter!(
+        "keygate_cache_busy_total",
+        "Key lookups refused because too many store reads were in flight"
+    );
     metrics::describe_histogram!(
         "keygate_store_query_duration_seconds",
         "Store query latency by operation"
@@ -127,7 +139,10 @@ impl AuthorizeMetrics {
 pub struct CacheMetrics {
     pub hits: Counter,
     pub misses: Counter,
+    pub refused: Counter,
+    pub busy: Counter,
     pub entries: Gauge,
+    pub bytes: Gauge,
 }
 
 impl Default for CacheMetrics {
@@ -135,7 +150,10 @@ impl Default for CacheMetrics {
         Self {
             hits: metrics::counter!("keygate_cache_hits_total"),
             misses: metrics::counter!("keygate_cache_misses_total"),
+            refused: metrics::counter!("keygate_cache_refused_total"),
+            busy: metrics::counter!("keygate_cache_busy_total"),
             entries: metrics::gauge!("keygate_cache_entries"),
+            bytes: metrics::gauge!("keygate_cache_bytes"),
         }
     }
 }

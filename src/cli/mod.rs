@@ -115,9 +115,46 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_millis(millis))
 }
 
+/// Parses a size: a number of bytes, or one with KiB, MiB or GiB (also KB,
+/// MB, GB, meaning the same powers of 1024). Must be more than 0.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 134217728, 512KiB or 128MiB"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "K" => 1 << 10,
+        "MiB" | "MB" | "M" => 1 << 20,
+        "GiB" | "GB" | "G" => 1 << 30,
+        _ => return Err(format!("{s:?} has an unknown unit; use KiB, MiB or GiB")),
+    };
+    match n.checked_mul(scale) {
+        Some(0) => Err(format!("{s:?} must be more than 0 bytes")),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{s:?} is too large")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("128MiB"), Ok(128 * 1024 * 1024));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("2 GiB"), Ok(2 << 30));
+        assert!(parse_bytes("0").unwrap_err().contains("more than 0"));
+        assert!(
+            parse_bytes("12parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_bytes("MiB").is_err());
+    }
 
     #[test]
     fn durations() {

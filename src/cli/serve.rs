@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use tokio::net::TcpListener;
 
-use super::{LogFormat, StoreArgs, init_logging, parse_duration};
+use super::{LogFormat, StoreArgs, init_logging, parse_bytes, parse_duration};
 use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::domain::clock::SystemClock;
@@ -43,9 +43,19 @@ pub struct ServeArgs {
     /// How long an unknown key id is remembered as unknown.
     #[arg(long, env = "KEYGATE_NEGATIVE_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
     negative_cache_ttl: Duration,
-    /// Most key records kept in memory.
-    #[arg(long, env = "KEYGATE_CACHE_CAPACITY", default_value_t = 100_000)]
-    cache_capacity: u64,
+    /// Most memory for cached key records, in bytes (suffixes KiB, MiB,
+    /// GiB): a key with many scopes or CIDRs weighs more. 1/8 of it holds
+    /// remembered unknown ids.
+    #[arg(long, env = "KEYGATE_CACHE_MAX_BYTES", default_value = "128MiB", value_parser = parse_bytes)]
+    cache_max_bytes: u64,
+    /// Most store reads Authorize runs at once for keys not in memory; over
+    /// it, calls wait up to --store-read-wait, then answer UNAVAILABLE
+    /// (cached keys never wait).
+    #[arg(long, env = "KEYGATE_STORE_READ_LIMIT", default_value = "8")]
+    store_read_limit: std::num::NonZeroU32,
+    /// How long an Authorize call waits for one of --store-read-limit's reads.
+    #[arg(long, env = "KEYGATE_STORE_READ_WAIT", default_value = "100ms", value_parser = parse_duration)]
+    store_read_wait: Duration,
     /// Longest this replica may go without reading the event log before it
     /// stops answering from its cache (a revoked key lives at most this long
     /// anywhere, even during a partition).
@@ -62,7 +72,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYGATE_FEED_MAX_REPLAY", default_value_t = 100_000)]
     feed_max_replay: i64,
     /// How often this replica records its applied sequence in the store; a
-    /// replica silent for 5 times this is no longer live.
+    /// replica is live (waited for by wait_for_replicas) until its last
+    /// record is older than --max-staleness plus this plus --feed-poll-interval.
     #[arg(long, env = "KEYGATE_REPLICA_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
     replica_heartbeat: Duration,
     /// Requests per minute for keys whose own rate_limit_per_minute is 0.
@@ -198,15 +209,17 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         policy,
         brand,
         cache: CacheSettings {
-            capacity: args.cache_capacity,
+            max_bytes: args.cache_max_bytes,
             ttl: args.cache_ttl,
             negative_ttl: args.negative_cache_ttl,
+            store_reads: args.store_read_limit.get(),
+            store_read_wait: args.store_read_wait,
         },
+        load_key_index: true,
         feed: FeedSettings {
             poll_interval: args.feed_poll_interval,
             heartbeat: args.feed_heartbeat,
             replica_heartbeat: args.replica_heartbeat,
-            replica_live_window: args.replica_heartbeat * 5,
             max_replay: args.feed_max_replay,
             name: args
                 .replica_name

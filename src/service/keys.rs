@@ -176,8 +176,10 @@ impl KeyService {
                 &event(EventKind::Created, &key, caller, now, String::new()),
             )
             .await?;
-        // The id may sit in the negative cache if someone guessed it first.
-        self.cache.invalidate(id);
+        // Into this replica's key-id index before the token is returned, so
+        // its first use here is never refused; and the id may sit in the
+        // negative cache if someone guessed it first.
+        self.cache.apply(EventKind::Created, id);
         tracing::info!(key_id = %id, organization_id = ?key.organization_id, actor = %caller.key().id, "key created");
         Ok((key, token))
     }
@@ -405,6 +407,7 @@ impl KeyService {
             details: event::details(EventKind::Created, &key, ""),
         };
         self.store.insert_key(&key, &ev).await?;
+        self.cache.apply(EventKind::Created, id);
         tracing::info!(key_id = %id, "bootstrap key created");
         Ok((key, token))
     }
@@ -418,7 +421,7 @@ impl KeyService {
             let now = self.clock.now();
             let ev = event(EventKind::Deleted, &key, caller, now, String::new());
             if let Some(seq) = self.store.delete_key(id, key.version, &ev).await? {
-                self.cache.invalidate(id);
+                self.cache.apply(EventKind::Deleted, id);
                 self.changed.notify_one();
                 tracing::info!(key_id = %id, actor = %caller.key().id, "key deleted");
                 return Ok(seq);

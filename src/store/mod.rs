@@ -58,6 +58,11 @@ pub trait KeyStore: KeyReader {
         event: &NewEvent,
     ) -> Result<Option<i64>, StoreError>;
 
+    /// Up to `limit` key ids above `after` (all when `None`), in id order:
+    /// pages of every existing key id, for the key-id index.
+    async fn key_ids_after(&self, after: Option<Uuid>, limit: u32)
+    -> Result<Vec<Uuid>, StoreError>;
+
     /// Keys in (created_at, id) order.
     async fn list_keys(&self, query: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError>;
 
@@ -141,6 +146,23 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database url {0:?}: expected sqlite:// or postgres://")]
     UnsupportedUrl(String),
+    /// Too many key reads in flight on the Authorize path (see `CacheSettings::store_reads`).
+    #[error("key store busy: too many key reads in flight")]
+    Busy,
+    /// Another request's read of the same key failed with this; shared
+    /// because concurrent misses for one id wait for a single read.
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
+}
+
+impl StoreError {
+    /// The error itself, seen through any sharing.
+    pub fn root(&self) -> &StoreError {
+        match self {
+            StoreError::Shared(inner) => inner.root(),
+            other => other,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

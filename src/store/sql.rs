@@ -1,5 +1,8 @@
 //! The store's SQL, shared by both dialects.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::any::AnyPoolOptions;
@@ -28,8 +31,12 @@ pub enum Dialect {
 #[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
+    /// A few connections of the revocation feed's own (see [`SqlStore::follower`]).
+    feed_pool: AnyPool,
     dialect: Dialect,
     url: String,
+    /// Key reads (`get_key`) issued through this store and its follower handle.
+    key_reads: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -81,12 +88,45 @@ impl SqlStore {
             .acquire_timeout(std::time::Duration::from_secs(5))
             .connect(&url)
             .await?;
-        Ok(Self { pool, dialect, url })
+        let feed_pool = if sqlite::in_memory(&url) {
+            // A second pool would open a second, empty database.
+            pool.clone()
+        } else {
+            // Lazy: opened on the feed's first read, after migrations have run.
+            AnyPoolOptions::new()
+                .max_connections(FEED_CONNECTIONS)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect_lazy(&url)?
+        };
+        Ok(Self {
+            pool,
+            feed_pool,
+            dialect,
+            url,
+            key_reads: Arc::default(),
+        })
+    }
+
+    /// The same store over the revocation feed's own connections
+    /// ([`FEED_CONNECTIONS`]), so following the log and recording heartbeats
+    /// never wait behind a flood of Authorize cache misses on the main pool.
+    pub fn follower(&self) -> SqlStore {
+        SqlStore {
+            pool: self.feed_pool.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// How many key reads (`get_key`) this store has issued since it was
+    /// opened, follower handle included.
+    pub fn key_reads(&self) -> u64 {
+        self.key_reads.load(Ordering::Relaxed)
     }
 
     /// Closes every connection; later calls fail as if the database were down.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.feed_pool.close().await;
     }
 
     pub(super) fn pool(&self) -> &AnyPool {
@@ -151,6 +191,10 @@ fn usage_statement(keys: usize) -> String {
     )
 }
 
+/// Connections reserved for the revocation feed: one to follow the log and
+/// record this replica's heartbeat, one spare for a read that overlaps it.
+pub const FEED_CONNECTIONS: u32 = 2;
+
 /// Times a store call and counts its failures.
 async fn observe<T>(
     operation: &'static str,
@@ -166,6 +210,7 @@ async fn observe<T>(
 impl KeyReader for SqlStore {
     #[instrument(name = "keystore.get", skip(self), err)]
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        self.key_reads.fetch_add(1, Ordering::Relaxed);
         observe("get", async move {
             let sql =
                 sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"));
@@ -283,6 +328,32 @@ impl KeyStore for SqlStore {
                 .fetch_all(&self.pool)
                 .await?;
             rows.iter().map(key_from_row).collect()
+        })
+        .await
+    }
+
+    #[instrument(name = "keystore.key_ids_after", skip(self), err)]
+    async fn key_ids_after(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        observe("key_ids_after", async move {
+            // Text order is the primary key's order, so each page is an index range scan.
+            let rows = sqlx::query("SELECT id FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after.map(|id| id.to_string()).unwrap_or_default())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let id: String = row.try_get(0)?;
+                    Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt {
+                        id,
+                        why: e.to_string(),
+                    })
+                })
+                .collect()
         })
         .await
     }

@@ -15,6 +15,11 @@ pub(super) fn handles(url: &str) -> bool {
     url.starts_with("sqlite:")
 }
 
+/// An in-memory database lives in its connections: every pool has its own.
+pub(super) fn in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
 /// Creates the database file when missing, as `keygate serve` promises.
 pub(super) fn connect_url(url: &str) -> String {
     with_mode(url, "rwc")

@@ -184,6 +184,9 @@ fn every_flag_has_an_environment_variable() {
         "KEYGATE_POLICY",
         "KEYGATE_BRAND",
         "KEYGATE_CACHE_TTL",
+        "KEYGATE_CACHE_MAX_BYTES",
+        "KEYGATE_STORE_READ_LIMIT",
+        "KEYGATE_STORE_READ_WAIT",
     ] {
         assert!(help.contains(var), "{var} missing from --help:\n{help}");
     }

@@ -77,6 +77,7 @@ pub struct TestServer {
     pub store: Arc<SqlStore>,
     pub keys: Arc<keygate::service::KeyService>,
     pub feed: Arc<keygate::feed::Feed>,
+    pub cache: Arc<keygate::cache::KeyCache>,
     pub database_url: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -208,6 +209,7 @@ impl TestServer {
         let store = keygate.store.clone();
         let keys = keygate.keys.clone();
         let feed = keygate.feed.clone();
+        let cache = keygate.cache.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -224,6 +226,7 @@ impl TestServer {
             store,
             keys,
             feed,
+            cache,
             database_url,
             shutdown: Some(tx),
             task: Some(task),

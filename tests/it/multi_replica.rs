@@ -491,3 +491,116 @@ async fn disable_rotate_and_delete_also_wait_for_replicas() {
     b.signal("-CONT");
     let _ = &mut feed;
 }
+
+/// A replica cut off from the database keeps answering from its cache until
+/// max-staleness, so confirmation must wait for it that long: it counts as
+/// live until its last heartbeat is older than max-staleness plus one
+/// heartbeat plus one poll interval, and by then it has failed closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmation_waits_for_a_cut_off_replica_until_it_has_failed_closed() {
+    // 6 s of staleness; both replicas heartbeat every 500 ms and poll every
+    // 200 ms, so B counts until its heartbeat is 6.7 s old. Under the old
+    // rule (5 heartbeats) it stopped counting after 2.5 s.
+    let Some(a) = TestServer::start_with(Backend::Postgres, |s| {
+        s.max_staleness = Duration::from_secs(6);
+        s.feed.replica_heartbeat = Duration::from_millis(500);
+    })
+    .await
+    else {
+        return;
+    };
+    let proxy = Proxy::start(postgres_addr(&a.database_url)).await;
+    let b = Replica::start(
+        &via(&a.database_url, proxy.addr),
+        "replica-b",
+        &["--max-staleness", "6s"],
+    )
+    .await;
+    let (_, t1) = a.org_key("org_a", &["checkout:create"]).await;
+    let (k2, t2) = a.org_key("org_a", &["checkout:create"]).await;
+    let (k3, _) = a.org_key("org_a", &["checkout:create"]).await;
+    let mut on_b = b.authorizer().await;
+    for t in [&t1, &t2] {
+        assert_eq!(
+            authorize(&mut on_b, t).await.unwrap().decision(),
+            pb::Decision::Allow,
+            "cached on B"
+        );
+    }
+    let feed = b.feed().await;
+    let live = |feed: &pb::revocation_feed_client::RevocationFeedClient<_>| {
+        let (mut feed, token) = (feed.clone(), a.admin_token.clone());
+        async move {
+            let r = feed
+                .list_replicas(as_key(&token, pb::ListReplicasRequest {}))
+                .await
+                .ok()?
+                .into_inner();
+            Some(r.replicas.iter().filter(|r| r.live).count())
+        }
+    };
+    eventually(Duration::from_secs(10), "two live replicas", || async {
+        (live(&feed).await? == 2).then_some(())
+    })
+    .await;
+    // From here on ask A, B's link is gone.
+    let feed = pb::revocation_feed_client::RevocationFeedClient::connect(a.url())
+        .await
+        .unwrap();
+
+    proxy.cut();
+    let cut_at = tokio::time::Instant::now();
+    let wait = |key_id: &str| pb::RevokeKeyRequest {
+        key_id: key_id.into(),
+        wait_for_replicas: true,
+        replica_wait_timeout: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 500_000_000,
+        }),
+        ..Default::default()
+    };
+    // Past the old 2.5 s window, well before B stops serving from its cache.
+    tokio::time::sleep_until(cut_at + Duration::from_millis(2_700)).await;
+    let mut admin = a.admin().await;
+    let err = admin
+        .revoke_key(as_key(&a.admin_token, wait(&k2.key_id)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("replica-b"), "{}", err.message());
+    // Which is the truth: B still allows the revoked key.
+    assert_eq!(
+        authorize(&mut on_b, &t2).await.unwrap().decision(),
+        pb::Decision::Allow,
+        "B cannot have heard of the revocation"
+    );
+    assert!(
+        cut_at.elapsed() < Duration::from_millis(5_500),
+        "too slow to check the window"
+    );
+
+    // Once B no longer counts, it has failed closed.
+    eventually(
+        Duration::from_secs(15),
+        "B to stop counting as live",
+        || async { (live(&feed).await? == 1).then_some(()) },
+    )
+    .await;
+    assert!(
+        cut_at.elapsed() >= Duration::from_secs(6),
+        "{:?}",
+        cut_at.elapsed()
+    );
+    let status = authorize(&mut on_b, &t1).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "failed closed: {status:?}"
+    );
+    let confirmed = admin
+        .revoke_key(as_key(&a.admin_token, wait(&k3.key_id)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(confirmed.confirmed_replicas, 1);
+}

@@ -1,0 +1,108 @@
+//! The key cache is bounded in bytes: keys with many scopes and CIDRs weigh
+//! what they take, so caching many of them stays within the budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate::cache::{CacheSettings, Freshness, KeyCache, record_weight};
+use keygate::domain::event::{Actor, EventKind, NewEvent};
+use keygate::domain::key::{KeyRecord, KeyState, Mode, Tier};
+use keygate::domain::scope::ScopeSet;
+use keygate::domain::token::{Brand, generate};
+use keygate::store::KeyStore;
+
+use crate::harness::{Backend, TestServer};
+use crate::on_both_backends;
+
+/// A key at the request limits: 100 long scopes and 100 CIDRs.
+fn large_key() -> KeyRecord {
+    let id = uuid::Uuid::new_v4();
+    let token = generate(&Brand::default(), Mode::Live, id).unwrap();
+    let scopes: Vec<String> = (0..100)
+        .map(|i| format!("resource_with_a_rather_long_name_{i:03}:read"))
+        .collect();
+    KeyRecord {
+        id,
+        name: "n".repeat(200),
+        organization_id: Some("org_large".into()),
+        tier: Tier::Organization,
+        mode: Mode::Live,
+        prefix: token.prefix,
+        secret_digest: token.digest,
+        previous_secret: None,
+        scopes: ScopeSet::parse(&scopes).unwrap(),
+        allowed_cidrs: (0..100)
+            .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
+            .collect(),
+        rate_limit_per_minute: 0,
+        state: KeyState::Active,
+        created_at: chrono::Utc::now(),
+        last_used_at: None,
+        expires_at: None,
+        rotated_at: None,
+        created_by: "bootstrap".into(),
+        version: 1,
+    }
+}
+
+async fn caching_many_large_keys_stays_within_the_byte_budget(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let budget = 1024 * 1024;
+    let cache = KeyCache::new(
+        s.store.clone(),
+        CacheSettings {
+            max_bytes: budget,
+            ..CacheSettings::default()
+        },
+        Arc::new(Freshness::new(Duration::from_secs(60))),
+    );
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        let key = large_key();
+        let event = NewEvent {
+            kind: EventKind::Created,
+            key_id: key.id,
+            organization_id: key.organization_id.clone(),
+            actor: Actor::Bootstrap,
+            at: key.created_at,
+            reason: String::new(),
+            details: String::new(),
+        };
+        s.store.insert_key(&key, &event).await.unwrap();
+        ids.push(key.id);
+    }
+    let one = cache.get(ids[0]).await.unwrap().unwrap();
+    // The weight is honest: at least the text and addresses it holds.
+    let text: usize = one
+        .scopes
+        .iter()
+        .map(|s| s.to_string().len())
+        .sum::<usize>()
+        + one.name.len()
+        + one.allowed_cidrs.len() * std::mem::size_of::<ipnet::IpNet>();
+    assert!(
+        record_weight(&one) as usize > text,
+        "{}",
+        record_weight(&one)
+    );
+    for id in &ids {
+        assert!(cache.get(*id).await.unwrap().is_some());
+    }
+    let (entries, bytes) = cache.memory();
+    assert!(
+        bytes <= budget,
+        "{bytes} bytes cached over a {budget}-byte budget"
+    );
+    assert!(
+        entries < 200,
+        "{entries}: large keys must have been evicted"
+    );
+    assert!(
+        bytes > budget / 2,
+        "{bytes}: the budget is used, not wasted"
+    );
+}
+
+on_both_backends!(caching_many_large_keys_stays_within_the_byte_budget);
