@@ -279,8 +279,13 @@ impl KeyCache {
             // this replica's feed yet: before refusing, wait for one read of
             // the log that began after this lookup (shared by every lookup
             // waiting, so forged ids cost no read of their own).
+            // If that read does not come in time, the log is not readable
+            // right now: ask the store rather than refuse a key that may
+            // exist (the read cap bounds what that costs, and a store that is
+            // down answers UNAVAILABLE, not "no such key").
             if self.index.refuses(id)
-                && (!self.freshness.read_since_now(INDEX_CATCH_UP).await || self.index.refuses(id))
+                && self.freshness.read_since_now(INDEX_CATCH_UP).await
+                && self.index.refuses(id)
             {
                 self.metrics.refused.increment(1);
                 return Ok(None);
