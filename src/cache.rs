@@ -283,15 +283,23 @@ impl KeyCache {
             // right now: ask the store rather than refuse a key that may
             // exist (the read cap bounds what that costs, and a store that is
             // down answers UNAVAILABLE, not "no such key").
+            if self.unknown.contains_key(&id) {
+                self.metrics.hits.increment(1);
+                return Ok(None);
+            }
             if self.index.refuses(id)
                 && self.freshness.read_since_now(INDEX_CATCH_UP).await
                 && self.index.refuses(id)
             {
+                // Remembered like an id the store did not have, so a repeat
+                // skips the wait (and still answers during a store outage).
+                // A creation adds to the index before it invalidates, so one
+                // racing this insert is seen by the check after it.
+                self.unknown.insert(id, ());
+                if !self.index.refuses(id) {
+                    self.unknown.invalidate(&id);
+                }
                 self.metrics.refused.increment(1);
-                return Ok(None);
-            }
-            if self.unknown.contains_key(&id) {
-                self.metrics.hits.increment(1);
                 return Ok(None);
             }
             self.metrics.misses.increment(1);
