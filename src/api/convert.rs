@@ -179,18 +179,48 @@ pub fn std_duration(d: std::time::Duration) -> prost_types::Duration {
     }
 }
 
-/// The changes an UpdateKey asks for: only the fields its update_mask names.
-pub fn key_changes(r: pb::UpdateKeyRequest) -> Result<KeyChanges, Error> {
-    let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+/// The fields UpdateKey can change, in the order `*` names them.
+const UPDATABLE: [&str; 5] = [
+    "name",
+    "scopes",
+    "allowed_cidrs",
+    "rate_limit_per_minute",
+    "expires_at",
+];
+
+/// The changes an UpdateKey asks for, as AIP-134 has it: the fields its
+/// update_mask names (`*`: every field, unset ones cleared), or without a
+/// mask every field the request sets (a non-empty name, scope list or
+/// allow-list, a non-zero limit, an expiry). Clearing a field needs the mask.
+pub fn key_changes(mut r: pb::UpdateKeyRequest) -> Result<KeyChanges, Error> {
+    let named = r.update_mask.take().map(|m| m.paths).unwrap_or_default();
+    let paths: Vec<&str> = if named.iter().any(|p| p == "*") {
+        UPDATABLE.to_vec()
+    } else if named.is_empty() {
+        let set = [
+            !r.name.trim().is_empty(),
+            !r.scopes.is_empty(),
+            !r.allowed_cidrs.is_empty(),
+            r.rate_limit_per_minute != 0,
+            r.expires_at.is_some(),
+        ];
+        UPDATABLE
+            .iter()
+            .zip(set)
+            .filter_map(|(path, set)| set.then_some(*path))
+            .collect()
+    } else {
+        named.iter().map(String::as_str).collect()
+    };
     if paths.is_empty() {
         return Err(Error::invalid(
             "update_mask",
-            "name at least one of name, scopes, allowed_cidrs, rate_limit_per_minute, expires_at",
+            "nothing to update: set a field (name, scopes, allowed_cidrs, rate_limit_per_minute, expires_at), or name it in update_mask to clear it",
         ));
     }
     let mut changes = KeyChanges::default();
-    for path in &paths {
-        match path.as_str() {
+    for path in paths {
+        match path {
             "name" => changes.name = Some(text("name", &r.name, MAX_NAME_CHARS, true)?),
             "scopes" => changes.scopes = Some(scope_set(&r.scopes)?),
             "allowed_cidrs" => changes.allowed_cidrs = Some(cidrs(&r.allowed_cidrs)?),

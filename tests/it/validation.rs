@@ -227,7 +227,79 @@ async fn bad_lifecycle_requests_name_the_field_and_change_nothing(backend: Backe
     assert_eq!(got.status(), pb::KeyStatus::Active);
 }
 
+/// AIP-134: without an update_mask, UpdateKey changes every field the
+/// request sets and nothing else; `*` changes every field, clearing the
+/// unset ones; a request that sets nothing and names nothing is refused.
+async fn update_without_a_mask_changes_what_the_request_sets(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let (key, _) = s
+        .create_key(pb::CreateKeyRequest {
+            name: "backend".into(),
+            organization_id: "org_a".into(),
+            scopes: vec!["links:read".into(), "links:write".into()],
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
+            rate_limit_per_minute: 50,
+            ..Default::default()
+        })
+        .await;
+    let mut admin = s.admin().await;
+    let update = |r: pb::UpdateKeyRequest| {
+        as_key(
+            &s.admin_token,
+            pb::UpdateKeyRequest {
+                key_id: key.key_id.clone(),
+                ..r
+            },
+        )
+    };
+    let updated = admin
+        .update_key(update(pb::UpdateKeyRequest {
+            name: "backend (eu)".into(),
+            rate_limit_per_minute: 70,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.name, "backend (eu)");
+    assert_eq!(updated.rate_limit_per_minute, 70);
+    assert_eq!(updated.scopes, key.scopes, "scopes were not set: unchanged");
+    assert_eq!(updated.allowed_cidrs, vec!["10.0.0.0/8"]);
+
+    let err = admin
+        .update_key(update(pb::UpdateKeyRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("update_mask: nothing to update"),
+        "{}",
+        err.message()
+    );
+
+    let replaced = admin
+        .update_key(update(pb::UpdateKeyRequest {
+            name: "replaced".into(),
+            scopes: vec!["links:read".into()],
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["*".into()],
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replaced.name, "replaced");
+    assert_eq!(replaced.scopes, vec!["links:read"]);
+    assert!(replaced.allowed_cidrs.is_empty(), "* clears what is unset");
+    assert_eq!(replaced.rate_limit_per_minute, 0);
+    assert_eq!(replaced.expires_at, None);
+}
+
 on_both_backends!(
     bad_create_requests_name_the_field_and_create_nothing,
     bad_lifecycle_requests_name_the_field_and_change_nothing,
+    update_without_a_mask_changes_what_the_request_sets,
 );

@@ -111,4 +111,23 @@ async fn the_readme_walkthrough_works_as_written() {
     assert!(allow < revoked && revoked < deny, "{stdout}");
     assert!(stdout[deny..].contains("\"httpStatus\": 401"));
     assert!(stdout.contains("\"revokedReason\": \"leaked in a public repo\""));
+    // UpdateKey with a mask, then without one: each changed only its fields.
+    let masked = stdout
+        .find("\"rateLimitPerMinute\": 600")
+        .expect("the masked UpdateKey set the limit");
+    let renamed = stdout
+        .find("\"name\": \"checkout backend (eu)\"")
+        .expect("the UpdateKey without a mask set the name");
+    assert!(
+        allow < masked && masked < renamed && renamed < revoked,
+        "{stdout}"
+    );
+    assert!(
+        !stdout[masked..renamed].contains("transaction:read"),
+        "the mask replaced the scopes: {stdout}"
+    );
+    assert!(
+        stdout[renamed..revoked].contains("\"rateLimitPerMinute\": 600"),
+        "the rename kept the limit: {stdout}"
+    );
 }
