@@ -11,16 +11,31 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 #[derive(Debug, Clone, Args)]
 pub struct RemoteArgs {
     /// keygate's gRPC address: http://… in plaintext, https://… over TLS.
-    #[arg(long, env = "KEYGATE_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
     /// PEM CA bundle that signed the server's certificate (https:// only).
-    #[arg(long, env = "KEYGATE_CA_CERT")]
+    #[arg(long, global = true, env = "KEYGATE_CA_CERT")]
     ca_cert: Option<PathBuf>,
     /// PEM client certificate, for a server that requires mTLS; needs --client-key.
-    #[arg(long, env = "KEYGATE_CLIENT_CERT", requires = "client_key")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_CLIENT_CERT",
+        requires = "client_key"
+    )]
     client_cert: Option<PathBuf>,
     /// PEM private key for --client-cert.
-    #[arg(long, env = "KEYGATE_CLIENT_KEY", requires = "client_cert")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_CLIENT_KEY",
+        requires = "client_cert"
+    )]
     client_key: Option<PathBuf>,
 }
 

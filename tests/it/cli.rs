@@ -134,3 +134,29 @@ async fn the_keys_cli_manages_a_key_from_creation_to_deletion() {
         "{err}"
     );
 }
+
+/// Connection flags are global: `keygate keys create … --server …` works as
+/// well as `keygate keys --server … create …`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_flags_work_after_the_subcommand() {
+    let s = TestServer::start(Backend::Sqlite).await.unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args([
+            "keys",
+            "create",
+            "--name",
+            "late flag",
+            "--server",
+            &s.url(),
+        ])
+        .args(["--organization-id", "org_1", "--json"])
+        .env("KEYGATE_TOKEN", &s.admin_token)
+        .env_remove("KEYGATE_SERVER")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["key"]["name"], "late flag");
+}
