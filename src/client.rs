@@ -154,10 +154,9 @@ impl Shared {
         if let Some(wait) = rate.retry_after {
             answer.set_decision(Decision::Deny);
             answer.set_reason(DenyReason::RateLimited);
-            answer.http_status = 429;
-            answer.message = crate::domain::decision::DenyReason::RateLimited
-                .message()
-                .to_owned();
+            let reason = crate::domain::decision::DenyReason::RateLimited;
+            answer.http_status = u32::from(reason.http_status());
+            answer.message = reason.message().to_owned();
             answer.retry_after = Some(std_duration(wait));
         }
         answer

@@ -51,16 +51,26 @@ impl Error {
     }
 }
 
+/// The gRPC code for a deny reason, for every transport that answers one
+/// with a status (admin calls refusing their caller, Envoy's Check): 401
+/// reasons are UNAUTHENTICATED, 429 is RESOURCE_EXHAUSTED, the rest
+/// PERMISSION_DENIED.
+pub fn deny_code(reason: DenyReason) -> Code {
+    match reason.http_status() {
+        401 => Code::Unauthenticated,
+        429 => Code::ResourceExhausted,
+        _ => Code::PermissionDenied,
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::Denied(reason) if reason.http_status() == 401 => Code::Unauthenticated,
-            Error::Denied(_) | Error::InsufficientScope(_) | Error::Exceeds(_) => {
-                Code::PermissionDenied
-            }
+            Error::Denied(reason) => deny_code(*reason),
+            Error::InsufficientScope(_) | Error::Exceeds(_) => Code::PermissionDenied,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
             Error::ReplicasLagging(_) => Code::DeadlineExceeded,

@@ -271,11 +271,7 @@ fn deny(reason: DenyReason, outcome: &Outcome) -> CheckResponse {
     }
     // Envoy answers the client with `denied`; the status is for other
     // ext_authz clients and Envoy's own stats.
-    let status = match reason.http_status() {
-        401 => Status::unauthenticated(reason.code()),
-        429 => Status::resource_exhausted(reason.code()),
-        _ => Status::permission_denied(reason.code()),
-    };
+    let status = Status::new(crate::error::deny_code(reason), reason.code());
     let mut response = CheckResponse::with_status(status);
     response.set_http_response(denied);
     response
@@ -444,6 +440,40 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(body["required_scope"], "checkout:create");
+    }
+
+    /// One map from a deny reason to a status: Check answers with the code
+    /// an admin call refusing its caller would, and the reason's HTTP status.
+    #[test]
+    fn every_deny_reason_answers_as_everywhere_else() {
+        use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+        let outcome = Outcome {
+            deny: None,
+            key: None,
+            required_scope: None,
+            rate: None,
+        };
+        for reason in DenyReason::ALL {
+            let checked = deny(reason, &outcome);
+            let admin: Status = crate::error::Error::Denied(reason).into();
+            assert_eq!(
+                checked.status.as_ref().map(|s| s.code),
+                Some(admin.code() as i32),
+                "{reason:?}"
+            );
+            let Some(HttpResponse::DeniedResponse(denied)) = checked.http_response else {
+                panic!("{reason:?}: no denied response");
+            };
+            assert_eq!(
+                denied.status.map(|s| s.code),
+                Some(i32::from(reason.http_status())),
+                "{reason:?}"
+            );
+        }
+        assert_eq!(
+            crate::error::deny_code(DenyReason::RateLimited),
+            tonic::Code::ResourceExhausted
+        );
     }
 
     #[test]

@@ -23,6 +23,17 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
+    /// Every reason, for the tests that check each transport maps them alike.
+    pub const ALL: [DenyReason; 7] = [
+        Self::MissingToken,
+        Self::InvalidToken,
+        Self::ExpiredToken,
+        Self::InsufficientScope,
+        Self::IpNotAllowed,
+        Self::RateLimited,
+        Self::RouteNotFound,
+    ];
+
     /// The HTTP status a gateway should answer with.
     pub fn http_status(self) -> u16 {
         match self {
