@@ -12,12 +12,9 @@ use crate::service::{Authorizer, Caller};
 
 /// The credential from `authorization: Bearer <token>` or `x-api-key: <token>`.
 pub fn credential(metadata: &MetadataMap) -> Option<&str> {
-    let bearer = metadata
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .map(token::strip_bearer)
-        .filter(|t| !t.trim().is_empty());
-    bearer.or_else(|| metadata.get("x-api-key").and_then(|v| v.to_str().ok()))
+    token::find_credential(&token::DEFAULT_CREDENTIAL_HEADERS, |name| {
+        metadata.get(name).and_then(|v| v.to_str().ok())
+    })
 }
 
 pub async fn authenticate(

@@ -49,7 +49,9 @@ pub struct ExtAuthzSettings {
 impl Default for ExtAuthzSettings {
     fn default() -> Self {
         Self {
-            credential_headers: vec!["authorization".into(), "x-api-key".into()],
+            credential_headers: crate::domain::token::DEFAULT_CREDENTIAL_HEADERS
+                .map(String::from)
+                .to_vec(),
             strip_credentials: true,
         }
     }
@@ -80,12 +82,10 @@ impl ExtAuthzApi {
     }
 
     fn credential<'a>(&self, headers: &'a RequestHeaders<'a>) -> &'a str {
-        self.settings
-            .credential_headers
-            .iter()
-            .filter_map(|name| headers.get(name))
-            .find(|v| !v.trim().is_empty())
-            .unwrap_or("")
+        crate::domain::token::find_credential(&self.settings.credential_headers, |name| {
+            headers.get(name)
+        })
+        .unwrap_or("")
     }
 }
 

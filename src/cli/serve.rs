@@ -106,7 +106,7 @@ pub struct ServeArgs {
         long = "ext-authz-credential-header",
         env = "KEYGATE_EXT_AUTHZ_CREDENTIAL_HEADERS",
         value_delimiter = ',',
-        default_values_t = ["authorization".to_owned(), "x-api-key".to_owned()]
+        default_values = crate::domain::token::DEFAULT_CREDENTIAL_HEADERS
     )]
     ext_authz_credential_headers: Vec<String>,
     /// Envoy ext_authz: remove the credential headers before the request goes

@@ -198,6 +198,26 @@ impl std::fmt::Debug for Credential {
     }
 }
 
+/// The headers that carry a key unless configured otherwise, in order of
+/// preference: `Authorization: Bearer <key>` (OwnPay, Paymenter) and
+/// `X-API-Key: <key>` (CertoPay).
+pub const DEFAULT_CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "x-api-key"];
+
+/// The credential of a request: the first of `names` whose value, without
+/// a leading `Bearer `, is not blank. `get` reads a header by its
+/// lower-case name. Admin calls, Watch and Envoy's Check all take their
+/// caller's key through this one function.
+pub fn find_credential<'a, N: AsRef<str>>(
+    names: &[N],
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Option<&'a str> {
+    names
+        .iter()
+        .filter_map(|name| get(name.as_ref()))
+        .map(|value| strip_bearer(value.trim_start()).trim())
+        .find(|token| !token.is_empty())
+}
+
 /// Strips a leading `Bearer ` (any case), as sent in an Authorization header.
 pub fn strip_bearer(input: &str) -> &str {
     match input.get(..7) {
@@ -274,6 +294,38 @@ fn decode_base62(digits: &[u8]) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_non_blank_credential_header_wins() {
+        let headers = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+        };
+        let names = DEFAULT_CREDENTIAL_HEADERS;
+        assert_eq!(
+            find_credential(&names, headers(&[("authorization", "Bearer kg_a")])),
+            Some("kg_a")
+        );
+        assert_eq!(
+            find_credential(&names, headers(&[("x-api-key", "kg_b")])),
+            Some("kg_b")
+        );
+        // A bare or blank Authorization does not hide an X-API-Key.
+        assert_eq!(
+            find_credential(
+                &names,
+                headers(&[("authorization", "Bearer "), ("x-api-key", "bearer kg_c")])
+            ),
+            Some("kg_c")
+        );
+        assert_eq!(
+            find_credential(&names, headers(&[("authorization", " ")])),
+            None
+        );
+        assert_eq!(
+            find_credential(&["x-key"], headers(&[("authorization", "kg_a")])),
+            None
+        );
+    }
 
     fn fresh(mode: Mode) -> (NewToken, Uuid) {
         let id = Uuid::new_v4();
