@@ -13,6 +13,7 @@ mod binary;
 mod cache;
 mod cli;
 mod concurrency;
+mod deny_map;
 mod envoy;
 mod feed;
 mod forged;
