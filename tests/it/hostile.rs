@@ -45,6 +45,12 @@ enum Expect {
     Answer(&'static str),
     /// A gRPC error with this code whose message contains every needle.
     Refused(Code, Vec<&'static str>),
+    /// Refused by the HTTP/2 layer before keygate sees the call: metadata
+    /// over hyper's 16 KiB header-list limit closes the connection, which
+    /// the client reports as RESOURCE_EXHAUSTED (GOAWAY ENHANCE_YOUR_CALM)
+    /// or a transport error depending on which it reads first; any error is
+    /// right, an answer is not.
+    Dropped,
 }
 
 struct Row {
@@ -62,6 +68,16 @@ fn with_metadata<T>(metadata: &MetadataMap, message: T) -> Request<T> {
     let mut request = Request::new(message);
     *request.metadata_mut() = metadata.clone();
     request
+}
+
+/// Like [`with_metadata`], with the message's default (its 0-byte
+/// encoding) instead of `message` when `empty`.
+fn with_metadata_or_empty<T: Default>(
+    metadata: &MetadataMap,
+    empty: bool,
+    message: T,
+) -> Request<T> {
+    with_metadata(metadata, if empty { T::default() } else { message })
 }
 
 fn bearer(token: &str) -> MetadataMap {
@@ -115,8 +131,48 @@ struct RawFields {
     two: Vec<u8>,
 }
 
-fn raw<U>(path: &'static str, metadata: MetadataMap, message: RawFields) -> MakeCall
+/// A message's encoding, sent as it is: for requests that are not valid
+/// protobuf at all (a truncated field, a patched-in invalid UTF-8 string).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Wire(Vec<u8>);
+
+impl prost::Message for Wire {
+    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// `message` encoded, with every occurrence of `placeholder` replaced by
+/// `bytes` of the same length.
+fn patched(message: &impl prost::Message, placeholder: &[u8], bytes: &[u8]) -> Wire {
+    assert_eq!(placeholder.len(), bytes.len());
+    let mut encoded = message.encode_to_vec();
+    let at = encoded
+        .windows(placeholder.len())
+        .position(|w| w == placeholder)
+        .expect("placeholder in the encoding");
+    encoded[at..at + bytes.len()].copy_from_slice(bytes);
+    Wire(encoded)
+}
+
+fn raw<T, U>(path: &'static str, metadata: MetadataMap, message: T) -> MakeCall
 where
+    T: prost::Message + Send + 'static,
     U: prost::Message + Default + Send + 'static,
 {
     Box::new(move |ch| {
@@ -128,7 +184,7 @@ where
             grpc.unary(
                 with_metadata(&metadata, message),
                 http::uri::PathAndQuery::from_static(path),
-                tonic_prost::ProstCodec::<RawFields, U>::default(),
+                tonic_prost::ProstCodec::<T, U>::default(),
             )
             .await
             .map(|_| "OK".to_owned())
@@ -137,7 +193,8 @@ where
 }
 
 /// Every KeyAdmin call, Watch and ListReplicas, each with a well-formed
-/// request that would change or reveal `target` if the credential passed.
+/// request that would change or reveal `target` if the credential passed;
+/// with no target, the empty (0-byte) request.
 const CREDENTIALED: [&str; 13] = [
     "CreateKey",
     "GetKey",
@@ -154,19 +211,21 @@ const CREDENTIALED: [&str; 13] = [
     "ListReplicas",
 ];
 
-fn credentialed(rpc: &'static str, metadata: MetadataMap, target: String) -> MakeCall {
+fn credentialed(rpc: &'static str, metadata: MetadataMap, target: Option<String>) -> MakeCall {
     Box::new(move |ch| {
         Box::pin(async move {
             let m = &metadata;
             let mut admin = KeyAdminClient::new(ch.clone());
-            let key_id = target.clone();
+            let empty = target.is_none();
+            let key_id = target.unwrap_or_default();
             fn ok<T>(_: T) -> String {
                 "OK".to_owned()
             }
             match rpc {
                 "CreateKey" => admin
-                    .create_key(with_metadata(
+                    .create_key(with_metadata_or_empty(
                         m,
+                        empty,
                         pb::CreateKeyRequest {
                             name: "intruder".into(),
                             tier: pb::KeyTier::System as i32,
@@ -178,16 +237,25 @@ fn credentialed(rpc: &'static str, metadata: MetadataMap, target: String) -> Mak
                     .await
                     .map(ok),
                 "GetKey" => admin
-                    .get_key(with_metadata(m, pb::GetKeyRequest { key_id }))
+                    .get_key(with_metadata_or_empty(
+                        m,
+                        empty,
+                        pb::GetKeyRequest { key_id },
+                    ))
                     .await
                     .map(ok),
                 "ListKeys" => admin
-                    .list_keys(with_metadata(m, pb::ListKeysRequest::default()))
+                    .list_keys(with_metadata_or_empty(
+                        m,
+                        empty,
+                        pb::ListKeysRequest::default(),
+                    ))
                     .await
                     .map(ok),
                 "UpdateKey" => admin
-                    .update_key(with_metadata(
+                    .update_key(with_metadata_or_empty(
                         m,
+                        empty,
                         pb::UpdateKeyRequest {
                             key_id,
                             scopes: vec!["*:*".into()],
@@ -197,8 +265,9 @@ fn credentialed(rpc: &'static str, metadata: MetadataMap, target: String) -> Mak
                     .await
                     .map(ok),
                 "RotateKey" => admin
-                    .rotate_key(with_metadata(
+                    .rotate_key(with_metadata_or_empty(
                         m,
+                        empty,
                         pb::RotateKeyRequest {
                             key_id,
                             ..Default::default()
@@ -207,15 +276,17 @@ fn credentialed(rpc: &'static str, metadata: MetadataMap, target: String) -> Mak
                     .await
                     .map(ok),
                 "ExpirePreviousSecret" => admin
-                    .expire_previous_secret(with_metadata(
+                    .expire_previous_secret(with_metadata_or_empty(
                         m,
+                        empty,
                         pb::ExpirePreviousSecretRequest { key_id },
                     ))
                     .await
                     .map(ok),
                 "RevokeKey" => admin
-                    .revoke_key(with_metadata(
+                    .revoke_key(with_metadata_or_empty(
                         m,
+                        empty,
                         pb::RevokeKeyRequest {
                             key_id,
                             reason: "hostile".into(),
@@ -225,8 +296,9 @@ fn credentialed(rpc: &'static str, metadata: MetadataMap, target: String) -> Mak
                     .await
                     .map(ok),
                 "DisableKey" => admin
-                    .disable_key(with_metadata(
+                    .disable_key(with_metadata_or_empty(
                         m,
+                        empty,
                         pb::DisableKeyRequest {
                             key_id,
                             ..Default::default()
@@ -235,12 +307,17 @@ fn credentialed(rpc: &'static str, metadata: MetadataMap, target: String) -> Mak
                     .await
                     .map(ok),
                 "EnableKey" => admin
-                    .enable_key(with_metadata(m, pb::EnableKeyRequest { key_id }))
+                    .enable_key(with_metadata_or_empty(
+                        m,
+                        empty,
+                        pb::EnableKeyRequest { key_id },
+                    ))
                     .await
                     .map(ok),
                 "DeleteKey" => admin
-                    .delete_key(with_metadata(
+                    .delete_key(with_metadata_or_empty(
                         m,
+                        empty,
                         pb::DeleteKeyRequest {
                             key_id,
                             ..Default::default()
@@ -249,15 +326,16 @@ fn credentialed(rpc: &'static str, metadata: MetadataMap, target: String) -> Mak
                     .await
                     .map(ok),
                 "ListKeyEvents" => admin
-                    .list_key_events(with_metadata(m, pb::ListKeyEventsRequest::default()))
+                    .list_key_events(with_metadata_or_empty(
+                        m,
+                        empty,
+                        pb::ListKeyEventsRequest::default(),
+                    ))
                     .await
                     .map(ok),
-                "Watch" => RevocationFeedClient::new(ch)
-                    .watch(with_metadata(m, pb::WatchRequest { after_sequence: 0 }))
-                    .await
-                    .map(|_| "OPEN".to_owned()),
+                "Watch" => first_message(ch, metadata.clone(), 0).await,
                 "ListReplicas" => RevocationFeedClient::new(ch)
-                    .list_replicas(with_metadata(m, pb::ListReplicasRequest {}))
+                    .list_replicas(with_metadata_or_empty(m, empty, pb::ListReplicasRequest {}))
                     .await
                     .map(ok),
                 other => unreachable!("no such rpc {other}"),
@@ -282,19 +360,29 @@ macro_rules! admin_call {
     }};
 }
 
-fn watch(token: &str, after_sequence: i64) -> MakeCall {
+/// Opens a Watch and names the kind of its first message: an HTTP-level
+/// refusal (431) only shows when the stream is read, not when it opens.
+fn watch_first(token: &str, after_sequence: i64) -> MakeCall {
     let metadata = bearer(token);
-    Box::new(move |ch| {
-        Box::pin(async move {
-            RevocationFeedClient::new(ch)
-                .watch(with_metadata(
-                    &metadata,
-                    pb::WatchRequest { after_sequence },
-                ))
-                .await
-                .map(|_| "OPEN".to_owned())
-        })
-    })
+    Box::new(move |ch| Box::pin(first_message(ch, metadata, after_sequence)))
+}
+
+async fn first_message(ch: Channel, metadata: MetadataMap, after_sequence: i64) -> Answer {
+    let mut stream = RevocationFeedClient::new(ch)
+        .watch(with_metadata(
+            &metadata,
+            pb::WatchRequest { after_sequence },
+        ))
+        .await?
+        .into_inner();
+    // The first message comes at once, or with the first heartbeat (500 ms
+    // in tests); the bound is generous so a loaded machine is no flake.
+    let first = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no first message"))??;
+    Ok(first.map_or("ENDED".to_owned(), |m| {
+        format!("FIRST {}", m.kind().as_str_name())
+    }))
 }
 
 fn health(service: String) -> MakeCall {
@@ -537,7 +625,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
     // keygate sees it, with INTERNAL (see the report: not a documented code).
     row(
         "authorize: non-UTF-8 token".into(),
-        raw::<pb::AuthorizeResponse>(
+        raw::<_, pb::AuthorizeResponse>(
             "/keygate.v1.Authorizer/Authorize",
             MetadataMap::new(),
             RawFields {
@@ -546,6 +634,31 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             },
         ),
         refused(Code::Internal, &["UTF-8"]),
+    );
+    // No token and no route: the route rule is INVALID_ARGUMENT, checked
+    // before the token (a malformed request is the caller's bug, not a DENY).
+    row(
+        "authorize: 0-byte request".into(),
+        authorize(pb::AuthorizeRequest::default()),
+        refused(Code::InvalidArgument, &["route"]),
+    );
+    row(
+        "authorize: truncated protobuf (a field longer than the message)".into(),
+        raw::<_, pb::AuthorizeResponse>(
+            "/keygate.v1.Authorizer/Authorize",
+            MetadataMap::new(),
+            Wire(vec![0x0a, 0x40, b'k']),
+        ),
+        refused(Code::Internal, &["decode"]),
+    );
+    row(
+        "authorize: the token field as a varint".into(),
+        raw::<_, pb::AuthorizeResponse>(
+            "/keygate.v1.Authorizer/Authorize",
+            MetadataMap::new(),
+            Wire(vec![0x08, 0x01]),
+        ),
+        refused(Code::Internal, &["decode"]),
     );
     let req = |route: String, ip: String, scopes: Vec<String>| pb::AuthorizeRequest {
         token: token_a.clone(),
@@ -659,6 +772,27 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
         )),
         deny("CHECK 401 MISSING_TOKEN"),
     );
+    let placeholder = "PLACEHOLDER-VALUE";
+    let with_placeholder = check_request(
+        HashMap::from([
+            ("authorization".to_owned(), format!("Bearer {token_a}")),
+            ("x-junk".to_owned(), placeholder.to_owned()),
+        ]),
+        None,
+        "/v1/transactions/1",
+        "",
+    );
+    // What Envoy sends for a client header with obs-text bytes when
+    // `encode_raw_headers` is off: tonic cannot decode it (see the report).
+    row(
+        "check: non-UTF-8 value in the headers map".into(),
+        raw::<_, envoy_types::ext_authz::v3::pb::CheckResponse>(
+            "/envoy.service.auth.v3.Authorization/Check",
+            MetadataMap::new(),
+            patched(&with_placeholder, placeholder.as_bytes(), &[0xff; 17]),
+        ),
+        refused(Code::Internal, &["UTF-8"]),
+    );
     row(
         "check: a 1 MiB header".into(),
         check_with_headers(&[auth(&token_a), ("x-big", "v".repeat(MIB))]),
@@ -720,6 +854,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
         "authorization-bin",
         BinaryMetadataValue::from_bytes(format!("Bearer {admin}").as_bytes()),
     );
+    let invalid = |needles: &[&'static str]| refused(Code::InvalidArgument, needles);
     let unauthenticated = |needle: &'static str| refused(Code::Unauthenticated, &[needle]);
     let mut bad_credentials: Vec<(&str, MetadataMap, Expect)> = vec![
         (
@@ -748,6 +883,32 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             unauthenticated("MISSING_TOKEN"),
         ),
         (
+            "a 1 MiB authorization",
+            bearer(&"k".repeat(MIB)),
+            Expect::Dropped,
+        ),
+        (
+            "the admin token and a 1 MiB other header",
+            {
+                let mut m = bearer(&admin);
+                m.insert("x-junk", ascii(&vec![b'j'; MIB]));
+                m
+            },
+            Expect::Dropped,
+        ),
+        // Metadata over hyper's 16 KiB header-list limit is answered with
+        // HTTP 431 and no grpc-status: tonic reports UNKNOWN naming 431.
+        (
+            "a 20 KiB authorization",
+            bearer(&"k".repeat(20 * 1024)),
+            refused(Code::Unknown, &["431"]),
+        ),
+        (
+            "a 15 KiB authorization (under the header limit)",
+            bearer(&"k".repeat(15 * 1024)),
+            unauthenticated("INVALID_TOKEN"),
+        ),
+        (
             "a key without the call's scope",
             bearer(&token_b),
             refused(Code::PermissionDenied, &["INSUFFICIENT_SCOPE"]),
@@ -771,14 +932,48 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             let expect = match expect {
                 Expect::Answer(a) => Expect::Answer(a),
                 Expect::Refused(c, n) => Expect::Refused(*c, n.clone()),
+                Expect::Dropped => Expect::Dropped,
             };
             row(
                 format!("{rpc}: {what}"),
-                credentialed(rpc, m.clone(), a_id.clone()),
+                credentialed(rpc, m.clone(), Some(a_id.clone())),
                 expect,
             );
         }
     }
+
+    // The 0-byte request (every field at its default) of every call, as the
+    // SYSTEM admin: a required field is named, a listing lists.
+    for (rpc, expect) in [
+        ("CreateKey", invalid(&["name"])),
+        ("GetKey", invalid(&["key_id", "required"])),
+        ("ListKeys", Expect::Answer("OK")),
+        ("UpdateKey", invalid(&["key_id", "required"])),
+        ("RotateKey", invalid(&["key_id", "required"])),
+        ("ExpirePreviousSecret", invalid(&["key_id", "required"])),
+        ("RevokeKey", invalid(&["key_id", "required"])),
+        ("DisableKey", invalid(&["key_id", "required"])),
+        ("EnableKey", invalid(&["key_id", "required"])),
+        ("DeleteKey", invalid(&["key_id", "required"])),
+        ("ListKeyEvents", Expect::Answer("OK")),
+        ("Watch", Expect::Answer("FIRST HEARTBEAT")),
+        ("ListReplicas", Expect::Answer("OK")),
+    ] {
+        row(
+            format!("{rpc}: 0-byte request"),
+            credentialed(rpc, bearer(&admin), None),
+            expect,
+        );
+    }
+    row(
+        "CreateKey: truncated protobuf".into(),
+        raw::<_, pb::CreateKeyResponse>(
+            "/keygate.v1.KeyAdmin/CreateKey",
+            bearer(&admin),
+            Wire(vec![0x0a, 0x7f, b'n', b'a', b'm', b'e']),
+        ),
+        refused(Code::Internal, &["decode"]),
+    );
 
     // ------------------------------------------------- KeyAdmin fields
     let create = |f: &dyn Fn(&mut pb::CreateKeyRequest)| {
@@ -791,7 +986,6 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
         f(&mut r);
         r
     };
-    let invalid = |needles: &[&'static str]| refused(Code::InvalidArgument, needles);
     for (what, name) in [
         ("NUL", "a\0b".to_owned()),
         ("an escape sequence", "\x1b[31mred".to_owned()),
@@ -813,7 +1007,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
     );
     row(
         "CreateKey: non-UTF-8 name".into(),
-        raw::<pb::CreateKeyResponse>(
+        raw::<_, pb::CreateKeyResponse>(
             "/keygate.v1.KeyAdmin/CreateKey",
             bearer(&admin),
             RawFields {
@@ -1370,17 +1564,40 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
     for after in [-1, i64::MIN] {
         row(
             format!("Watch: after_sequence {after}"),
-            watch(&admin, after),
+            watch_first(&admin, after),
             invalid(&["after_sequence"]),
         );
     }
     row(
+        "Watch: after_sequence i64::MAX (from another database)".into(),
+        watch_first(&admin, i64::MAX),
+        Expect::Answer("FIRST RESET"),
+    );
+    row(
         "ListReplicas: a key without revocation:read".into(),
-        credentialed("ListReplicas", bearer(&token_a), a_id.clone()),
+        credentialed("ListReplicas", bearer(&token_a), Some(a_id.clone())),
         refused(Code::PermissionDenied, &["INSUFFICIENT_SCOPE"]),
     );
 
     // ------------------------------------------------------------- health
+    row(
+        "health: 0-byte request".into(),
+        health(String::new()),
+        Expect::Answer("SERVING"),
+    );
+    row(
+        "health: a 1 MiB metadata value".into(),
+        {
+            let mut m = MetadataMap::new();
+            m.insert("x-junk", ascii(&vec![b'j'; MIB]));
+            raw::<_, tonic_health::pb::HealthCheckResponse>(
+                "/grpc.health.v1.Health/Check",
+                m,
+                Wire(Vec::new()),
+            )
+        },
+        Expect::Dropped,
+    );
     row(
         "health: unknown service with NUL".into(),
         health("keygate.v1.Authorizer\0".into()),
@@ -1393,7 +1610,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
     );
     row(
         "health: non-UTF-8 service name".into(),
-        raw::<tonic_health::pb::HealthCheckResponse>(
+        raw::<_, tonic_health::pb::HealthCheckResponse>(
             "/grpc.health.v1.Health/Check",
             MetadataMap::new(),
             RawFields {
@@ -1416,12 +1633,14 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             (Expect::Refused(code, needles), Err(status)) => {
                 status.code() == *code && needles.iter().all(|n| status.message().contains(n))
             }
+            (Expect::Dropped, Err(status)) => status.code() != Code::Ok,
             _ => false,
         };
         if !ok {
             let want = match &expect {
                 Expect::Answer(a) => format!("answer {a}"),
                 Expect::Refused(c, n) => format!("{c:?} naming {n:?}"),
+                Expect::Dropped => "the HTTP/2 layer to refuse it".into(),
             };
             let got = match &got {
                 Ok(a) => format!("answer {a}"),
