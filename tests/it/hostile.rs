@@ -46,10 +46,10 @@ enum Expect {
     /// A gRPC error with this code whose message contains every needle.
     Refused(Code, Vec<&'static str>),
     /// Refused by the HTTP/2 layer before keygate sees the call: metadata
-    /// over hyper's 16 KiB header-list limit closes the connection, which
-    /// the client reports as RESOURCE_EXHAUSTED (GOAWAY ENHANCE_YOUR_CALM)
-    /// or a transport error depending on which it reads first; any error is
-    /// right, an answer is not.
+    /// far over hyper's 16 KiB header-list limit (1 MiB) closes the
+    /// connection, which the client reports as RESOURCE_EXHAUSTED (GOAWAY
+    /// ENHANCE_YOUR_CALM) or as a transport error depending on which it
+    /// reads first; any error is right, an answer is not.
     Dropped,
 }
 
@@ -584,16 +584,16 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
         |what: String, call: MakeCall, expect: Expect| rows.push(Row { what, call, expect });
 
     // ------------------------------------------------------------ Authorize
-    let deny = |reason: &'static str| Expect::Answer(reason);
+    let answer = |summary: &'static str| Expect::Answer(summary);
     row(
         "authorize: empty token".into(),
         authorize_token(""),
-        deny("DENY MISSING_TOKEN 401"),
+        answer("DENY MISSING_TOKEN 401"),
     );
     row(
         "authorize: bare `Bearer `".into(),
         authorize_token("Bearer "),
-        deny("DENY MISSING_TOKEN 401"),
+        answer("DENY MISSING_TOKEN 401"),
     );
     for (what, t) in [
         ("NUL bytes", nul_token.clone()),
@@ -613,7 +613,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
         row(
             format!("authorize: token {what}"),
             authorize_token(t),
-            deny("DENY INVALID_TOKEN 401"),
+            answer("DENY INVALID_TOKEN 401"),
         );
     }
     row(
@@ -739,7 +739,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
     row(
         "check: empty authorization header".into(),
         check_with_headers(&[("authorization", String::new())]),
-        deny("CHECK 401 MISSING_TOKEN"),
+        answer("CHECK 401 MISSING_TOKEN"),
     );
     for (what, t) in [
         ("NUL bytes", nul_token.clone()),
@@ -753,7 +753,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
         row(
             format!("check: token {what}"),
             check_with_headers(&[auth(&t)]),
-            deny("CHECK 401 INVALID_TOKEN"),
+            answer("CHECK 401 INVALID_TOKEN"),
         );
     }
     row(
@@ -770,7 +770,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             "/v1/transactions/1",
             "",
         )),
-        deny("CHECK 401 MISSING_TOKEN"),
+        answer("CHECK 401 MISSING_TOKEN"),
     );
     let placeholder = "PLACEHOLDER-VALUE";
     let with_placeholder = check_request(
@@ -808,7 +808,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
     row(
         "check: 10,000 headers under 256 KiB, valid key".into(),
         check(check_request(headers, None, "/v1/transactions/1", "")),
-        deny("CHECK ALLOW"),
+        answer("CHECK ALLOW"),
     );
     let mut headers: HashMap<String, String> = many(32).into_iter().collect();
     headers.insert("authorization".into(), format!("Bearer {token_a}"));
@@ -825,7 +825,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             &format!("/{}", "p".repeat(100 * 1024)),
             "",
         )),
-        deny("CHECK 414 URI_TOO_LONG"),
+        answer("CHECK 414 URI_TOO_LONG"),
     );
     for source in ["not-an-ip", "10.0.0.1\0", &"1".repeat(1024)] {
         row(
@@ -836,7 +836,7 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
                 "/v1/transactions/1",
                 source,
             )),
-            deny("CHECK 400 INVALID_REQUEST"),
+            answer("CHECK 400 INVALID_REQUEST"),
         );
     }
 
@@ -1148,6 +1148,25 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             invalid(&[field]),
         );
     }
+    let past = ts(epoch().timestamp() - 1, 0);
+    row(
+        "CreateKey: expires_at in the past".into(),
+        admin_call!(admin, create_key, create(&|r| r.expires_at = past)),
+        invalid(&["expires_at", "future"]),
+    );
+    row(
+        "UpdateKey: expires_at in the past".into(),
+        admin_call!(
+            admin,
+            update_key,
+            pb::UpdateKeyRequest {
+                key_id: a_id.clone(),
+                expires_at: past,
+                ..Default::default()
+            }
+        ),
+        invalid(&["expires_at", "future"]),
+    );
     row(
         "CreateKey as a restricted key: no expiry beyond the caller's".into(),
         admin_call!(
