@@ -1379,6 +1379,46 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             invalid(&[needle]),
         );
     }
+    row(
+        "UpdateKey: an update_mask with no paths".into(),
+        admin_call!(admin, update_key, update(&|r| r.update_mask = mask(&[]))),
+        invalid(&["update_mask", "nothing to update"]),
+    );
+    row(
+        "UpdateKey: a valid path twice and an unknown one".into(),
+        admin_call!(
+            admin,
+            update_key,
+            update(&|r| {
+                r.scopes = vec!["*:*".into()];
+                r.update_mask = mask(&["scopes", "scopes", "bogus"]);
+            })
+        ),
+        invalid(&["update_mask", "bogus"]),
+    );
+    // Lifecycle calls with nothing to do change nothing either.
+    row(
+        "EnableKey: a key that is not disabled".into(),
+        admin_call!(
+            admin,
+            enable_key,
+            pb::EnableKeyRequest {
+                key_id: a_id.clone()
+            }
+        ),
+        refused(Code::FailedPrecondition, &["not disabled"]),
+    );
+    row(
+        "ExpirePreviousSecret: a key with no previous secret".into(),
+        admin_call!(
+            admin,
+            expire_previous_secret,
+            pb::ExpirePreviousSecretRequest {
+                key_id: a_id.clone()
+            }
+        ),
+        refused(Code::FailedPrecondition, &["no previous secret"]),
+    );
     let restricted_id = restricted.key_id.clone();
     row(
         "UpdateKey as a restricted key: widen its own allow-list".into(),
@@ -1556,6 +1596,18 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             list_events(&|r| {
                 r.page_token = events_page.clone();
                 r.key_id = a_id.clone();
+            })
+        ),
+        page("different query"),
+    );
+    row(
+        "ListKeyEvents: page_token replayed for one organization".into(),
+        admin_call!(
+            admin,
+            list_key_events,
+            list_events(&|r| {
+                r.page_token = events_page.clone();
+                r.organization_id = "org_a".into();
             })
         ),
         page("different query"),
