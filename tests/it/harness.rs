@@ -468,7 +468,9 @@ pub async fn dump_database(s: &TestServer) -> String {
         .expect("connect");
     let mut out = String::new();
     for table in ["api_keys", "key_events", "keygate_settings"] {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT * FROM {table}"));
+        // In key order (each table's first column), so two dumps of the same
+        // rows are equal however the database happens to return them.
+        let sql = sqlx::AssertSqlSafe(format!("SELECT * FROM {table} ORDER BY 1"));
         for row in sqlx::query(sql).fetch_all(&mut conn).await.expect("dump") {
             for (i, col) in row.columns().iter().enumerate() {
                 let text = if let Ok(Some(v)) = row.try_get::<Option<String>, _>(i) {

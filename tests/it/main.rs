@@ -18,6 +18,7 @@ mod envoy;
 mod feed;
 mod forged;
 mod gateway;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod listing;
