@@ -113,10 +113,7 @@ pub const KEY_COLUMNS: [KeyColumn; 24] = {
         column("rate_limit_per_minute", Set, |k| {
             Value::Int(Some(i64::from(k.rate_limit_per_minute)))
         }),
-        column("status", Set, |k| match &k.state {
-            KeyState::Revoked { .. } => Value::text("revoked"),
-            other => Value::text(other.as_str()),
-        }),
+        column("status", Set, |k| Value::text(k.state.as_str())),
         column("created_at", Set, |k| {
             Value::Int(Some(micros(k.created_at)))
         }),
@@ -261,7 +258,10 @@ pub fn join<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
 }
 
 pub fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
-    let id: String = row.try_get("id")?;
+    let id: String = row.try_get("id").map_err(|e| StoreError::Corrupt {
+        id: "with an unreadable id".into(),
+        why: e.to_string(),
+    })?;
     decode(row, &id).map_err(|why| StoreError::Corrupt { id, why })
 }
 
@@ -369,18 +369,20 @@ pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
         id: format!("event {sequence}"),
         why,
     };
-    let kind: String = row.try_get("kind")?;
-    let key_id: String = row.try_get("key_id")?;
+    // The row is already read: a column that will not decode is damage.
+    let get = |e: sqlx::Error| corrupt(e.to_string());
+    let kind: String = row.try_get("kind").map_err(get)?;
+    let key_id: String = row.try_get("key_id").map_err(get)?;
     Ok(Event {
         sequence,
         kind: EventKind::parse(&kind).ok_or_else(|| corrupt(format!("unknown kind {kind:?}")))?,
         key_id: Uuid::parse_str(&key_id).map_err(|e| corrupt(e.to_string()))?,
-        organization_id: row.try_get("organization_id")?,
-        actor: row.try_get("actor")?,
-        at: time(row.try_get("at")?).map_err(corrupt)?,
-        reason: row.try_get("reason")?,
-        details: row.try_get("details")?,
-        hash: match row.try_get::<Option<Vec<u8>>, _>("hash")? {
+        organization_id: row.try_get("organization_id").map_err(get)?,
+        actor: row.try_get("actor").map_err(get)?,
+        at: time(row.try_get("at").map_err(get)?).map_err(corrupt)?,
+        reason: row.try_get("reason").map_err(get)?,
+        details: row.try_get("details").map_err(get)?,
+        hash: match row.try_get::<Option<Vec<u8>>, _>("hash").map_err(get)? {
             Some(bytes) => Some(
                 bytes
                     .try_into()
@@ -397,11 +399,12 @@ pub fn replica_from_row(row: &AnyRow) -> Result<ReplicaStatus, StoreError> {
         id: format!("replica {id}"),
         why,
     };
+    let get = |e: sqlx::Error| corrupt(e.to_string());
     Ok(ReplicaStatus {
         replica_id: Uuid::parse_str(&id).map_err(|e| corrupt(e.to_string()))?,
-        name: row.try_get("name")?,
-        applied_sequence: row.try_get("applied_sequence")?,
-        heartbeat_at: time(row.try_get("heartbeat_at")?).map_err(corrupt)?,
+        name: row.try_get("name").map_err(get)?,
+        applied_sequence: row.try_get("applied_sequence").map_err(get)?,
+        heartbeat_at: time(row.try_get("heartbeat_at").map_err(get)?).map_err(corrupt)?,
     })
 }
 
