@@ -346,21 +346,61 @@ pub fn bind_key<'q>(query: AnyQuery<'q>, key: &KeyRecord) -> AnyQuery<'q> {
         .fold(query, |query, column| (column.value)(key).bind(query))
 }
 
-pub const EVENT_COLUMNS: &str =
-    "seq, kind, key_id, organization_id, actor, at, reason, hash, details";
+/// One column of `key_events`: its name and the event's value for it.
+pub struct EventColumn {
+    pub name: &'static str,
+    pub value: for<'a> fn(&'a Event) -> Value<'a>,
+}
 
-/// Binds an event's columns, in `EVENT_COLUMNS` order, to `$1..$9`.
+/// Every column of `key_events`, in the order of the INSERT's parameters:
+/// the one definition the column list, the INSERT and the binds come from.
+pub const EVENT_COLUMNS: [EventColumn; 9] = {
+    const fn column(name: &'static str, value: for<'a> fn(&'a Event) -> Value<'a>) -> EventColumn {
+        EventColumn { name, value }
+    }
+    [
+        column("seq", |e| Value::Int(Some(e.sequence))),
+        column("kind", |e| Value::text(e.kind.as_str())),
+        column("key_id", |e| Value::text(e.key_id.to_string())),
+        column("organization_id", |e| {
+            Value::Text(e.organization_id.as_deref().map(Cow::Borrowed))
+        }),
+        column("actor", |e| Value::text(e.actor.as_str())),
+        column("at", |e| Value::Int(Some(micros(e.at)))),
+        column("reason", |e| Value::text(e.reason.as_str())),
+        column("hash", |e| {
+            Value::Bytes(e.hash.as_ref().map(|h| h.as_slice()))
+        }),
+        column("details", |e| Value::text(e.details.as_str())),
+    ]
+};
+
+/// `seq, kind, …`: every event column, for SELECTs.
+pub static EVENT_COLUMN_LIST: LazyLock<String> = LazyLock::new(|| {
+    EVENT_COLUMNS
+        .iter()
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// Appends an event; binds: [`bind_event`].
+pub static INSERT_EVENT: LazyLock<String> = LazyLock::new(|| {
+    let placeholders = (1..=EVENT_COLUMNS.len())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO key_events ({}) VALUES ({placeholders})",
+        *EVENT_COLUMN_LIST
+    )
+});
+
+/// Binds every event column, in [`EVENT_COLUMNS`] order, to `$1…`.
 pub fn bind_event<'q>(query: AnyQuery<'q>, event: &Event) -> AnyQuery<'q> {
-    query
-        .bind(event.sequence)
-        .bind(event.kind.as_str())
-        .bind(event.key_id.to_string())
-        .bind(event.organization_id.as_deref())
-        .bind(event.actor.as_str())
-        .bind(micros(event.at))
-        .bind(event.reason.as_str())
-        .bind(event.hash.map(|h| h.to_vec()))
-        .bind(event.details.as_str())
+    EVENT_COLUMNS
+        .iter()
+        .fold(query, |query, column| (column.value)(event).bind(query))
 }
 
 pub fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
@@ -490,6 +530,28 @@ mod tests {
         // update_key binds the new record, then the expected version.
         let binds = bound(bind_key(sqlx::query(UPDATE_KEY.as_str()), &sample_key()).bind(1i64));
         assert_eq!(highest_placeholder(&UPDATE_KEY), binds);
+    }
+
+    #[test]
+    fn insert_event_binds_every_placeholder() {
+        let event = Event {
+            sequence: 1,
+            kind: EventKind::Created,
+            key_id: Uuid::new_v4(),
+            organization_id: None,
+            actor: "bootstrap".into(),
+            at: DateTime::from_timestamp(1_700_000_000, 0).expect("valid time"),
+            reason: String::new(),
+            details: String::new(),
+            hash: Some([0; 32]),
+        };
+        assert_eq!(
+            INSERT_EVENT.as_str(),
+            "INSERT INTO key_events (seq, kind, key_id, organization_id, actor, at, reason, hash, \
+             details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        );
+        let binds = bound(bind_event(sqlx::query(INSERT_EVENT.as_str()), &event));
+        assert_eq!(highest_placeholder(&INSERT_EVENT), binds);
     }
 
     #[test]
