@@ -183,7 +183,7 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::ColumnNotFound(_)
             | sqlx::Error::ColumnIndexOutOfBounds { .. }
             | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt {
-                id: "row".into(),
+                id: "(unknown row)".into(),
                 why: e.to_string(),
             },
             _ => StoreError::Unavailable(e),

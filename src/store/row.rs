@@ -259,7 +259,7 @@ pub fn join<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
 
 pub fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
     let id: String = row.try_get("id").map_err(|e| StoreError::Corrupt {
-        id: "with an unreadable id".into(),
+        id: "(unreadable id)".into(),
         why: e.to_string(),
     })?;
     decode(row, &id).map_err(|why| StoreError::Corrupt { id, why })
