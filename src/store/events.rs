@@ -1,15 +1,38 @@
 //! The event log's SQL: appending with the audit chain, reading, listing,
 //! and backfilling hashes for rows written before the chain existed.
 
+use std::sync::LazyLock;
+
 use sqlx::Row;
 
-use super::row::{EVENT_COLUMNS, bind_event, event_from_row};
+use super::row::{EVENT_COLUMN_LIST, INSERT_EVENT, bind_event, event_from_row};
 use super::sql::{Dialect, SqlStore};
 use super::{EventQuery, StoreError, postgres};
 use crate::domain::audit::{GENESIS, chain_hash};
 use crate::domain::event::{Event, NewEvent};
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Binds: after (a sequence), limit.
+static EVENTS_AFTER: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM key_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+        *EVENT_COLUMN_LIST
+    )
+});
+
+/// One statement for every filter combination: an absent filter binds NULL.
+/// Binds: organization, key id, before (a sequence), limit.
+static LIST_EVENTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM key_events \
+         WHERE ($1 IS NULL OR organization_id = $1) \
+           AND ($2 IS NULL OR key_id = $2) \
+           AND ($3 IS NULL OR seq < $3) \
+         ORDER BY seq DESC LIMIT $4",
+        *EVENT_COLUMN_LIST
+    )
+});
 
 fn hash_of(bytes: Option<Vec<u8>>, sequence: i64) -> Result<Option<[u8; 32]>, StoreError> {
     bytes
@@ -66,10 +89,7 @@ impl SqlStore {
             hash: None,
         };
         stored.hash = Some(chain_hash(&previous, &stored));
-        let sql = sqlx::AssertSqlSafe(format!(
-            "INSERT INTO key_events ({EVENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        ));
-        bind_event(sqlx::query(sql), &stored)
+        bind_event(sqlx::query(INSERT_EVENT.as_str()), &stored)
             .execute(&mut **tx)
             .await?;
         if self.dialect() == Dialect::Postgres {
@@ -83,10 +103,7 @@ impl SqlStore {
         after: i64,
         limit: u32,
     ) -> Result<Vec<Event>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM key_events WHERE seq > $1 ORDER BY seq LIMIT $2"
-        ));
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query(EVENTS_AFTER.as_str())
             .bind(after)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
@@ -95,14 +112,7 @@ impl SqlStore {
     }
 
     pub(super) async fn select_events(&self, q: &EventQuery) -> Result<Vec<Event>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM key_events \
-             WHERE ($1 IS NULL OR organization_id = $1) \
-               AND ($2 IS NULL OR key_id = $2) \
-               AND ($3 IS NULL OR seq < $3) \
-             ORDER BY seq DESC LIMIT $4"
-        ));
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query(LIST_EVENTS.as_str())
             .bind(q.organization_id.as_deref())
             .bind(q.key_id.map(|id| id.to_string()))
             .bind(q.before)

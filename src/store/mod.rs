@@ -10,6 +10,8 @@ pub mod postgres;
 mod row;
 mod sql;
 mod sqlite;
+#[cfg(test)]
+mod testsuite;
 mod url;
 
 use async_trait::async_trait;
@@ -165,12 +167,25 @@ impl StoreError {
     }
 }
 
+/// Classified by variant, never by message text: a unique violation is a
+/// [`StoreError::Conflict`]; a value that does not decode into what keygate
+/// wrote (a wrong type, a missing column) is [`StoreError::Corrupt`], since
+/// retrying cannot help; everything else (connections, the pool, I/O, the
+/// database refusing a statement) is [`StoreError::Unavailable`].
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => {
                 StoreError::Conflict
             }
+            sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::Decode(_)
+            | sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt {
+                id: "(unknown row)".into(),
+                why: e.to_string(),
+            },
             _ => StoreError::Unavailable(e),
         }
     }

@@ -1,7 +1,7 @@
 //! The store's SQL, shared by both dialects.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -11,7 +11,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::row::{
-    KEY_COLUMNS, bind_key, key_assignment, key_from_row, key_placeholders, micros, replica_from_row,
+    INSERT_KEY, KEY_COLUMN_LIST, UPDATE_KEY, bind_key, key_from_row, micros, replica_from_row,
 };
 use super::url::{redact, without_ignored_secrets};
 use super::{
@@ -153,6 +153,33 @@ impl SqlStore {
     }
 }
 
+/// One key by id; binds: the id.
+static SELECT_KEY: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {} FROM api_keys WHERE id = $1", *KEY_COLUMN_LIST));
+
+/// One statement for every filter combination: an absent filter binds NULL.
+/// Binds: organization, mode, include revoked (0/1), after (created_at, id), limit.
+static LIST_KEYS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM api_keys \
+         WHERE ($1 IS NULL OR organization_id = $1) \
+           AND ($2 IS NULL OR mode = $2) \
+           AND ($3 = 1 OR status <> 'revoked') \
+           AND ($4 IS NULL OR created_at > $4 OR (created_at = $4 AND id > $5)) \
+         ORDER BY created_at, id LIMIT $6",
+        *KEY_COLUMN_LIST
+    )
+});
+
+/// Binds: now, limit.
+static UNANNOUNCED_SECRET_EXPIRIES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM api_keys WHERE previous_secret_announced = 0 \
+         AND previous_secret_expires_at <= $1 ORDER BY previous_secret_expires_at LIMIT $2",
+        *KEY_COLUMN_LIST
+    )
+});
+
 /// Most keys one usage statement writes (5 parameters each: far below both
 /// dialects' parameter limits).
 const USAGE_BATCH: usize = 500;
@@ -212,9 +239,7 @@ impl KeyReader for SqlStore {
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.key_reads.fetch_add(1, Ordering::Relaxed);
         observe("get", async move {
-            let sql =
-                sqlx::AssertSqlSafe(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"));
-            let row = sqlx::query(sql)
+            let row = sqlx::query(SELECT_KEY.as_str())
                 .bind(id.to_string())
                 .fetch_optional(&self.pool)
                 .await?;
@@ -230,11 +255,9 @@ impl KeyStore for SqlStore {
     async fn insert_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<i64, StoreError> {
         observe("insert", async move {
             let mut tx = self.begin_write().await?;
-            let sql = sqlx::AssertSqlSafe(format!(
-                "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ({})",
-                key_placeholders()
-            ));
-            bind_key(sqlx::query(sql), key).execute(&mut *tx).await?;
+            bind_key(sqlx::query(INSERT_KEY.as_str()), key)
+                .execute(&mut *tx)
+                .await?;
             let seq = self.append_event(&mut tx, event).await?;
             tx.commit().await?;
             Ok(seq)
@@ -252,19 +275,7 @@ impl KeyStore for SqlStore {
             let mut tx = self.begin_write().await?;
             let mut next = key.clone();
             next.version += 1;
-            let columns: Vec<&str> = KEY_COLUMNS.split(", ").collect();
-            let assignments = columns
-                .iter()
-                .enumerate()
-                .skip(1)
-                .map(|(i, col)| key_assignment(col, i + 1))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = sqlx::AssertSqlSafe(format!(
-                "UPDATE api_keys SET {assignments} WHERE id = $1 AND version = ${}",
-                columns.len() + 1
-            ));
-            let done = bind_key(sqlx::query(sql), &next)
+            let done = bind_key(sqlx::query(UPDATE_KEY.as_str()), &next)
                 .bind(key.version)
                 .execute(&mut *tx)
                 .await?;
@@ -305,20 +316,11 @@ impl KeyStore for SqlStore {
     #[instrument(name = "keystore.list", skip(self), err)]
     async fn list_keys(&self, q: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError> {
         observe("list", async move {
-            // One statement for every filter combination: an absent filter binds NULL.
-            let sql = sqlx::AssertSqlSafe(format!(
-                "SELECT {KEY_COLUMNS} FROM api_keys \
-                 WHERE ($1 IS NULL OR organization_id = $1) \
-                   AND ($2 IS NULL OR mode = $2) \
-                   AND ($3 = 1 OR status <> 'revoked') \
-                   AND ($4 IS NULL OR created_at > $4 OR (created_at = $4 AND id > $5)) \
-                 ORDER BY created_at, id LIMIT $6"
-            ));
             let (after_at, after_id) = match q.after {
                 Some((at, id)) => (Some(micros(at)), id.to_string()),
                 None => (None, String::new()),
             };
-            let rows = sqlx::query(sql)
+            let rows = sqlx::query(LIST_KEYS.as_str())
                 .bind(q.organization_id.as_deref())
                 .bind(q.mode.map(|m| m.as_str()))
                 .bind(i64::from(q.include_revoked))
@@ -415,11 +417,7 @@ impl KeyStore for SqlStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE previous_secret_announced = 0 \
-             AND previous_secret_expires_at <= $1 ORDER BY previous_secret_expires_at LIMIT $2"
-        ));
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query(UNANNOUNCED_SECRET_EXPIRIES.as_str())
             .bind(micros(now))
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
