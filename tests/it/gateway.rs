@@ -238,6 +238,7 @@ static_resources:
               transport_api_version: V3
               failure_mode_allow: false
               status_on_error: {{ code: ServiceUnavailable }}
+              encode_raw_headers: true
               grpc_service:
                 envoy_grpc: {{ cluster_name: keygate }}
                 timeout: 5s
