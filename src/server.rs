@@ -137,7 +137,7 @@ impl Settings {
             load_key_index: true,
             feed: FeedSettings::default(),
             max_staleness: Duration::from_secs(30),
-            default_rate_limit: NonZeroU32::new(100).expect("100 is not 0"),
+            default_rate_limit: crate::service::limits::DEFAULT_RATE_LIMIT,
             usage_flush_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             tls: None,

@@ -97,7 +97,7 @@ impl KeyService {
                 update: scope("api_key:update"),
                 delete: scope("api_key:delete"),
             },
-            default_rate_limit: 100,
+            default_rate_limit: super::limits::DEFAULT_RATE_LIMIT.get(),
         }
     }
 

@@ -50,6 +50,10 @@ pub struct RateDecision {
     pub retry_after: Option<Duration>,
 }
 
+/// Requests per minute for a key whose own limit is 0, unless the server is
+/// told otherwise (`--default-rate-limit`).
+pub const DEFAULT_RATE_LIMIT: NonZeroU32 = NonZeroU32::new(100).expect("100 is not 0");
+
 pub struct RateLimits {
     keys: Cache<Uuid, Arc<KeyLimiter>>,
     clock: GovernorClock,
