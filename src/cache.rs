@@ -12,14 +12,16 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use keygate_core::clock::SystemClock;
+use keygate_core::event::EventKind;
+use keygate_core::freshness::Contact;
+use keygate_core::key::{KeyRecord, KeyState};
 use moka::sync::Cache;
 use tokio::sync::{Notify, OnceCell, Semaphore, watch};
 use uuid::Uuid;
 
-use crate::domain::event::EventKind;
-use crate::domain::key::{KeyRecord, KeyState};
 use crate::index::KeyIndex;
 use crate::store::{KeyReader, StoreError};
 use crate::telemetry::CacheMetrics;
@@ -92,23 +94,21 @@ pub fn record_weight(key: &KeyRecord) -> u32 {
         + key.prefix.len()
         + key.created_by.len()
         + reason
-        + key.scopes.len() * std::mem::size_of::<crate::domain::scope::Scope>()
+        + key.scopes.len() * std::mem::size_of::<keygate_core::scope::Scope>()
         + scope_text.0
         + key.allowed_cidrs.len() * std::mem::size_of::<ipnet::IpNet>();
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
-/// Whether this replica is in touch with the event log. A replica out of
-/// touch for longer than `max_staleness` cannot know what was revoked
-/// meanwhile, so it stops answering from memory.
+/// Whether this replica is in touch with the event log (a [`Contact`]: a
+/// replica out of touch for longer than `max_staleness` cannot know what was
+/// revoked meanwhile, so it stops answering from memory).
 ///
 /// It also numbers the feed's reads of the log, so a lookup can wait for a
 /// read that began after it arrived (see [`Freshness::read_since_now`]).
 #[derive(Debug)]
 pub struct Freshness {
-    start: Instant,
-    last_contact_ms: AtomicU64,
-    max_staleness: Duration,
+    contact: Contact,
     reads_begun: AtomicU64,
     /// The number of the latest read that succeeded.
     reads_done: watch::Sender<u64>,
@@ -120,16 +120,17 @@ pub struct Freshness {
 #[derive(Debug, Clone, Copy)]
 pub struct LogRead {
     number: u64,
-    began: Instant,
+    /// The contact's monotonic reading when the read began.
+    began: Duration,
 }
 
 impl Freshness {
-    /// Starts fresh: a replica has just read the log when it starts.
+    /// Starts fresh: a replica has just read the log when it starts. Time is
+    /// the system's monotonic clock (staleness is about real silence, not
+    /// the injected wall clock tests move).
     pub fn new(max_staleness: Duration) -> Self {
         Self {
-            start: Instant::now(),
-            last_contact_ms: AtomicU64::new(0),
-            max_staleness,
+            contact: Contact::in_touch(max_staleness, Arc::new(SystemClock)),
             reads_begun: AtomicU64::new(0),
             reads_done: watch::Sender::new(0),
             read_wanted: Notify::new(),
@@ -140,14 +141,14 @@ impl Freshness {
     pub fn begin_read(&self) -> LogRead {
         LogRead {
             number: self.reads_begun.fetch_add(1, Ordering::SeqCst) + 1,
-            began: Instant::now(),
+            began: self.contact.now(),
         }
     }
 
     /// The feed has applied everything `read` returned: in touch as of when
     /// it began.
     pub fn read_succeeded(&self, read: LogRead) {
-        self.touch_at(read.began);
+        self.contact.heard_at(read.began);
         self.reads_done.send_if_modified(|done| {
             let newer = read.number > *done;
             *done = (*done).max(read.number);
@@ -174,28 +175,20 @@ impl Freshness {
         )
     }
 
-    /// Records a successful read of the event log that began at `started`:
-    /// the replica is in touch with the log as it was then. Never moves back.
-    pub fn touch_at(&self, started: Instant) {
-        let at = started.saturating_duration_since(self.start).as_millis();
-        self.last_contact_ms
-            .fetch_max(u64::try_from(at).unwrap_or(u64::MAX), Ordering::AcqRel);
+    /// The log was heard from as it was at `read`'s start, by other means
+    /// than a numbered read (a replay at start-up). Never moves back.
+    pub fn touch(&self, read: LogRead) {
+        self.contact.heard_at(read.began);
     }
 
     /// Longest this replica may be out of touch before it bypasses the cache.
     pub fn max_staleness(&self) -> Duration {
-        self.max_staleness
+        self.contact.max_silence()
     }
 
+    /// Whether the replica heard from the log within `max_staleness`.
     pub fn is_fresh(&self) -> bool {
-        let since = self
-            .elapsed_ms()
-            .saturating_sub(self.last_contact_ms.load(Ordering::Acquire));
-        u128::from(since) <= self.max_staleness.as_millis()
-    }
-
-    fn elapsed_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.contact.is_fresh()
     }
 }
 

@@ -1,10 +1,11 @@
 //! The one error type of the service layer, and its one mapping to gRPC status.
 
+use keygate_core::decision::DenyReason;
+use keygate_core::grant::Exceeds;
+use keygate_core::key::LifecycleError;
+use keygate_proto::convert::deny_code;
 use tonic::{Code, Status};
 
-use crate::domain::decision::DenyReason;
-use crate::domain::grant::Exceeds;
-use crate::domain::key::LifecycleError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,18 +49,6 @@ impl Error {
             field,
             reason: reason.into(),
         }
-    }
-}
-
-/// The gRPC code for a deny reason, for every transport that answers one
-/// with a status (admin calls refusing their caller, Envoy's Check): 401
-/// reasons are UNAUTHENTICATED, 429 is RESOURCE_EXHAUSTED, the rest
-/// PERMISSION_DENIED.
-pub fn deny_code(reason: DenyReason) -> Code {
-    match reason.http_status() {
-        401 => Code::Unauthenticated,
-        429 => Code::ResourceExhausted,
-        _ => Code::PermissionDenied,
     }
 }
 

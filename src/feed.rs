@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
+use keygate_core::event::Event;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cache::{Freshness, KeyCache};
-use crate::domain::event::Event;
 use crate::error::Error;
 use crate::store::{KeyStore, ReplicaStatus, StoreError, postgres};
 use crate::telemetry::FeedMetrics;
@@ -126,9 +126,9 @@ impl Feed {
         listen_url: Option<String>,
         settings: FeedSettings,
     ) -> Result<Self, StoreError> {
-        let started = std::time::Instant::now();
+        let read = freshness.begin_read();
         let head = follower.head_sequence().await?;
-        freshness.touch_at(started);
+        freshness.touch(read);
         Ok(Self {
             metrics: FeedMetrics::default(),
             store,

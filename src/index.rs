@@ -36,10 +36,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dashmap::DashSet;
+use keygate_core::event::EventKind;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::domain::event::EventKind;
 use crate::store::{KeyStore, StoreError};
 
 /// Key ids read per query by the bulk load.

@@ -3,12 +3,9 @@
 pub mod api;
 pub mod cache;
 pub mod cli;
-pub mod client;
-pub mod domain;
 pub mod error;
 pub mod feed;
 pub mod index;
-pub mod pb;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -5,6 +5,10 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keygate_core::clock::Clock;
+use keygate_core::policy::RouteTable;
+use keygate_core::token::Brand;
+use keygate_proto as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -12,15 +16,11 @@ use tonic_health::ServingStatus;
 use crate::api::admin::AdminApi;
 use crate::api::admission::AdmissionLayer;
 use crate::api::authorizer::AuthorizerApi;
-use crate::api::convert::MAX_REPLICA_WAIT;
 use crate::api::ext_authz::{ExtAuthzApi, ExtAuthzSettings};
 use crate::api::feed::FeedApi;
+use crate::api::validate::MAX_REPLICA_WAIT;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
-use crate::domain::clock::Clock;
-use crate::domain::policy::RouteTable;
-use crate::domain::token::Brand;
 use crate::feed::{Feed, FeedSettings};
-use crate::pb;
 use crate::service::usage::UsageTracker;
 use crate::service::watch::Watchers;
 use crate::service::{Authorizer, KeyService};
@@ -137,7 +137,7 @@ impl Settings {
             load_key_index: true,
             feed: FeedSettings::default(),
             max_staleness: Duration::from_secs(30),
-            default_rate_limit: crate::service::limits::DEFAULT_RATE_LIMIT,
+            default_rate_limit: keygate_core::limits::DEFAULT_RATE_LIMIT,
             usage_flush_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             tls: None,
@@ -401,7 +401,7 @@ impl Health {
 
     async fn set_all(&self, status: ServingStatus) {
         use envoy_types::ext_authz::v3::pb::AuthorizationServer;
-        use pb::keygate::v1::{
+        use pb::v1::{
             authorizer_server::AuthorizerServer, key_admin_server::KeyAdminServer,
             revocation_feed_server::RevocationFeedServer,
         };

@@ -8,10 +8,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use keygate_core::decision::DenyReason;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-
-use crate::domain::decision::DenyReason;
 
 /// Authorize latency buckets, in seconds: 50 µs to 1 s.
 const LATENCY_BUCKETS: &[f64] = &[

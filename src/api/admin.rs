@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keygate_proto::v1::key_admin_server;
+use keygate_proto::v1::*;
 use tonic::{Request, Response, Status};
 
-use super::{caller, convert};
+use super::{caller, convert, validate};
 use crate::feed::Feed;
-use crate::pb::keygate::v1::key_admin_server;
-use crate::pb::keygate::v1::*;
 use crate::service::{Authorizer, Caller, KeyService};
 
 pub struct AdminApi {
@@ -46,7 +46,7 @@ impl AdminApi {
         )
     }
 
-    fn api_key(&self, key: &crate::domain::key::KeyRecord) -> ApiKey {
+    fn api_key(&self, key: &keygate_core::key::KeyRecord) -> ApiKey {
         convert::api_key(key, self.keys.now())
     }
 }
@@ -58,7 +58,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
         request: Request<CreateKeyRequest>,
     ) -> Result<Response<CreateKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let spec = convert::new_key(request.into_inner())?;
+        let spec = validate::new_key(request.into_inner())?;
         let (key, token) = self.keys.create(&caller, spec).await?;
         Ok(Response::new(CreateKeyResponse {
             key: Some(self.api_key(&key)),
@@ -68,7 +68,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
 
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<ApiKey>, Status> {
         let caller = self.caller(&request).await?;
-        let id = convert::key_id("key_id", &request.get_ref().key_id)?;
+        let id = validate::key_id("key_id", &request.get_ref().key_id)?;
         let key = self.keys.get(&caller, id).await?;
         Ok(Response::new(self.api_key(&key)))
     }
@@ -78,7 +78,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let spec = convert::list_spec(request.into_inner())?;
+        let spec = validate::list_spec(request.into_inner())?;
         let (keys, next) = self.keys.list(&caller, spec).await?;
         Ok(Response::new(ListKeysResponse {
             keys: keys.iter().map(|k| self.api_key(k)).collect(),
@@ -92,14 +92,14 @@ impl key_admin_server::KeyAdmin for AdminApi {
     ) -> Result<Response<RotateKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
-        let id = convert::key_id("key_id", &r.key_id)?;
-        let grace = convert::grace_period(r.grace_period.as_ref())?;
-        let wait = convert::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
+        let id = validate::key_id("key_id", &r.key_id)?;
+        let grace = validate::grace_period(r.grace_period.as_ref())?;
+        let wait = validate::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
         let (key, token, seq) = self.keys.rotate(&caller, id, grace).await?;
         let previous_secret_expires_at = key
             .previous_secret
             .as_ref()
-            .map(|p| convert::timestamp(p.expires_at));
+            .map(|p| keygate_proto::convert::timestamp(p.expires_at));
         let confirmed_replicas = self.confirm(wait, seq).await?;
         Ok(Response::new(RotateKeyResponse {
             key: Some(self.api_key(&key)),
@@ -115,9 +115,9 @@ impl key_admin_server::KeyAdmin for AdminApi {
     ) -> Result<Response<RevokeKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
-        let id = convert::key_id("key_id", &r.key_id)?;
-        let reason = convert::revoke_reason(&r.reason)?;
-        let wait = convert::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
+        let id = validate::key_id("key_id", &r.key_id)?;
+        let reason = validate::revoke_reason(&r.reason)?;
+        let wait = validate::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
         let (key, seq) = self.keys.revoke(&caller, id, reason).await?;
         let confirmed_replicas = self.confirm(wait, seq).await?;
         Ok(Response::new(RevokeKeyResponse {
@@ -132,8 +132,8 @@ impl key_admin_server::KeyAdmin for AdminApi {
     ) -> Result<Response<DisableKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
-        let id = convert::key_id("key_id", &r.key_id)?;
-        let wait = convert::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
+        let id = validate::key_id("key_id", &r.key_id)?;
+        let wait = validate::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
         let (key, seq) = self.keys.disable(&caller, id).await?;
         let confirmed_replicas = self.confirm(wait, seq).await?;
         Ok(Response::new(DisableKeyResponse {
@@ -147,7 +147,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
         request: Request<EnableKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
         let caller = self.caller(&request).await?;
-        let id = convert::key_id("key_id", &request.get_ref().key_id)?;
+        let id = validate::key_id("key_id", &request.get_ref().key_id)?;
         let (key, _) = self.keys.enable(&caller, id).await?;
         Ok(Response::new(self.api_key(&key)))
     }
@@ -158,8 +158,8 @@ impl key_admin_server::KeyAdmin for AdminApi {
     ) -> Result<Response<DeleteKeyResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
-        let id = convert::key_id("key_id", &r.key_id)?;
-        let wait = convert::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
+        let id = validate::key_id("key_id", &r.key_id)?;
+        let wait = validate::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
         let seq = self.keys.delete(&caller, id).await?;
         let confirmed_replicas = self.confirm(wait, seq).await?;
         Ok(Response::new(DeleteKeyResponse { confirmed_replicas }))
@@ -171,8 +171,8 @@ impl key_admin_server::KeyAdmin for AdminApi {
     ) -> Result<Response<ApiKey>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
-        let id = convert::key_id("key_id", &r.key_id)?;
-        let changes = convert::key_changes(r)?;
+        let id = validate::key_id("key_id", &r.key_id)?;
+        let changes = validate::key_changes(r)?;
         let (key, _) = self.keys.update(&caller, id, changes).await?;
         Ok(Response::new(self.api_key(&key)))
     }
@@ -182,7 +182,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
         request: Request<ExpirePreviousSecretRequest>,
     ) -> Result<Response<ApiKey>, Status> {
         let caller = self.caller(&request).await?;
-        let id = convert::key_id("key_id", &request.get_ref().key_id)?;
+        let id = validate::key_id("key_id", &request.get_ref().key_id)?;
         let (key, _) = self.keys.expire_previous_secret(&caller, id).await?;
         Ok(Response::new(self.api_key(&key)))
     }
@@ -192,7 +192,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
         request: Request<ListKeyEventsRequest>,
     ) -> Result<Response<ListKeyEventsResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let spec = convert::event_list_spec(request.into_inner())?;
+        let spec = validate::event_list_spec(request.into_inner())?;
         let (events, next) = self.keys.list_events(&caller, spec).await?;
         Ok(Response::new(ListKeyEventsResponse {
             events: events.iter().map(convert::key_event).collect(),

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use keygate_proto::v1::authorizer_server;
+use keygate_proto::v1::{AuthorizeRequest, AuthorizeResponse};
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use crate::pb::keygate::v1::authorizer_server;
-use crate::pb::keygate::v1::{AuthorizeRequest, AuthorizeResponse};
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
 

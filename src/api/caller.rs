@@ -3,10 +3,10 @@
 
 use std::net::SocketAddr;
 
+use keygate_core::decision::{self, DenyReason};
+use keygate_core::token;
 use tonic::metadata::MetadataMap;
 
-use crate::domain::decision::{self, DenyReason};
-use crate::domain::token;
 use crate::error::Error;
 use crate::service::{Authorizer, Caller};
 

@@ -16,11 +16,11 @@ use envoy_types::ext_authz::v3::{
     CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use keygate_core::decision::DenyReason;
+use keygate_core::key::KeyRecord;
 use tonic::{Request, Response, Status};
 
 use super::authorizer::record_outcome;
-use crate::domain::decision::DenyReason;
-use crate::domain::key::KeyRecord;
 use crate::error::Error;
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
@@ -49,7 +49,7 @@ pub struct ExtAuthzSettings {
 impl Default for ExtAuthzSettings {
     fn default() -> Self {
         Self {
-            credential_headers: crate::domain::token::DEFAULT_CREDENTIAL_HEADERS
+            credential_headers: keygate_core::token::DEFAULT_CREDENTIAL_HEADERS
                 .map(String::from)
                 .to_vec(),
             strip_credentials: true,
@@ -82,7 +82,7 @@ impl ExtAuthzApi {
     }
 
     fn credential<'a>(&self, headers: &'a RequestHeaders<'a>) -> &'a str {
-        crate::domain::token::find_credential(&self.settings.credential_headers, |name| {
+        keygate_core::token::find_credential(&self.settings.credential_headers, |name| {
             headers.get(name)
         })
         .unwrap_or("")
@@ -271,7 +271,7 @@ fn deny(reason: DenyReason, outcome: &Outcome) -> CheckResponse {
     }
     // Envoy answers the client with `denied`; the status is for other
     // ext_authz clients and Envoy's own stats.
-    let status = Status::new(crate::error::deny_code(reason), reason.code());
+    let status = Status::new(keygate_proto::convert::deny_code(reason), reason.code());
     let mut response = CheckResponse::with_status(status);
     response.set_http_response(denied);
     response
@@ -471,7 +471,7 @@ mod tests {
             );
         }
         assert_eq!(
-            crate::error::deny_code(DenyReason::RateLimited),
+            keygate_proto::convert::deny_code(DenyReason::RateLimited),
             tonic::Code::ResourceExhausted
         );
     }

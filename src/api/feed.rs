@@ -3,20 +3,20 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use keygate_core::event::{Event, EventKind};
+use keygate_core::scope::Scope;
+use keygate_proto::v1::revocation_event::Kind;
+use keygate_proto::v1::revocation_feed_server;
+use keygate_proto::v1::{
+    ListReplicasRequest, ListReplicasResponse, Replica, RevocationEvent, WatchRequest,
+};
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{caller, convert};
-use crate::domain::event::{Event, EventKind};
-use crate::domain::scope::Scope;
+use super::caller;
 use crate::error::Error;
 use crate::feed::{Feed, FeedItem};
-use crate::pb::keygate::v1::revocation_event::Kind;
-use crate::pb::keygate::v1::revocation_feed_server;
-use crate::pb::keygate::v1::{
-    ListReplicasRequest, ListReplicasResponse, Replica, RevocationEvent, WatchRequest,
-};
 use crate::service::watch::{WatchSession, Watchers};
 use crate::service::{Authorizer, Caller};
 
@@ -78,7 +78,7 @@ fn event_message(e: &Event, kind: Kind) -> RevocationEvent {
         kind: kind.into(),
         key_id: e.key_id.to_string(),
         organization_id: e.organization_id.clone().unwrap_or_default(),
-        at: Some(convert::timestamp(e.at)),
+        at: Some(keygate_proto::convert::timestamp(e.at)),
     }
 }
 
@@ -86,7 +86,7 @@ fn marker(sequence: i64, kind: Kind) -> RevocationEvent {
     RevocationEvent {
         sequence,
         kind: kind.into(),
-        at: Some(convert::timestamp(chrono::Utc::now())),
+        at: Some(keygate_proto::convert::timestamp(chrono::Utc::now())),
         ..Default::default()
     }
 }
@@ -154,7 +154,7 @@ impl revocation_feed_server::RevocationFeed for FeedApi {
                     name: r.status.name,
                     applied_sequence: r.status.applied_sequence,
                     lag: r.lag,
-                    heartbeat_at: Some(convert::timestamp(r.status.heartbeat_at)),
+                    heartbeat_at: Some(keygate_proto::convert::timestamp(r.status.heartbeat_at)),
                     live: r.live,
                 })
                 .collect(),

@@ -7,3 +7,4 @@ mod caller;
 pub mod convert;
 pub mod ext_authz;
 pub mod feed;
+pub mod validate;

@@ -1,9 +1,9 @@
 //! `keygate audit verify`: checks the event log's hash chain, straight from the store.
 
 use clap::{Args, Subcommand};
+use keygate_core::audit::ChainVerifier;
 
 use super::StoreArgs;
-use crate::domain::audit::ChainVerifier;
 use crate::store::{KeyStore, SqlStore, sql_redact};
 
 #[derive(Debug, Args)]

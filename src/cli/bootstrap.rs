@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use clap::Args;
+use keygate_core::bounds;
+use keygate_core::clock::SystemClock;
+use keygate_core::key::Mode;
+use keygate_core::token::Brand;
 
 use super::StoreArgs;
-use crate::domain::clock::SystemClock;
-use crate::domain::key::Mode;
-use crate::domain::token::Brand;
 use crate::server::{Keygate, Settings};
 use crate::store::sql_redact;
 
@@ -27,10 +28,9 @@ pub struct BootstrapArgs {
 
 pub async fn run(args: BootstrapArgs) -> Result<(), String> {
     let brand = Brand::new(&args.brand).map_err(|e| format!("--brand: {e}"))?;
-    let name = args.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err("--name: must be 1-200 characters without control characters".into());
-    }
+    let name = bounds::text(&args.name, bounds::MAX_NAME_CHARS, true)
+        .map_err(|why| format!("--name: {why}"))?
+        .to_owned();
     let mode = Mode::parse(&args.mode).unwrap_or(Mode::Live);
     let url = args.store.url();
     let settings = Settings {

@@ -1,11 +1,10 @@
 //! `keygate watch` and `keygate replicas`: the revocation feed for operators.
 
 use clap::Args;
+use keygate_proto::v1::revocation_event::Kind;
+use keygate_proto::v1::{ListReplicasRequest, WatchRequest};
 
-use super::remote::{RemoteArgs, authorized, status_error};
-use crate::pb::keygate::v1::revocation_event::Kind;
-use crate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
-use crate::pb::keygate::v1::{ListReplicasRequest, WatchRequest};
+use super::remote::{RemoteArgs, client, status_error};
 
 #[derive(Debug, Args)]
 pub struct WatchArgs {
@@ -33,10 +32,10 @@ fn time(t: Option<&prost_types::Timestamp>) -> String {
 
 /// Prints events as they come, one line each, until the server ends the stream.
 pub async fn watch(args: WatchArgs) -> Result<(), String> {
-    let mut feed = RevocationFeedClient::new(args.remote.connect().await?);
-    let request = authorized(WatchRequest {
+    let mut feed = client(&args.remote).await?.feed();
+    let request = WatchRequest {
         after_sequence: args.after,
-    })?;
+    };
     let mut stream = feed
         .watch(request)
         .await
@@ -68,9 +67,9 @@ pub async fn watch(args: WatchArgs) -> Result<(), String> {
 
 /// Prints every replica's applied sequence and lag.
 pub async fn replicas(args: ReplicasArgs) -> Result<(), String> {
-    let mut feed = RevocationFeedClient::new(args.remote.connect().await?);
+    let mut feed = client(&args.remote).await?.feed();
     let resp = feed
-        .list_replicas(authorized(ListReplicasRequest {})?)
+        .list_replicas(ListReplicasRequest {})
         .await
         .map_err(status_error)?
         .into_inner();

@@ -4,12 +4,11 @@
 //! columns of the seeds' key lists) or, with `--json`, one JSON document.
 
 use clap::{Args, Subcommand};
+use keygate_proto::v1 as pb;
 use serde_json::{Value, json};
 
 use super::parse_duration;
-use super::remote::{RemoteArgs, authorized, status_error};
-use crate::pb::keygate::v1 as pb;
-use crate::pb::keygate::v1::key_admin_client::KeyAdminClient;
+use super::remote::{RemoteArgs, client, status_error};
 
 #[derive(Debug, Args)]
 pub struct KeysArgs {
@@ -259,7 +258,7 @@ fn print_token(token: &str) {
 }
 
 pub async fn run(args: KeysArgs) -> Result<(), String> {
-    let mut admin = KeyAdminClient::new(args.remote.connect().await?);
+    let mut admin = client(&args.remote).await?.admin();
     let json = args.json;
     let show_key = |k: &pb::ApiKey| {
         if json {
@@ -298,7 +297,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                     .transpose()?,
             };
             let resp = admin
-                .create_key(authorized(req)?)
+                .create_key(req)
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -329,7 +328,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                     page_token,
                 };
                 let page = admin
-                    .list_keys(authorized(req)?)
+                    .list_keys(req)
                     .await
                     .map_err(status_error)?
                     .into_inner();
@@ -347,7 +346,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
         }
         KeysCommand::Get { key_id } => {
             let key = admin
-                .get_key(authorized(pb::GetKeyRequest { key_id })?)
+                .get_key(pb::GetKeyRequest { key_id })
                 .await
                 .map_err(status_error)?;
             show_key(&key.into_inner());
@@ -392,10 +391,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
             req.update_mask = Some(prost_types::FieldMask {
                 paths: paths.into_iter().map(String::from).collect(),
             });
-            let key = admin
-                .update_key(authorized(req)?)
-                .await
-                .map_err(status_error)?;
+            let key = admin.update_key(req).await.map_err(status_error)?;
             show_key(&key.into_inner());
         }
         KeysCommand::Rotate {
@@ -411,7 +407,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                 replica_wait_timeout,
             };
             let resp = admin
-                .rotate_key(authorized(req)?)
+                .rotate_key(req)
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -446,7 +442,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                 replica_wait_timeout,
             };
             let resp = admin
-                .revoke_key(authorized(req)?)
+                .revoke_key(req)
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -460,7 +456,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                 replica_wait_timeout,
             };
             let resp = admin
-                .disable_key(authorized(req)?)
+                .disable_key(req)
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -468,7 +464,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
         }
         KeysCommand::Enable { key_id } => {
             let key = admin
-                .enable_key(authorized(pb::EnableKeyRequest { key_id })?)
+                .enable_key(pb::EnableKeyRequest { key_id })
                 .await
                 .map_err(status_error)?;
             show_key(&key.into_inner());
@@ -480,10 +476,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                 wait_for_replicas,
                 replica_wait_timeout,
             };
-            admin
-                .delete_key(authorized(req)?)
-                .await
-                .map_err(status_error)?;
+            admin.delete_key(req).await.map_err(status_error)?;
             if json {
                 println!("{}", json!({ "deleted": key_id }));
             } else {
@@ -502,7 +495,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                 page_token: String::new(),
             };
             let events = admin
-                .list_key_events(authorized(req)?)
+                .list_key_events(req)
                 .await
                 .map_err(status_error)?
                 .into_inner()

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use tonic::metadata::MetadataValue;
+use keygate_client::Client;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Where keygate runs, and who is asking.
@@ -96,17 +96,13 @@ fn read(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
 }
 
-/// The caller's token, from KEYGATE_TOKEN (never a flag: flags show up in
-/// process listings and shell history).
-pub fn authorized<T>(message: T) -> Result<tonic::Request<T>, String> {
+/// A connected client calling as the key in KEYGATE_TOKEN (never a flag:
+/// flags show up in process listings and shell history).
+pub async fn client(remote: &RemoteArgs) -> Result<Client, String> {
+    let channel = remote.connect().await?;
     let token =
         std::env::var("KEYGATE_TOKEN").map_err(|_| "set KEYGATE_TOKEN to an API key".to_owned())?;
-    let value: MetadataValue<_> = format!("Bearer {}", token.trim())
-        .parse()
-        .map_err(|_| "KEYGATE_TOKEN is not a valid token".to_owned())?;
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
+    Client::new(channel, &token).map_err(|_| "KEYGATE_TOKEN is not a valid token".to_owned())
 }
 
 /// "CODE: message" for a failed call.

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use keygate_core::clock::SystemClock;
+use keygate_core::policy::RouteTable;
+use keygate_core::token::Brand;
 use tokio::net::TcpListener;
 
 use super::{LogFormat, StoreArgs, init_logging, parse_bytes, parse_duration};
 use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
-use crate::domain::clock::SystemClock;
-use crate::domain::policy::RouteTable;
-use crate::domain::token::Brand;
 use crate::feed::FeedSettings;
 use crate::server::{Keygate, ServerLimits, Settings, TlsSettings};
 use crate::store::sql_redact;
@@ -106,7 +106,7 @@ pub struct ServeArgs {
         long = "ext-authz-credential-header",
         env = "KEYGATE_EXT_AUTHZ_CREDENTIAL_HEADERS",
         value_delimiter = ',',
-        default_values = crate::domain::token::DEFAULT_CREDENTIAL_HEADERS
+        default_values = keygate_core::token::DEFAULT_CREDENTIAL_HEADERS
     )]
     ext_authz_credential_headers: Vec<String>,
     /// Envoy ext_authz: remove the credential headers before the request goes

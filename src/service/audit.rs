@@ -1,11 +1,11 @@
 //! The audit trail: the event log, newest first, within what the caller may see.
 
+use keygate_core::event::Event;
 use uuid::Uuid;
 
 use super::caller::Caller;
 use super::keys::KeyService;
 use super::page::{last_of_page, page_size};
-use crate::domain::event::Event;
 use crate::error::Error;
 use crate::store::EventQuery;
 

@@ -1,20 +1,20 @@
 //! The Authorize path: parse, look up (cache first), decide.
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use std::num::NonZeroU32;
+use keygate_core::bounds;
+use keygate_core::clock::Clock;
+use keygate_core::decision::{self, DenyReason, Requirement, Verdict};
+use keygate_core::key::KeyRecord;
+use keygate_core::limits::{RateDecision, RateLimits};
+use keygate_core::policy::RouteTable;
+use keygate_core::scope::Scope;
+use keygate_core::token::{Credential, ParsedToken, TokenError};
 
-use super::limits::{RateDecision, RateLimits};
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
-use crate::domain::bounds;
-use crate::domain::clock::Clock;
-use crate::domain::decision::{self, DenyReason, Requirement, Verdict};
-use crate::domain::key::KeyRecord;
-use crate::domain::policy::RouteTable;
-use crate::domain::scope::Scope;
-use crate::domain::token::{Credential, ParsedToken, TokenError};
 use crate::error::Error;
 
 /// One Authorize call, as received.

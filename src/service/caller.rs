@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use crate::domain::grant;
-use crate::domain::key::{KeyRecord, Tier};
-use crate::domain::scope::Scope;
+use keygate_core::grant;
+use keygate_core::key::{KeyRecord, Tier};
+use keygate_core::scope::Scope;
+
 use crate::error::Error;
 
 /// An authenticated admin caller.

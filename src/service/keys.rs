@@ -8,18 +8,18 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
+use keygate_core::clock::Clock;
+use keygate_core::event::{self, Actor, EventKind, NewEvent};
+use keygate_core::grant;
+use keygate_core::key::{KeyChanges, KeyRecord, KeyState, Mode, Tier};
+use keygate_core::scope::{Scope, ScopeSet};
+use keygate_core::token::{self, Brand, NewToken};
 use uuid::Uuid;
 
 use super::caller::Caller;
 use super::page::{PageTokens, last_of_page, page_size};
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
-use crate::domain::clock::Clock;
-use crate::domain::event::{self, Actor, EventKind, NewEvent};
-use crate::domain::grant;
-use crate::domain::key::{KeyChanges, KeyRecord, KeyState, Mode, Tier};
-use crate::domain::scope::{Scope, ScopeSet};
-use crate::domain::token::{self, Brand, NewToken};
 use crate::error::Error;
 use crate::store::{KeyQuery, KeyStore};
 
@@ -97,7 +97,7 @@ impl KeyService {
                 update: scope("api_key:update"),
                 delete: scope("api_key:delete"),
             },
-            default_rate_limit: super::limits::DEFAULT_RATE_LIMIT.get(),
+            default_rate_limit: keygate_core::limits::DEFAULT_RATE_LIMIT.get(),
         }
     }
 

@@ -5,7 +5,6 @@ pub mod audit;
 pub mod authorize;
 pub mod caller;
 pub mod keys;
-pub mod limits;
 mod page;
 pub mod usage;
 pub mod watch;

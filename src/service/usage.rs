@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
+use keygate_core::decision::SecretUsed;
+use keygate_core::key::KeyRecord;
+use keygate_core::usage::{PreviousUsage, UsageRecord};
 use uuid::Uuid;
-
-use crate::domain::decision::SecretUsed;
-use crate::domain::key::KeyRecord;
-use crate::domain::usage::{PreviousUsage, UsageRecord};
 
 /// Usage since the last flush, per key. Times are unix microseconds; 0 = none.
 #[derive(Debug, Default)]

@@ -7,14 +7,14 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use keygate_core::decision::{self, DenyReason};
+use keygate_core::scope::Scope;
+use keygate_core::token::{Credential, ParsedToken};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Authorizer, Caller};
-use crate::domain::decision::{self, DenyReason};
-use crate::domain::scope::Scope;
-use crate::domain::token::{Credential, ParsedToken};
 use crate::error::Error;
 use crate::feed::{Feed, FeedItem};
 

@@ -3,13 +3,13 @@
 
 use std::sync::LazyLock;
 
+use keygate_core::audit::{GENESIS, chain_hash};
+use keygate_core::event::{Event, NewEvent};
 use sqlx::Row;
 
 use super::row::{EVENT_COLUMN_LIST, INSERT_EVENT, bind_event, event_from_row};
 use super::sql::{Dialect, SqlStore};
 use super::{EventQuery, StoreError, postgres};
-use crate::domain::audit::{GENESIS, chain_hash};
-use crate::domain::event::{Event, NewEvent};
 
 type Tx = sqlx::Transaction<'static, sqlx::Any>;
 

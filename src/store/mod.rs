@@ -16,14 +16,12 @@ mod url;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
-
-use crate::domain::event::{Event, NewEvent};
-use crate::domain::key::{KeyRecord, Mode};
-use crate::domain::usage::UsageRecord;
-
+use keygate_core::event::{Event, NewEvent};
+use keygate_core::key::{KeyRecord, Mode};
+use keygate_core::usage::UsageRecord;
 pub use sql::SqlStore;
 pub use url::redact as sql_redact;
+use uuid::Uuid;
 
 /// How long a silent replica stays in ListReplicas (shown as not live)
 /// before it is forgotten.

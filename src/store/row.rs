@@ -11,11 +11,12 @@ use uuid::Uuid;
 /// A query on the `Any` driver.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
+use keygate_core::event::{Event, EventKind};
+use keygate_core::key::{KeyRecord, KeyState, Mode, PreviousSecret, Tier};
+use keygate_core::scope::ScopeSet;
+use keygate_core::token::SecretDigest;
+
 use super::{ReplicaStatus, StoreError};
-use crate::domain::event::{Event, EventKind};
-use crate::domain::key::{KeyRecord, KeyState, Mode, PreviousSecret, Tier};
-use crate::domain::scope::ScopeSet;
-use crate::domain::token::SecretDigest;
 
 /// A value bound to one statement parameter.
 pub enum Value<'a> {
@@ -313,7 +314,7 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
             // Entries stored before mapped networks were normalised start
             // matching; one that cannot be (a short mapped prefix) keeps
             // what it matched before.
-            Ok::<_, String>(crate::domain::cidr::normalize(net).unwrap_or(net))
+            Ok::<_, String>(keygate_core::cidr::normalize(net).unwrap_or(net))
         })
         .collect::<Result<_, _>>()?;
     let rate: i64 = row.try_get("rate_limit_per_minute").map_err(get_err)?;

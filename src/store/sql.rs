@@ -5,6 +5,9 @@ use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use keygate_core::event::{Event, NewEvent};
+use keygate_core::key::KeyRecord;
+use keygate_core::usage::UsageRecord;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
 use tracing::instrument;
@@ -17,9 +20,6 @@ use super::url::{redact, without_ignored_secrets};
 use super::{
     EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaStatus, StoreError, postgres, sqlite,
 };
-use crate::domain::event::{Event, NewEvent};
-use crate::domain::key::KeyRecord;
-use crate::domain::usage::UsageRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {

@@ -7,16 +7,16 @@
 //! PostgreSQL tests say they skipped, or fail when KEYGATE_REQUIRE_POSTGRES=1.
 
 use chrono::{DateTime, Utc};
+use keygate_core::event::{Actor, EventKind, NewEvent};
+use keygate_core::key::{KeyRecord, KeyState, Mode, PreviousSecret, Tier};
+use keygate_core::scope::ScopeSet;
+use keygate_core::token::SecretDigest;
+use keygate_core::usage::{PreviousUsage, UsageRecord};
 use sqlx::Connection;
 use uuid::Uuid;
 
 use super::sql::Dialect;
 use super::{EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaStatus, SqlStore, StoreError};
-use crate::domain::event::{Actor, EventKind, NewEvent};
-use crate::domain::key::{KeyRecord, KeyState, Mode, PreviousSecret, Tier};
-use crate::domain::scope::ScopeSet;
-use crate::domain::token::SecretDigest;
-use crate::domain::usage::{PreviousUsage, UsageRecord};
 
 #[derive(Debug, Clone, Copy)]
 enum Backend {
@@ -616,7 +616,7 @@ async fn events_after_and_head_sequence_follow_the_log(f: &Fixture) {
     }
     assert_eq!(sequences, [1, 2, 3]);
     assert_eq!(f.store.head_sequence().await.expect("head"), 3);
-    let seqs = |events: Vec<crate::domain::event::Event>| {
+    let seqs = |events: Vec<keygate_core::event::Event>| {
         events.iter().map(|e| e.sequence).collect::<Vec<_>>()
     };
     assert_eq!(

@@ -7,15 +7,14 @@ use std::time::Duration;
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
-use keygate::pb::keygate::v1 as pb;
-use keygate::pb::keygate::v1::revocation_event::Kind;
-use keygate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
 use keygate::server::Settings;
+use keygate_core::clock::Clock;
+use keygate_proto::v1 as pb;
+use keygate_proto::v1::revocation_event::Kind;
+use keygate_proto::v1::revocation_feed_client::RevocationFeedClient;
 use tonic::codec::Streaming;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-
-use keygate::domain::clock::Clock;
 
 use crate::harness::{Backend, TestServer, as_key, epoch, eventually};
 use crate::on_both_backends;

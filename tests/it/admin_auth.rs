@@ -1,6 +1,6 @@
 //! Who may call KeyAdmin, and organization isolation.
 
-use keygate::pb::keygate::v1 as pb;
+use keygate_proto::v1 as pb;
 use tonic::{Code, Request};
 
 use crate::harness::{Backend, TestServer, as_key};

@@ -1,8 +1,8 @@
 //! The audit trail: one event per change with its actor, organization
 //! isolation, and a hash chain that `keygate audit verify` checks.
 
-use keygate::pb::keygate::v1 as pb;
-use keygate::pb::keygate::v1::key_event::Kind;
+use keygate_proto::v1 as pb;
+use keygate_proto::v1::key_event::Kind;
 use sqlx::Connection;
 use tonic::Code;
 

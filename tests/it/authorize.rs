@@ -1,9 +1,9 @@
 //! Authorize: the decision a gateway sees for every kind of token and request.
 
 use chrono::Duration;
-use keygate::domain::key::Mode;
-use keygate::domain::token::{Brand, ParsedToken, generate};
-use keygate::pb::keygate::v1 as pb;
+use keygate_core::key::Mode;
+use keygate_core::token::{Brand, ParsedToken, generate};
+use keygate_proto::v1 as pb;
 use tonic::Code;
 
 use crate::harness::{Backend, TestServer};
@@ -291,7 +291,7 @@ async fn expired_keys_are_expired_token(backend: Backend) {
     let Some(s) = TestServer::start(backend).await else {
         return;
     };
-    let expires = keygate::domain::clock::Clock::now(&*s.clock) + Duration::hours(1);
+    let expires = keygate_core::clock::Clock::now(&*s.clock) + Duration::hours(1);
     let (_, token) = s
         .create_key(pb::CreateKeyRequest {
             name: "short-lived".into(),

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use keygate::pb::keygate::v1 as pb;
+use keygate_proto::v1 as pb;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -161,7 +161,7 @@ async fn a_bad_policy_stops_serve_naming_the_entry() {
 async fn the_shipped_example_policy_loads() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policy.example.toml"))
         .unwrap();
-    let table = keygate::domain::policy::RouteTable::from_toml(&text).unwrap();
+    let table = keygate_core::policy::RouteTable::from_toml(&text).unwrap();
     assert!(table.len() >= 10, "covers the seeds' resources");
     assert_eq!(
         table

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate::cache::{CacheSettings, Freshness, KeyCache, record_weight};
-use keygate::domain::event::{Actor, EventKind, NewEvent};
-use keygate::domain::key::{KeyRecord, KeyState, Mode, Tier};
-use keygate::domain::scope::ScopeSet;
-use keygate::domain::token::{Brand, generate};
 use keygate::store::KeyStore;
+use keygate_core::event::{Actor, EventKind, NewEvent};
+use keygate_core::key::{KeyRecord, KeyState, Mode, Tier};
+use keygate_core::scope::ScopeSet;
+use keygate_core::token::{Brand, generate};
 
 use crate::harness::{Backend, TestServer};
 use crate::on_both_backends;

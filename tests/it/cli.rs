@@ -1,6 +1,6 @@
 //! `keygate keys …` against a running server, as an operator uses it.
 
-use keygate::pb::keygate::v1 as pb;
+use keygate_proto::v1 as pb;
 use serde_json::Value;
 
 use crate::harness::{Backend, TestServer};

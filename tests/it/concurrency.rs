@@ -1,8 +1,8 @@
 //! Concurrent changes to one key never lose an update or leave two current secrets.
 
-use keygate::domain::event::EventKind;
-use keygate::pb::keygate::v1 as pb;
 use keygate::store::KeyStore;
+use keygate_core::event::EventKind;
+use keygate_proto::v1 as pb;
 use tonic::Code;
 
 use crate::harness::{Backend, TestServer, as_key};

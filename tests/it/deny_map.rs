@@ -1,7 +1,7 @@
 //! One answer per deny reason, whoever asks: Authorize, Envoy's Check and the
 //! embedded CachedAuthorizer give the same reason, HTTP status and message
 //! for every deny reason, and Check's gRPC code is the one keygate uses for
-//! that reason everywhere (`error::deny_code`).
+//! that reason everywhere (`keygate_proto::convert::deny_code`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,9 +10,9 @@ use envoy_types::ext_authz::v3::pb::{CheckRequest, HttpResponse};
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
-use keygate::client::{CachedAuthorizer, ClientSettings};
-use keygate::domain::decision::DenyReason;
-use keygate::pb::keygate::v1 as pb;
+use keygate_client::{CachedAuthorizer, ClientSettings};
+use keygate_core::decision::DenyReason;
+use keygate_proto::v1 as pb;
 use tonic::transport::Channel;
 
 use crate::harness::{Backend, TestServer, epoch, eventually};
@@ -224,7 +224,7 @@ async fn every_deny_reason_answers_alike_on_every_transport(backend: Backend) {
             .into_inner();
         assert_eq!(
             checked.status.as_ref().map(|s| s.code),
-            Some(keygate::error::deny_code(case.reason) as i32),
+            Some(keygate_proto::convert::deny_code(case.reason) as i32),
             "{what}"
         );
         let Some(HttpResponse::DeniedResponse(denied)) = &checked.http_response else {

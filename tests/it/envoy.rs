@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keygate::pb::keygate::v1 as pb;
+use keygate_proto::v1 as pb;
 
 use crate::gateway::{Gateway, envoy_bin};
 use crate::harness::{Backend, TestServer, as_key};

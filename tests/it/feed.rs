@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keygate::client::{CachedAuthorizer, ClientSettings};
-use keygate::pb::keygate::v1 as pb;
-use keygate::pb::keygate::v1::revocation_event::Kind;
-use keygate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
+use keygate_client::{CachedAuthorizer, ClientSettings};
+use keygate_proto::v1 as pb;
+use keygate_proto::v1::revocation_event::Kind;
+use keygate_proto::v1::revocation_feed_client::RevocationFeedClient;
 use tonic::Code;
 use tonic::codec::Streaming;
 use tonic::transport::Channel;
@@ -422,7 +422,7 @@ async fn keygate_watch_prints_events(backend: Backend) {
                 reason: "cli".into(),
                 ..Default::default()
             };
-            keygate::pb::keygate::v1::key_admin_client::KeyAdminClient::new(channel)
+            keygate_proto::v1::key_admin_client::KeyAdminClient::new(channel)
                 .revoke_key(as_key(&token, req))
                 .await
                 .unwrap();
@@ -457,7 +457,7 @@ async fn a_read_racing_an_invalidation_never_resurrects_the_old_record(backend: 
         async fn get_key(
             &self,
             id: uuid::Uuid,
-        ) -> Result<Option<keygate::domain::key::KeyRecord>, StoreError> {
+        ) -> Result<Option<keygate_core::key::KeyRecord>, StoreError> {
             let found = self.store.get_key(id).await?;
             self.read_done.notify_one();
             self.release.notified().await;
@@ -491,7 +491,7 @@ async fn a_read_racing_an_invalidation_never_resurrects_the_old_record(backend: 
     reader.release.notify_one();
     let raced = pending.await.unwrap().unwrap().unwrap();
     assert!(
-        matches!(raced.state, keygate::domain::key::KeyState::Active),
+        matches!(raced.state, keygate_core::key::KeyState::Active),
         "the racing read saw the old row"
     );
 
@@ -505,7 +505,7 @@ async fn a_read_racing_an_invalidation_never_resurrects_the_old_record(backend: 
     let fresh = next.await.unwrap().unwrap().unwrap();
     assert!(matches!(
         fresh.state,
-        keygate::domain::key::KeyState::Revoked { .. }
+        keygate_core::key::KeyState::Revoked { .. }
     ));
 }
 
@@ -545,7 +545,7 @@ async fn the_end_of_a_grace_period_is_announced_once_as_expired_secret(backend: 
         .unwrap();
     let announced = events
         .iter()
-        .filter(|e| e.kind == keygate::domain::event::EventKind::SecretExpired);
+        .filter(|e| e.kind == keygate_core::event::EventKind::SecretExpired);
     assert_eq!(
         announced.map(|e| e.actor.as_str()).collect::<Vec<_>>(),
         vec!["keygate"]

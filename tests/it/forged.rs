@@ -11,11 +11,11 @@ use std::task::Poll;
 use std::time::Duration;
 
 use keygate::cache::{CacheSettings, Freshness, KeyCache};
-use keygate::domain::key::{KeyRecord, KeyState, Mode};
-use keygate::domain::token::{Brand, generate};
 use keygate::index::KeyIndex;
-use keygate::pb::keygate::v1 as pb;
 use keygate::store::{KeyReader, SqlStore, StoreError};
+use keygate_core::key::{KeyRecord, KeyState, Mode};
+use keygate_core::token::{Brand, generate};
+use keygate_proto::v1 as pb;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::Code;
 use uuid::Uuid;

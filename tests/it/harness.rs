@@ -13,19 +13,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keygate::domain::clock::{Clock, ManualClock};
-use keygate::domain::key::Mode;
-use keygate::domain::policy::RouteTable;
-use keygate::pb::keygate::v1 as pb;
 use keygate::server::{Keygate, Settings};
 use keygate::store::SqlStore;
+use keygate_core::clock::{Clock, ManualClock};
+use keygate_core::key::Mode;
+use keygate_core::policy::RouteTable;
+use keygate_proto::v1 as pb;
+pub use pb::authorizer_client::AuthorizerClient;
+pub use pb::key_admin_client::KeyAdminClient;
 use sqlx::Connection;
 use tokio::net::TcpListener;
 use tonic::Request;
 use tonic::transport::Channel;
-
-pub use pb::authorizer_client::AuthorizerClient;
-pub use pb::key_admin_client::KeyAdminClient;
 
 /// The policy every test server loads.
 pub const POLICY: &str = r#"

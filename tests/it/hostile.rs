@@ -16,10 +16,10 @@ use envoy_types::pb::envoy::config::core::v3::{
 };
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, attribute_context};
-use keygate::domain::key::Mode;
-use keygate::domain::token::{self, Brand, ParsedToken};
-use keygate::pb::keygate::v1 as pb;
-use keygate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
+use keygate_core::key::Mode;
+use keygate_core::token::{self, Brand, ParsedToken};
+use keygate_proto::v1 as pb;
+use keygate_proto::v1::revocation_feed_client::RevocationFeedClient;
 use tonic::metadata::{AsciiMetadataValue, BinaryMetadataValue, MetadataMap};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};

@@ -1,9 +1,9 @@
 //! The key lifecycle over KeyAdmin, and what Authorize sees after each change.
 
 use chrono::Duration;
-use keygate::domain::event::EventKind;
-use keygate::pb::keygate::v1 as pb;
 use keygate::store::KeyStore;
+use keygate_core::event::EventKind;
+use keygate_proto::v1 as pb;
 use tonic::Code;
 
 use crate::harness::{Backend, TestServer, as_key};

@@ -1,7 +1,7 @@
 //! Rate limits: per key, rolling, 429 with Retry-After, changed at once.
 
 use chrono::Duration;
-use keygate::pb::keygate::v1 as pb;
+use keygate_proto::v1 as pb;
 use tonic::Code;
 
 use crate::harness::{Backend, TestServer, as_key};

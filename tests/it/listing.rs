@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use keygate::pb::keygate::v1 as pb;
+use keygate_proto::v1 as pb;
 use tonic::Code;
 
 use crate::harness::{Backend, TestServer, as_key};

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use keygate::pb::keygate::v1 as pb;
-use keygate::pb::keygate::v1::revocation_event::Kind;
+use keygate_proto::v1 as pb;
+use keygate_proto::v1::revocation_event::Kind;
 use tonic::Code;
 
 use crate::feed::{next_change, watch};

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keygate::pb::keygate::v1 as pb;
+use keygate_proto::v1 as pb;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;

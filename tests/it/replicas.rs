@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keygate_proto::v1 as pb;
+use keygate_proto::v1::revocation_feed_client::RevocationFeedClient;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
+use tonic::transport::Channel;
 
 use crate::binary::{free_port, keygate, wait_serving};
 use crate::harness::{AuthorizerClient, KeyAdminClient};
-use keygate::pb::keygate::v1 as pb;
-use keygate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
-use tonic::transport::Channel;
 
 /// `keygate serve` as its own process; killed on drop.
 pub struct Replica {

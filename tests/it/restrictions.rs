@@ -3,7 +3,7 @@
 //! re-enable a key without it, nor shed it from itself; and wildcard scopes
 //! do not reach keygate's own resources.
 
-use keygate::pb::keygate::v1 as pb;
+use keygate_proto::v1 as pb;
 use prost_types::{FieldMask, Timestamp};
 use tonic::{Code, Status};
 
@@ -574,7 +574,7 @@ async fn wildcards_do_not_grant_keygates_own_scopes(backend: Backend) {
         "*:read reads the audit log",
     );
     let mut feed =
-        keygate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient::connect(s.url())
+        keygate_proto::v1::revocation_feed_client::RevocationFeedClient::connect(s.url())
             .await
             .unwrap();
     denied(

@@ -1,8 +1,8 @@
 //! TLS with rustls, and mTLS: a client without a certificate from the
 //! configured CA is refused.
 
-use keygate::pb::keygate::v1 as pb;
 use keygate::server::TlsSettings;
+use keygate_proto::v1 as pb;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 

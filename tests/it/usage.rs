@@ -2,9 +2,9 @@
 //! previous secret is still used during a rotation.
 
 use chrono::Duration;
-use keygate::domain::clock::Clock;
-use keygate::pb::keygate::v1 as pb;
-use keygate::pb::keygate::v1::revocation_event::Kind;
+use keygate_core::clock::Clock;
+use keygate_proto::v1 as pb;
+use keygate_proto::v1::revocation_event::Kind;
 use tonic::Code;
 
 use crate::feed::{next_change, watch};
@@ -196,8 +196,8 @@ async fn previous_secret_usage_is_visible_and_expire_previous_secret_kills_it(ba
 async fn concurrent_usage_flushes_from_two_replicas_neither_deadlock_nor_lose_counts(
     backend: Backend,
 ) {
-    use keygate::domain::usage::{PreviousUsage, UsageRecord};
     use keygate::store::{KeyReader, KeyStore, SqlStore};
+    use keygate_core::usage::{PreviousUsage, UsageRecord};
     let Some(s) = TestServer::start(backend).await else {
         return;
     };

@@ -1,9 +1,9 @@
 //! Every bad input gets INVALID_ARGUMENT naming the field, and changes nothing.
 
 use chrono::Duration;
-use keygate::domain::clock::Clock;
-use keygate::pb::keygate::v1 as pb;
 use keygate::store::KeyStore;
+use keygate_core::clock::Clock;
+use keygate_proto::v1 as pb;
 use tonic::Code;
 
 use crate::harness::{Backend, TestServer, as_key};

@@ -1,5 +1,19 @@
-//! How much one Authorize request may carry. Checked before any parsing, so
-//! an oversized request costs a length comparison and nothing else.
+//! How much a request may carry: the Authorize fields, checked before any
+//! parsing so an oversized request costs a length comparison and nothing
+//! else, and the fields of a key, the same for every way a key is made (the
+//! admin API, `keygate bootstrap`).
+
+pub use crate::key::MAX_GRACE;
+pub use crate::scope::MAX_SCOPES;
+
+/// Longest key name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+/// Longest revocation reason, in characters.
+pub const MAX_REASON_CHARS: usize = 500;
+/// Most entries in a key's IP allow-list.
+pub const MAX_CIDRS: usize = 100;
+/// Highest per-key rate limit, in requests per minute.
+pub const MAX_RATE_LIMIT: u32 = 1_000_000;
 
 /// Most entries in `required_scopes`.
 pub const MAX_REQUIRED_SCOPES: usize = 32;
@@ -61,9 +75,39 @@ pub fn check_authorize(route: &str, ip: &str, required_scopes: &[String]) -> Res
     Ok(())
 }
 
+/// `value` trimmed, if it is at most `max_chars` characters without control
+/// characters (and not empty when `required`); otherwise what is wrong.
+pub fn text(value: &str, max_chars: usize, required: bool) -> Result<&str, String> {
+    let value = value.trim();
+    if required && value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.chars().count() > max_chars {
+        return Err(format!("must be at most {max_chars} characters"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_is_trimmed_and_bounded_in_characters() {
+        assert_eq!(text("  ops  ", 3, true), Ok("ops"));
+        assert_eq!(text(&"é".repeat(3), 3, true), Ok("ééé"));
+        assert!(
+            text(&"é".repeat(4), 3, true)
+                .unwrap_err()
+                .contains("at most 3")
+        );
+        assert_eq!(text(" ", 3, true), Err("must not be empty".into()));
+        assert_eq!(text("", 3, false), Ok(""));
+        assert!(text("a\nb", 3, true).unwrap_err().contains("control"));
+    }
 
     #[test]
     fn at_each_bound_passes_and_one_past_names_the_field() {

@@ -167,11 +167,11 @@ pub fn details(kind: EventKind, key: &KeyRecord, changed: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::key::KeyChanges;
-    use crate::domain::scope::ScopeSet;
+    use crate::key::KeyChanges;
+    use crate::scope::ScopeSet;
 
     fn key() -> KeyRecord {
-        let (mut key, _) = crate::domain::key::fixtures::key_with(&[]);
+        let (mut key, _) = crate::key::fixtures::key_with(&[]);
         key.name = "checkout \"backend\"".into();
         key.scopes = ScopeSet::parse(&["checkout:create", "links:read"]).unwrap();
         key.allowed_cidrs = vec!["10.0.0.0/8".parse().unwrap()];

@@ -7,19 +7,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let well_known = protoc_bin_vendored::include_path()?;
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    // The protos stay at the repository root: the one place the API's shape
+    // is defined, for every language.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let protos = [
-        "proto/keygate/v1/types.proto",
-        "proto/keygate/v1/authorizer.proto",
-        "proto/keygate/v1/admin.proto",
-        "proto/keygate/v1/feed.proto",
+        "keygate/v1/types.proto",
+        "keygate/v1/authorizer.proto",
+        "keygate/v1/admin.proto",
+        "keygate/v1/feed.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("keygate_descriptor.bin"))
         .compile_with_config(
             config,
-            &protos.map(PathBuf::from),
-            &[PathBuf::from("proto"), well_known],
+            &protos.map(|p| root.join(p)),
+            &[root.clone(), well_known],
         )?;
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

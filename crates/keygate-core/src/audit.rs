@@ -109,7 +109,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::domain::event::EventKind;
+    use crate::event::EventKind;
 
     fn chain(n: i64) -> Vec<(Event, [u8; 32])> {
         let mut previous = GENESIS;

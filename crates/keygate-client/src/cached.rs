@@ -3,8 +3,8 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use keygate::client::{CachedAuthorizer, ClientSettings};
-//! use keygate::pb::keygate::v1::AuthorizeRequest;
+//! use keygate_client::{CachedAuthorizer, ClientSettings};
+//! use keygate_proto::v1::AuthorizeRequest;
 //!
 //! let channel = tonic::transport::Channel::from_static("http://127.0.0.1:50051").connect().await?;
 //! // The feed credential needs revocation:read.
@@ -32,24 +32,25 @@
 //! `ttl` for a key in use).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
+use keygate_core::clock::SystemClock;
+use keygate_core::freshness::{Contact, Epoch};
+use keygate_core::limits::RateLimits;
+use keygate_proto::convert::std_duration;
+use keygate_proto::v1::authorizer_client::AuthorizerClient;
+use keygate_proto::v1::revocation_event::Kind;
+use keygate_proto::v1::revocation_feed_client::RevocationFeedClient;
+use keygate_proto::v1::{
+    AuthorizeRequest, AuthorizeResponse, Decision, DenyReason, KeyTier, WatchRequest,
+};
 use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 use tonic::Status;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::api::convert::std_duration;
-use crate::domain::clock::SystemClock;
-use crate::pb::keygate::v1::authorizer_client::AuthorizerClient;
-use crate::pb::keygate::v1::revocation_event::Kind;
-use crate::pb::keygate::v1::revocation_feed_client::RevocationFeedClient;
-use crate::pb::keygate::v1::{
-    AuthorizeRequest, AuthorizeResponse, Decision, DenyReason, KeyTier, WatchRequest,
-};
-use crate::service::limits::RateLimits;
+use crate::connection::{Credential, InvalidToken};
 
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -80,13 +81,11 @@ struct Cached {
 struct Shared {
     decisions: Cache<[u8; 32], Arc<Cached>>,
     /// Bumped by every invalidation: an answer fetched across one is not cached.
-    epoch: AtomicU64,
+    epoch: Epoch,
     /// The feed position: everything up to here has been applied.
     sequence: AtomicI64,
-    start: Instant,
-    /// Milliseconds since `start` of the last feed message; 0 = never.
-    last_message_ms: AtomicU64,
-    feed_timeout: Duration,
+    /// The last feed message (heartbeats included); lost when the stream breaks.
+    contact: Contact,
     /// Whose events the feed shows; unknown until keygate said.
     scope: std::sync::OnceLock<FeedScope>,
     /// Every ALLOW this client hands out, per key.
@@ -115,17 +114,11 @@ impl FeedScope {
 
 impl Shared {
     fn feed_alive(&self) -> bool {
-        let last = self.last_message_ms.load(Ordering::Acquire);
-        last != 0 && self.elapsed_ms().saturating_sub(last) <= self.feed_timeout.as_millis() as u64
-    }
-
-    fn elapsed_ms(&self) -> u64 {
-        // Never 0, so 0 can mean "never".
-        (self.start.elapsed().as_millis() as u64).max(1)
+        self.contact.is_fresh()
     }
 
     fn invalidate_key(&self, key_id: &str) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.epoch.bump();
         let key_id = key_id.to_owned();
         // Registered before it returns: `get` never yields a matching entry afterwards.
         let _ = self
@@ -154,7 +147,7 @@ impl Shared {
         if let Some(wait) = rate.retry_after {
             answer.set_decision(Decision::Deny);
             answer.set_reason(DenyReason::RateLimited);
-            let reason = crate::domain::decision::DenyReason::RateLimited;
+            let reason = keygate_core::decision::DenyReason::RateLimited;
             answer.http_status = u32::from(reason.http_status());
             answer.message = reason.message().to_owned();
             answer.retry_after = Some(std_duration(wait));
@@ -163,7 +156,7 @@ impl Shared {
     }
 
     fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.epoch.bump();
         self.decisions.invalidate_all();
     }
 }
@@ -185,11 +178,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The feed credential is not valid metadata.
-#[derive(Debug, thiserror::Error)]
-#[error("the feed token is not a valid header value")]
-pub struct InvalidFeedToken;
-
 impl CachedAuthorizer {
     /// Starts following the feed on `channel` with `feed_token` (which needs
     /// `revocation:read`). Must be called inside a tokio runtime.
@@ -197,21 +185,17 @@ impl CachedAuthorizer {
         channel: Channel,
         feed_token: String,
         settings: ClientSettings,
-    ) -> Result<Self, InvalidFeedToken> {
-        let auth: MetadataValue<_> = format!("Bearer {feed_token}")
-            .parse()
-            .map_err(|_| InvalidFeedToken)?;
+    ) -> Result<Self, InvalidToken> {
+        let auth = Credential::bearer(&feed_token)?;
         let shared = Arc::new(Shared {
             decisions: Cache::builder()
                 .max_capacity(settings.capacity)
                 .time_to_live(settings.ttl)
                 .support_invalidation_closures()
                 .build(),
-            epoch: AtomicU64::new(0),
+            epoch: Epoch::default(),
             sequence: AtomicI64::new(0),
-            start: Instant::now(),
-            last_message_ms: AtomicU64::new(0),
-            feed_timeout: settings.feed_timeout,
+            contact: Contact::out_of_touch(settings.feed_timeout, Arc::new(SystemClock)),
             scope: std::sync::OnceLock::new(),
             // Every answer names its key's own limit; the default is unused.
             limits: RateLimits::new(std::num::NonZeroU32::MIN, Arc::new(SystemClock)),
@@ -249,12 +233,12 @@ impl CachedAuthorizer {
         {
             return Ok(self.shared.count(hit.response.clone()));
         }
-        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        let epoch = self.shared.epoch.current();
         let response = self.client.clone().authorize(request).await?.into_inner();
         if response.decision() != Decision::Allow {
             return Ok(response);
         }
-        let unchanged = self.shared.epoch.load(Ordering::SeqCst) == epoch;
+        let unchanged = self.shared.epoch.unchanged_since(epoch);
         if unchanged && self.shared.may_cache(&response) {
             let cached = Cached {
                 key_id: response.key_id.clone(),
@@ -307,7 +291,7 @@ async fn follow(
     mut feed: RevocationFeedClient<Channel>,
     mut authorizer: AuthorizerClient<Channel>,
     feed_token: String,
-    auth: MetadataValue<tonic::metadata::Ascii>,
+    auth: Credential,
     shared: Arc<Shared>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -328,7 +312,7 @@ async fn follow(
         let mut request = tonic::Request::new(WatchRequest {
             after_sequence: shared.sequence.load(Ordering::Acquire),
         });
-        request.metadata_mut().insert("authorization", auth.clone());
+        auth.attach(&mut request);
         match feed.watch(request).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
@@ -342,9 +326,7 @@ async fn follow(
                                 _ => shared.invalidate_key(&event.key_id),
                             }
                             shared.sequence.fetch_max(event.sequence, Ordering::AcqRel);
-                            shared
-                                .last_message_ms
-                                .store(shared.elapsed_ms(), Ordering::Release);
+                            shared.contact.heard_now();
                         }
                         Ok(None) => break,
                         Err(status) => {
@@ -355,7 +337,7 @@ async fn follow(
                 }
                 // Out of touch from here on: answer from keygate only, and
                 // start over rather than trust what was cached before the gap.
-                shared.last_message_ms.store(0, Ordering::Release);
+                shared.contact.lost();
                 shared.invalidate_all();
             }
             Err(status) => {

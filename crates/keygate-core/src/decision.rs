@@ -208,9 +208,9 @@ mod tests {
     use chrono::Duration;
 
     use super::*;
-    use crate::domain::key::Mode;
-    use crate::domain::key::fixtures::key_with;
-    use crate::domain::token::{Brand, generate};
+    use crate::key::Mode;
+    use crate::key::fixtures::key_with;
+    use crate::token::{Brand, generate};
 
     const POLICY: &str = "[[route]]\nroute = \"POST /v1/checkouts\"\nscope = \"checkout:create\"\n";
 

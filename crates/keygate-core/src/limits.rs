@@ -16,7 +16,7 @@ use governor::{Quota, RateLimiter};
 use moka::sync::Cache;
 use uuid::Uuid;
 
-use crate::domain::clock::Clock;
+use crate::clock::Clock;
 
 /// The domain clock as governor sees it: its monotonic reading, so a wall
 /// clock stepped back does not push every key's next allowance into the
@@ -134,7 +134,7 @@ mod tests {
     use chrono::{DateTime, Duration as ChronoDuration};
 
     use super::*;
-    use crate::domain::clock::ManualClock;
+    use crate::clock::ManualClock;
 
     fn limits(clock: &Arc<ManualClock>) -> RateLimits {
         RateLimits::new(NonZeroU32::new(100).unwrap(), clock.clone())

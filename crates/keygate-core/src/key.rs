@@ -293,7 +293,7 @@ impl KeyRecord {
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::*;
-    use crate::domain::token::{Brand, generate};
+    use crate::token::{Brand, generate};
 
     /// An active ORGANIZATION key of org_1 with the given scopes, and its token.
     pub fn key_with(scopes: &[&str]) -> (KeyRecord, String) {

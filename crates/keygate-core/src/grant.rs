@@ -168,7 +168,7 @@ mod tests {
     use chrono::Duration;
 
     use super::*;
-    use crate::domain::key::fixtures::key_with;
+    use crate::key::fixtures::key_with;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|n| n.parse().unwrap()).collect()
