@@ -21,10 +21,11 @@ use crate::api::feed::FeedApi;
 use crate::api::validate::MAX_REPLICA_WAIT;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::feed::{Feed, FeedSettings};
+use crate::service::replicas::Replicas;
 use crate::service::usage::UsageTracker;
 use crate::service::watch::Watchers;
 use crate::service::{Authorizer, KeyService};
-use crate::store::{KeyStore, SqlStore, StoreError};
+use crate::store::{SqlStore, StoreError};
 
 /// Everything `serve` needs besides the listener.
 pub struct Settings {
@@ -153,6 +154,7 @@ pub struct Keygate {
     pub keys: Arc<KeyService>,
     pub store: Arc<SqlStore>,
     pub feed: Arc<Feed>,
+    pub replicas: Arc<Replicas>,
     pub cache: Arc<KeyCache>,
     pub watchers: Arc<Watchers>,
     load_key_index: bool,
@@ -176,16 +178,22 @@ impl Keygate {
             settings.cache,
             freshness.clone(),
         ));
-        let listen_url = store.listen_url().map(str::to_owned);
         let poll_interval = settings.feed.poll_interval;
         let heartbeat = settings.feed.heartbeat;
-        let follower: Arc<dyn KeyStore> = Arc::new(store.follower());
+        let follower = Arc::new(store.follower());
+        let replicas = Arc::new(Replicas::new(
+            store.clone(),
+            follower.clone(),
+            store.clone(),
+            settings.max_staleness,
+            &settings.feed,
+        ));
         let feed = Feed::new(
             store.clone(),
             follower,
             cache.clone(),
             freshness,
-            listen_url,
+            replicas.clone(),
             settings.feed,
         )
         .await?;
@@ -211,7 +219,7 @@ impl Keygate {
                 clock,
                 settings.brand,
                 page_key,
-                feed.wake_handle(),
+                replicas.clone(),
                 usage,
             )
             .with_default_rate_limit(settings.default_rate_limit.get()),
@@ -221,6 +229,7 @@ impl Keygate {
             keys,
             store,
             feed,
+            replicas,
             cache,
             watchers,
             load_key_index: settings.load_key_index,
@@ -251,6 +260,8 @@ impl Keygate {
     ) -> Result<(), tonic::transport::Error> {
         let stopping = CancellationToken::new();
         tokio::spawn(self.feed.clone().run(stopping.clone()));
+        let (listener_store, stopped) = (self.store.clone(), stopping.clone());
+        tokio::spawn(async move { listener_store.listen_for_changes(stopped).await });
         if self.load_key_index {
             // After the feed took its position (in `open`): see `crate::index`.
             let (index, store, stopped) = (
@@ -302,19 +313,15 @@ impl Keygate {
         let authorizer = AuthorizerApi::new(self.authorizer.clone())
             .into_server()
             .max_decoding_message_size(size);
-        let admin = AdminApi::new(
-            self.authorizer.clone(),
-            self.keys.clone(),
-            self.feed.clone(),
-        )
-        .into_server()
-        .max_decoding_message_size(size);
+        let admin = AdminApi::new(self.authorizer.clone(), self.keys.clone())
+            .into_server()
+            .max_decoding_message_size(size);
         let ext_authz = ExtAuthzApi::new(self.authorizer.clone(), self.ext_authz.clone())
             .into_server()
             .max_decoding_message_size(self.limits.ext_authz_max_request_size);
         let feed = FeedApi::new(
             self.authorizer.clone(),
-            self.feed.clone(),
+            self.replicas.clone(),
             self.watchers.clone(),
             stopping.clone(),
         )

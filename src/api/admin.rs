@@ -1,38 +1,25 @@
 //! keygate.v1.KeyAdmin.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use keygate_proto::v1::key_admin_server;
 use keygate_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert, validate};
-use crate::feed::Feed;
 use crate::service::{Authorizer, Caller, KeyService};
 
+/// KeyAdmin over the key service: each call authenticates its caller,
+/// validates the request, calls the service and converts the answer.
 pub struct AdminApi {
     authorizer: Arc<Authorizer>,
     keys: Arc<KeyService>,
-    feed: Arc<Feed>,
 }
 
 impl AdminApi {
-    pub fn new(authorizer: Arc<Authorizer>, keys: Arc<KeyService>, feed: Arc<Feed>) -> Self {
-        Self {
-            authorizer,
-            keys,
-            feed,
-        }
-    }
-
-    /// With `wait`, how many live replicas applied `sequence` (or
-    /// DEADLINE_EXCEEDED naming the laggards); 0 without.
-    async fn confirm(&self, wait: Option<Duration>, sequence: i64) -> Result<u32, Status> {
-        match wait {
-            Some(timeout) => Ok(self.feed.confirm(sequence, timeout).await?),
-            None => Ok(0),
-        }
+    /// Callers are authenticated by `authorizer`; keys are `keys`'.
+    pub fn new(authorizer: Arc<Authorizer>, keys: Arc<KeyService>) -> Self {
+        Self { authorizer, keys }
     }
 
     pub fn into_server(self) -> key_admin_server::KeyAdminServer<Self> {
@@ -95,12 +82,11 @@ impl key_admin_server::KeyAdmin for AdminApi {
         let id = validate::key_id("key_id", &r.key_id)?;
         let grace = validate::grace_period(r.grace_period.as_ref())?;
         let wait = validate::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
-        let (key, token, seq) = self.keys.rotate(&caller, id, grace).await?;
+        let (key, token, confirmed_replicas) = self.keys.rotate(&caller, id, grace, wait).await?;
         let previous_secret_expires_at = key
             .previous_secret
             .as_ref()
             .map(|p| keygate_proto::convert::timestamp(p.expires_at));
-        let confirmed_replicas = self.confirm(wait, seq).await?;
         Ok(Response::new(RotateKeyResponse {
             key: Some(self.api_key(&key)),
             token,
@@ -118,8 +104,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
         let id = validate::key_id("key_id", &r.key_id)?;
         let reason = validate::revoke_reason(&r.reason)?;
         let wait = validate::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
-        let (key, seq) = self.keys.revoke(&caller, id, reason).await?;
-        let confirmed_replicas = self.confirm(wait, seq).await?;
+        let (key, confirmed_replicas) = self.keys.revoke(&caller, id, reason, wait).await?;
         Ok(Response::new(RevokeKeyResponse {
             key: Some(self.api_key(&key)),
             confirmed_replicas,
@@ -134,8 +119,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
         let r = request.get_ref();
         let id = validate::key_id("key_id", &r.key_id)?;
         let wait = validate::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
-        let (key, seq) = self.keys.disable(&caller, id).await?;
-        let confirmed_replicas = self.confirm(wait, seq).await?;
+        let (key, confirmed_replicas) = self.keys.disable(&caller, id, wait).await?;
         Ok(Response::new(DisableKeyResponse {
             key: Some(self.api_key(&key)),
             confirmed_replicas,
@@ -160,8 +144,7 @@ impl key_admin_server::KeyAdmin for AdminApi {
         let r = request.get_ref();
         let id = validate::key_id("key_id", &r.key_id)?;
         let wait = validate::replica_wait(r.wait_for_replicas, r.replica_wait_timeout.as_ref())?;
-        let seq = self.keys.delete(&caller, id).await?;
-        let confirmed_replicas = self.confirm(wait, seq).await?;
+        let confirmed_replicas = self.keys.delete(&caller, id, wait).await?;
         Ok(Response::new(DeleteKeyResponse { confirmed_replicas }))
     }
 

@@ -16,29 +16,34 @@ use tonic::{Request, Response, Status};
 
 use super::caller;
 use crate::error::Error;
-use crate::feed::{Feed, FeedItem};
+use crate::feed::FeedItem;
+use crate::service::replicas::Replicas;
 use crate::service::watch::{WatchSession, Watchers};
 use crate::service::{Authorizer, Caller};
 
+/// RevocationFeed: Watch sessions and the replica list, for callers with
+/// `revocation:read`.
 pub struct FeedApi {
     authorizer: Arc<Authorizer>,
-    feed: Arc<Feed>,
+    replicas: Arc<Replicas>,
     watchers: Arc<Watchers>,
     shutdown: CancellationToken,
     read: Scope,
 }
 
 impl FeedApi {
+    /// Callers are authenticated by `authorizer`; Watch sessions run in
+    /// `watchers` until `shutdown`.
     pub fn new(
         authorizer: Arc<Authorizer>,
-        feed: Arc<Feed>,
+        replicas: Arc<Replicas>,
         watchers: Arc<Watchers>,
         shutdown: CancellationToken,
     ) -> Self {
         let read = Scope::parse("revocation:read").expect("built-in scope parses");
         Self {
             authorizer,
-            feed,
+            replicas,
             watchers,
             shutdown,
             read,
@@ -145,7 +150,7 @@ impl revocation_feed_server::RevocationFeed for FeedApi {
         request: Request<ListReplicasRequest>,
     ) -> Result<Response<ListReplicasResponse>, Status> {
         self.caller(&request).await?;
-        let (replicas, head) = self.feed.replicas().await?;
+        let (replicas, head) = self.replicas.list().await?;
         Ok(Response::new(ListReplicasResponse {
             replicas: replicas
                 .into_iter()

@@ -4,7 +4,7 @@ use clap::{Args, Subcommand};
 use keygate_core::audit::ChainVerifier;
 
 use super::StoreArgs;
-use crate::store::{KeyStore, SqlStore, sql_redact};
+use crate::store::{EventLog, SqlStore, sql_redact};
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {

@@ -18,10 +18,11 @@ use uuid::Uuid;
 
 use super::caller::Caller;
 use super::page::{PageTokens, last_of_page, page_size};
+use super::replicas::Replicas;
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::error::Error;
-use crate::store::{KeyQuery, KeyStore};
+use crate::store::{AdminStore, KeyQuery};
 
 /// How often a change is retried when another change to the same key wins.
 const MAX_ATTEMPTS: usize = 8;
@@ -59,10 +60,9 @@ pub(super) struct Scopes {
 pub struct KeyService {
     /// Uses not yet written, shown on what GetKey and ListKeys return.
     pub(super) usage: Arc<UsageTracker>,
-    /// Wakes the revocation feed after a local write, so this replica's
-    /// subscribers hear of it without waiting for a poll or a NOTIFY.
-    changed: Arc<tokio::sync::Notify>,
-    pub(super) store: Arc<dyn KeyStore>,
+    /// Confirms writes whose caller asked to wait for every live replica.
+    replicas: Arc<Replicas>,
+    pub(super) store: Arc<dyn AdminStore>,
     cache: Arc<KeyCache>,
     pub(super) clock: Arc<dyn Clock>,
     brand: Brand,
@@ -73,18 +73,20 @@ pub struct KeyService {
 }
 
 impl KeyService {
+    /// The key service over `store`; page tokens are signed with `page_key`
+    /// (shared by every replica), writes are confirmed through `replicas`.
     pub fn new(
-        store: Arc<dyn KeyStore>,
+        store: Arc<dyn AdminStore>,
         cache: Arc<KeyCache>,
         clock: Arc<dyn Clock>,
         brand: Brand,
         page_key: [u8; 32],
-        changed: Arc<tokio::sync::Notify>,
+        replicas: Arc<Replicas>,
         usage: Arc<UsageTracker>,
     ) -> Self {
         let scope = |s| Scope::parse(s).expect("built-in scope parses");
         Self {
-            changed,
+            replicas,
             usage,
             store,
             cache,
@@ -286,7 +288,8 @@ impl KeyService {
         caller: &Caller,
         id: Uuid,
         grace: Duration,
-    ) -> Result<(KeyRecord, String, i64), Error> {
+        wait: Option<std::time::Duration>,
+    ) -> Result<(KeyRecord, String, u32), Error> {
         caller.require(&self.scopes.update)?;
         let mut token = None;
         let (key, seq) = self
@@ -302,29 +305,57 @@ impl KeyService {
             })
             .await?;
         let token = token.ok_or_else(|| Error::Internal("rotation produced no token".into()))?;
-        Ok((key, token.token, seq))
+        let confirmed = self.confirmed(wait, seq).await?;
+        Ok((key, token.token, confirmed))
     }
 
+    /// Revokes the key for good; with `wait`, returns once every live
+    /// replica applied it (how many did), or DEADLINE_EXCEEDED naming the
+    /// laggards (the revocation is in force either way).
     pub async fn revoke(
         &self,
         caller: &Caller,
         id: Uuid,
         reason: String,
-    ) -> Result<(KeyRecord, i64), Error> {
+        wait: Option<std::time::Duration>,
+    ) -> Result<(KeyRecord, u32), Error> {
         caller.require(&self.scopes.update)?;
-        self.change(caller, id, EventKind::Revoked, |key, now| {
-            key.revoke(reason.clone(), now)?;
-            Ok(reason.clone())
-        })
-        .await
+        let (key, seq) = self
+            .change(caller, id, EventKind::Revoked, |key, now| {
+                key.revoke(reason.clone(), now)?;
+                Ok(reason.clone())
+            })
+            .await?;
+        Ok((key, self.confirmed(wait, seq).await?))
     }
 
-    pub async fn disable(&self, caller: &Caller, id: Uuid) -> Result<(KeyRecord, i64), Error> {
+    /// Disables the key until enabled again; `wait` as for [`Self::revoke`].
+    pub async fn disable(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        wait: Option<std::time::Duration>,
+    ) -> Result<(KeyRecord, u32), Error> {
         caller.require(&self.scopes.update)?;
-        self.change(caller, id, EventKind::Disabled, |key, _| {
-            Ok(key.disable().map(|()| String::new())?)
-        })
-        .await
+        let (key, seq) = self
+            .change(caller, id, EventKind::Disabled, |key, _| {
+                Ok(key.disable().map(|()| String::new())?)
+            })
+            .await?;
+        Ok((key, self.confirmed(wait, seq).await?))
+    }
+
+    /// With `wait`, how many live replicas applied `sequence` (or
+    /// [`Error::ReplicasLagging`] naming the laggards); 0 without.
+    async fn confirmed(
+        &self,
+        wait: Option<std::time::Duration>,
+        sequence: i64,
+    ) -> Result<u32, Error> {
+        match wait {
+            Some(timeout) => self.replicas.confirm(sequence, timeout).await,
+            None => Ok(0),
+        }
     }
 
     pub async fn enable(&self, caller: &Caller, id: Uuid) -> Result<(KeyRecord, i64), Error> {
@@ -359,7 +390,6 @@ impl KeyService {
             };
             if self.store.update_key(&key, &ev).await?.is_some() {
                 self.cache.invalidate(key.id);
-                self.changed.notify_one();
                 announced += 1;
             }
         }
@@ -412,9 +442,14 @@ impl KeyService {
         Ok((key, token))
     }
 
-    /// Removes the key for good; its events stay in the log. Returns the
-    /// event's sequence.
-    pub async fn delete(&self, caller: &Caller, id: Uuid) -> Result<i64, Error> {
+    /// Removes the key for good; its events stay in the log. `wait` as for
+    /// [`Self::revoke`]; returns how many replicas confirmed.
+    pub async fn delete(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        wait: Option<std::time::Duration>,
+    ) -> Result<u32, Error> {
         caller.require(&self.scopes.delete)?;
         for _ in 0..MAX_ATTEMPTS {
             let key = self.load_visible(caller, id).await?;
@@ -422,9 +457,8 @@ impl KeyService {
             let ev = event(EventKind::Deleted, &key, caller, now, String::new());
             if let Some(seq) = self.store.delete_key(id, key.version, &ev).await? {
                 self.cache.apply(EventKind::Deleted, id);
-                self.changed.notify_one();
                 tracing::info!(key_id = %id, actor = %caller.key().id, "key deleted");
-                return Ok(seq);
+                return self.confirmed(wait, seq).await;
             }
         }
         Err(Error::Aborted("the key kept changing concurrently; retry"))
@@ -447,7 +481,6 @@ impl KeyService {
             let ev = event(kind, &key, caller, now, reason);
             if let Some(stored) = self.store.update_key(&key, &ev).await? {
                 self.cache.invalidate(id);
-                self.changed.notify_one();
                 tracing::info!(key_id = %id, actor = %caller.key().id, event = kind.as_str(), "key changed");
                 return Ok(stored);
             }

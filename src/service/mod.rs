@@ -6,6 +6,7 @@ pub mod authorize;
 pub mod caller;
 pub mod keys;
 mod page;
+pub mod replicas;
 pub mod usage;
 pub mod watch;
 

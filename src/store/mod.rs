@@ -5,8 +5,9 @@
 //! connection set-up, migrations and how event sequences are serialised, lives
 //! in `postgres.rs` and `sqlite.rs`.
 
+mod changes;
 mod events;
-pub mod postgres;
+mod postgres;
 mod row;
 mod sql;
 mod sqlite;
@@ -15,6 +16,7 @@ mod testsuite;
 mod url;
 
 use async_trait::async_trait;
+pub use changes::Changes;
 use chrono::{DateTime, Utc};
 use keygate_core::event::{Event, NewEvent};
 use keygate_core::key::{KeyRecord, Mode};
@@ -34,10 +36,12 @@ pub trait KeyReader: Send + Sync + 'static {
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
 }
 
-/// Writes and listing, for the admin API. Every write appends its event in the
-/// same transaction and returns the event's sequence.
+/// Keys, for the admin API and the key-id index. Every write appends its
+/// event in the same transaction, returns the event's sequence, and wakes
+/// this replica's follower ([`EventLog::changes`]) once committed.
 #[async_trait]
 pub trait KeyStore: KeyReader {
+    /// Stores a new key; [`StoreError::Conflict`] when its id exists.
     async fn insert_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<i64, StoreError>;
 
     /// Stores `key` (with `version + 1`) if the stored version is still
@@ -66,16 +70,6 @@ pub trait KeyStore: KeyReader {
     /// Keys in (created_at, id) order.
     async fn list_keys(&self, query: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError>;
 
-    /// Events newest first, filtered.
-    async fn list_events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError>;
-
-    /// Writes a batch of usage: last-used times only move forward, and
-    /// previous-secret counts only add to the rotation they belong to.
-    async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
-
-    /// Up to `limit` events with a sequence above `after`, in sequence order.
-    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
-
     /// Keys whose previous secret's grace period ended by `now` without the
     /// feed having announced it yet, oldest first.
     async fn unannounced_secret_expiries(
@@ -83,10 +77,38 @@ pub trait KeyStore: KeyReader {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<KeyRecord>, StoreError>;
+}
+
+/// The event log: what the follower applies, Watch replays and ListKeyEvents
+/// shows, and the wake-ups that say it grew.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Up to `limit` events with a sequence above `after`, in sequence order.
+    async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError>;
 
     /// The highest event sequence, 0 when the log is empty.
     async fn head_sequence(&self) -> Result<i64, StoreError>;
 
+    /// Events newest first, filtered.
+    async fn list_events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError>;
+
+    /// Wake-ups for "the log may have grown": this replica's own writes at
+    /// once, and on PostgreSQL every replica's (see
+    /// [`SqlStore::listen_for_changes`]). Only a hint: readers still poll.
+    fn changes(&self) -> Changes;
+}
+
+/// Last-used times and previous-secret counts, flushed in batches.
+#[async_trait]
+pub trait UsageStore: Send + Sync + 'static {
+    /// Writes a batch of usage: last-used times only move forward, and
+    /// previous-secret counts only add to the rotation they belong to.
+    async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
+}
+
+/// Where each replica says how far it has applied the log.
+#[async_trait]
+pub trait ReplicaRegistry: Send + Sync + 'static {
     /// Records a replica's position in the event log and its heartbeat, and
     /// forgets replicas silent for longer than [`REPLICA_RETENTION`] (every
     /// start is a new replica, so the table would otherwise only grow).
@@ -94,13 +116,12 @@ pub trait KeyStore: KeyReader {
 
     /// Every replica that has recorded itself, by name.
     async fn list_replicas(&self) -> Result<Vec<ReplicaStatus>, StoreError>;
-
-    /// A 32-byte secret shared by every replica, created on first use.
-    async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError>;
-
-    /// Answers when the store is reachable.
-    async fn ping(&self) -> Result<(), StoreError>;
 }
+
+/// Everything the key service reads and writes: keys, the event log, usage.
+pub trait AdminStore: KeyStore + EventLog + UsageStore {}
+
+impl<T: KeyStore + EventLog + UsageStore> AdminStore for T {}
 
 /// A replica's row in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,8 +1,11 @@
 //! PostgreSQL specifics: production, many replicas on one database.
 
-use sqlx::migrate::Migrator;
+use std::time::Duration;
 
-use super::StoreError;
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+
+use super::{Changes, StoreError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/postgres");
 
@@ -48,7 +51,7 @@ pub(super) async fn serialize_usage_flushes(
 
 /// The channel every replica LISTENs on; a notification is only a wake-up,
 /// replicas read the events themselves by sequence.
-pub const EVENTS_CHANNEL: &str = "keygate_events";
+const EVENTS_CHANNEL: &str = "keygate_events";
 
 pub(super) async fn notify_event(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -58,4 +61,58 @@ pub(super) async fn notify_event(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// LISTENs for new events and wakes `changes`; reconnects forever. After
+/// every (re)connect it wakes too, so the follower catches up on whatever
+/// happened while the connection was down.
+pub(super) async fn listen(url: &str, changes: &Changes, shutdown: CancellationToken) {
+    let url = with_application_name(url, "keygate-listener");
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let connected = async {
+            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+            listener.listen(EVENTS_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = match connected.await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for events; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        changes.wake();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = listener.try_recv() => match received {
+                    Ok(Some(_)) => changes.wake(),
+                    // The connection dropped; the next try_recv reconnects.
+                    // Notifications sent meanwhile are lost, so catch up.
+                    Ok(None) => changes.wake(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event listener failed; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn with_application_name(url: &str, name: &str) -> String {
+    if url.contains("application_name=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&application_name={name}")
+    } else {
+        format!("{url}?application_name={name}")
+    }
 }

@@ -10,6 +10,7 @@ use keygate_core::key::KeyRecord;
 use keygate_core::usage::UsageRecord;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Row};
+use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -18,7 +19,8 @@ use super::row::{
 };
 use super::url::{redact, without_ignored_secrets};
 use super::{
-    EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaStatus, StoreError, postgres, sqlite,
+    Changes, EventLog, EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaRegistry, ReplicaStatus,
+    StoreError, UsageStore, postgres, sqlite,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct SqlStore {
     url: String,
     /// Key reads (`get_key`) issued through this store and its follower handle.
     key_reads: Arc<AtomicU64>,
+    /// Shared with the follower handle: a write on either wakes the follower.
+    changes: Changes,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -104,6 +108,7 @@ impl SqlStore {
             dialect,
             url,
             key_reads: Arc::default(),
+            changes: Changes::default(),
         })
     }
 
@@ -137,9 +142,56 @@ impl SqlStore {
         self.dialect
     }
 
-    /// The PostgreSQL URL to LISTEN on, for the revocation feed; `None` on SQLite.
-    pub fn listen_url(&self) -> Option<&str> {
-        (self.dialect == Dialect::Postgres).then_some(self.url.as_str())
+    /// Wakes [`EventLog::changes`] for other replicas' writes until
+    /// `shutdown`: on PostgreSQL, LISTENs on its own connection (reconnecting
+    /// forever, waking after each reconnect to catch up on what it missed).
+    /// On SQLite, one node writes the file, and its own writes wake it
+    /// already: returns at once.
+    pub async fn listen_for_changes(&self, shutdown: CancellationToken) {
+        if self.dialect == Dialect::Postgres {
+            postgres::listen(&self.url, &self.changes, shutdown).await;
+        }
+    }
+
+    /// A 32-byte secret shared by every replica, created on first use.
+    #[instrument(name = "keystore.shared_secret", skip(self), err)]
+    pub async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let mut fresh = [0u8; 32];
+        getrandom::fill(&mut fresh).map_err(|e| StoreError::Corrupt {
+            id: name.into(),
+            why: e.to_string(),
+        })?;
+        // Whichever replica inserts first wins; everyone reads the winner.
+        sqlx::query("INSERT INTO keygate_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(fresh.to_vec())
+            .execute(&self.pool)
+            .await?;
+        let value: Vec<u8> = sqlx::query("SELECT value FROM keygate_settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        value.try_into().map_err(|_| StoreError::Corrupt {
+            id: name.into(),
+            why: "setting is not 32 bytes".into(),
+        })
+    }
+
+    /// Answers when the store is reachable.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Commits a write that appended an event, then wakes the follower.
+    async fn commit_event(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Any>,
+    ) -> Result<(), StoreError> {
+        tx.commit().await?;
+        self.changes.wake();
+        Ok(())
     }
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
@@ -259,7 +311,7 @@ impl KeyStore for SqlStore {
                 .execute(&mut *tx)
                 .await?;
             let seq = self.append_event(&mut tx, event).await?;
-            tx.commit().await?;
+            self.commit_event(tx).await?;
             Ok(seq)
         })
         .await
@@ -283,7 +335,7 @@ impl KeyStore for SqlStore {
                 return Ok(None);
             }
             let seq = self.append_event(&mut tx, event).await?;
-            tx.commit().await?;
+            self.commit_event(tx).await?;
             Ok(Some((next, seq)))
         })
         .await
@@ -307,7 +359,7 @@ impl KeyStore for SqlStore {
                 return Ok(None);
             }
             let seq = self.append_event(&mut tx, event).await?;
-            tx.commit().await?;
+            self.commit_event(tx).await?;
             Ok(Some(seq))
         })
         .await
@@ -360,6 +412,22 @@ impl KeyStore for SqlStore {
         .await
     }
 
+    async fn unannounced_secret_expiries(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(UNANNOUNCED_SECRET_EXPIRIES.as_str())
+            .bind(micros(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+}
+
+#[async_trait]
+impl EventLog for SqlStore {
     #[instrument(name = "keystore.events_after", skip(self), err)]
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
         observe("events_after", async move {
@@ -373,6 +441,20 @@ impl KeyStore for SqlStore {
         self.select_events(query).await
     }
 
+    async fn head_sequence(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM key_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    fn changes(&self) -> Changes {
+        self.changes.clone()
+    }
+}
+
+#[async_trait]
+impl UsageStore for SqlStore {
     #[instrument(name = "keystore.record_usage", skip_all, fields(keys = records.len()), err)]
     async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
         observe("record_usage", async move {
@@ -411,27 +493,10 @@ impl KeyStore for SqlStore {
         })
         .await
     }
+}
 
-    async fn unannounced_secret_expiries(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(UNANNOUNCED_SECRET_EXPIRIES.as_str())
-            .bind(micros(now))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn head_sequence(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM key_events")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get(0)?)
-    }
-
+#[async_trait]
+impl ReplicaRegistry for SqlStore {
     async fn record_replica(&self, r: &ReplicaStatus) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO replicas (replica_id, name, applied_sequence, heartbeat_at) VALUES ($1, $2, $3, $4) \
@@ -455,34 +520,5 @@ impl KeyStore for SqlStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(replica_from_row).collect()
-    }
-
-    #[instrument(name = "keystore.shared_secret", skip(self), err)]
-    async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
-        let mut fresh = [0u8; 32];
-        getrandom::fill(&mut fresh).map_err(|e| StoreError::Corrupt {
-            id: name.into(),
-            why: e.to_string(),
-        })?;
-        // Whichever replica inserts first wins; everyone reads the winner.
-        sqlx::query("INSERT INTO keygate_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
-            .bind(name)
-            .bind(fresh.to_vec())
-            .execute(&self.pool)
-            .await?;
-        let value: Vec<u8> = sqlx::query("SELECT value FROM keygate_settings WHERE name = $1")
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        value.try_into().map_err(|_| StoreError::Corrupt {
-            id: name.into(),
-            why: "setting is not 32 bytes".into(),
-        })
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 }

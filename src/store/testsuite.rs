@@ -16,7 +16,10 @@ use sqlx::Connection;
 use uuid::Uuid;
 
 use super::sql::Dialect;
-use super::{EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaStatus, SqlStore, StoreError};
+use super::{
+    EventLog, EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaRegistry, ReplicaStatus, SqlStore,
+    StoreError, UsageStore,
+};
 
 #[derive(Debug, Clone, Copy)]
 enum Backend {

@@ -636,7 +636,7 @@ async fn a_watch_ends_within_a_heartbeat_when_its_credential_stops_authenticatin
 const REPLAYED: i64 = 100_000;
 
 async fn a_watch_replays_100000_events_exactly_once_in_order(backend: Backend) {
-    use keygate::store::KeyStore;
+    use keygate::store::EventLog;
     use sqlx::Connection;
     let Some(s) = TestServer::start(backend).await else {
         return;

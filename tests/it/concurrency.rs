@@ -1,6 +1,6 @@
 //! Concurrent changes to one key never lose an update or leave two current secrets.
 
-use keygate::store::KeyStore;
+use keygate::store::EventLog;
 use keygate_core::event::EventKind;
 use keygate_proto::v1 as pb;
 use tonic::Code;

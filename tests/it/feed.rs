@@ -239,7 +239,7 @@ async fn unknown_positions_get_reset_and_quiet_streams_get_heartbeats(backend: B
         return;
     };
     s.org_key("org_a", &[]).await;
-    let head = keygate::store::KeyStore::head_sequence(&*s.store)
+    let head = keygate::store::EventLog::head_sequence(&*s.store)
         .await
         .unwrap();
     let mut quiet = watch(&s.url(), &s.admin_token, 0).await;
@@ -540,7 +540,7 @@ async fn the_end_of_a_grace_period_is_announced_once_as_expired_secret(backend: 
         pb::DenyReason::ExpiredToken
     );
     next_heartbeat(&mut stream).await;
-    let events = keygate::store::KeyStore::events_after(&*s.store, 0, 100)
+    let events = keygate::store::EventLog::events_after(&*s.store, 0, 100)
         .await
         .unwrap();
     let announced = events

@@ -514,7 +514,7 @@ async fn the_feed_keeps_its_connections_while_authorize_reads_fill_the_pool() {
         .await;
         let heartbeat = || async {
             sqlx::query_scalar::<_, i64>("SELECT heartbeat_at FROM replicas WHERE replica_id = $1")
-                .bind(a.feed.replica_id().to_string())
+                .bind(a.replicas.replica_id().to_string())
                 .fetch_one(&pg)
                 .await
                 .unwrap()

@@ -76,6 +76,7 @@ pub struct TestServer {
     pub store: Arc<SqlStore>,
     pub keys: Arc<keygate::service::KeyService>,
     pub feed: Arc<keygate::feed::Feed>,
+    pub replicas: Arc<keygate::service::replicas::Replicas>,
     pub cache: Arc<keygate::cache::KeyCache>,
     pub database_url: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -208,6 +209,7 @@ impl TestServer {
         let store = keygate.store.clone();
         let keys = keygate.keys.clone();
         let feed = keygate.feed.clone();
+        let replicas = keygate.replicas.clone();
         let cache = keygate.cache.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -225,6 +227,7 @@ impl TestServer {
             store,
             keys,
             feed,
+            replicas,
             cache,
             database_url,
             shutdown: Some(tx),
@@ -312,7 +315,7 @@ impl TestServer {
     /// Waits until this server's feed has applied every logged event, so no
     /// invalidation is still on its way (one comes for every change).
     pub async fn settle(&self) {
-        use keygate::store::KeyStore;
+        use keygate::store::EventLog;
         let head = self.store.head_sequence().await.expect("head");
         let feed = self.feed.clone();
         eventually(Duration::from_secs(10), "the feed to catch up", || {

@@ -1,7 +1,7 @@
 //! The key lifecycle over KeyAdmin, and what Authorize sees after each change.
 
 use chrono::Duration;
-use keygate::store::KeyStore;
+use keygate::store::EventLog;
 use keygate_core::event::EventKind;
 use keygate_proto::v1 as pb;
 use tonic::Code;

@@ -240,7 +240,7 @@ async fn seen(s: &TestServer, key_id: &str) -> pb::ApiKey {
 }
 
 async fn head(s: &TestServer) -> i64 {
-    use keygate::store::KeyStore;
+    use keygate::store::EventLog;
     s.store.head_sequence().await.unwrap()
 }
 

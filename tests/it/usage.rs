@@ -196,7 +196,7 @@ async fn previous_secret_usage_is_visible_and_expire_previous_secret_kills_it(ba
 async fn concurrent_usage_flushes_from_two_replicas_neither_deadlock_nor_lose_counts(
     backend: Backend,
 ) {
-    use keygate::store::{KeyReader, KeyStore, SqlStore};
+    use keygate::store::{KeyReader, SqlStore, UsageStore};
     use keygate_core::usage::{PreviousUsage, UsageRecord};
     let Some(s) = TestServer::start(backend).await else {
         return;

@@ -1,7 +1,7 @@
 //! Every bad input gets INVALID_ARGUMENT naming the field, and changes nothing.
 
 use chrono::Duration;
-use keygate::store::KeyStore;
+use keygate::store::EventLog;
 use keygate_core::clock::Clock;
 use keygate_proto::v1 as pb;
 use tonic::Code;
