@@ -27,6 +27,9 @@ const MAX_BRAND_LEN: usize = 16;
 /// Longest input Authorize will even look at; longer is INVALID_TOKEN without a store read.
 pub const MAX_TOKEN_INPUT: usize = 1024;
 
+/// The brand of tokens when none is configured: tokens look like `kg_live_…`.
+pub const DEFAULT_BRAND: &str = "kg";
+
 /// The token brand, validated: 1–16 lowercase ASCII letters or digits, starting with a letter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Brand(String);
@@ -50,7 +53,7 @@ impl Brand {
 
 impl Default for Brand {
     fn default() -> Self {
-        Self("kg".to_owned())
+        Self(DEFAULT_BRAND.to_owned())
     }
 }
 
