@@ -6,7 +6,7 @@ use clap::Args;
 use keygate_core::bounds;
 use keygate_core::clock::SystemClock;
 use keygate_core::key::Mode;
-use keygate_core::token::Brand;
+use keygate_core::token::{Brand, DEFAULT_BRAND};
 
 use super::StoreArgs;
 use crate::server::{Keygate, Settings};
@@ -20,9 +20,14 @@ pub struct BootstrapArgs {
     #[command(flatten)]
     store: StoreArgs,
     /// Token brand, as for serve.
-    #[arg(long, env = "KEYGATE_BRAND", default_value = "kg")]
+    #[arg(long, env = "KEYGATE_BRAND", default_value = DEFAULT_BRAND)]
     brand: String,
-    #[arg(long, env = "KEYGATE_BOOTSTRAP_MODE", value_parser = ["live", "test"], default_value = "live")]
+    #[arg(
+        long,
+        env = "KEYGATE_BOOTSTRAP_MODE",
+        value_parser = [Mode::Live.as_str(), Mode::Test.as_str()],
+        default_value = Mode::Live.as_str()
+    )]
     mode: String,
 }
 
@@ -31,7 +36,7 @@ pub async fn run(args: BootstrapArgs) -> Result<(), String> {
     let name = bounds::text(&args.name, bounds::MAX_NAME_CHARS, true)
         .map_err(|why| format!("--name: {why}"))?
         .to_owned();
-    let mode = Mode::parse(&args.mode).unwrap_or(Mode::Live);
+    let mode = Mode::parse(&args.mode).ok_or_else(|| format!("--mode {:?}", args.mode))?;
     let url = args.store.url();
     let settings = Settings {
         brand,

@@ -66,6 +66,10 @@ impl StoreArgs {
     }
 }
 
+/// The port `serve` listens on by default, and so the one the client
+/// commands reach when no --server is given.
+pub const DEFAULT_PORT: u16 = 50051;
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -115,6 +119,17 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_millis(millis))
 }
 
+/// `d` as `parse_duration` reads it back: whole seconds as "30s", anything
+/// else in milliseconds ("250ms"); for showing a default in `--help`.
+pub fn duration_text(d: std::time::Duration) -> String {
+    let millis = d.as_millis();
+    if millis.is_multiple_of(1000) {
+        format!("{}s", millis / 1000)
+    } else {
+        format!("{millis}ms")
+    }
+}
+
 /// Parses a size: a number of bytes, or one with KiB, MiB or GiB (also KB,
 /// MB, GB, meaning the same powers of 1024). Must be more than 0.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -138,6 +153,17 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     }
 }
 
+/// `bytes` as `parse_bytes` reads it back, in the largest of GiB, MiB and
+/// KiB that divides it ("128MiB"), else as a plain number.
+pub fn size_text(bytes: u64) -> String {
+    for (unit, scale) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= scale && bytes.is_multiple_of(scale) {
+            return format!("{}{unit}", bytes / scale);
+        }
+    }
+    bytes.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +180,35 @@ mod tests {
                 .contains("unknown unit")
         );
         assert!(parse_bytes("MiB").is_err());
+    }
+
+    #[test]
+    fn sizes_print_as_they_parse() {
+        for bytes in [
+            1,
+            1000,
+            1024,
+            65536,
+            3 << 20,
+            128 << 20,
+            5 << 30,
+            (1 << 30) + 1,
+        ] {
+            assert_eq!(parse_bytes(&size_text(bytes)), Ok(bytes), "{bytes}");
+        }
+        assert_eq!(size_text(128 << 20), "128MiB");
+        assert_eq!(size_text(65536), "64KiB");
+    }
+
+    #[test]
+    fn durations_print_as_they_parse() {
+        use std::time::Duration;
+        for millis in [0, 1, 100, 999, 1000, 1500, 60_000, 3_600_000] {
+            let d = Duration::from_millis(millis);
+            assert_eq!(parse_duration(&duration_text(d)), Ok(d), "{millis}ms");
+        }
+        assert_eq!(duration_text(Duration::from_secs(60)), "60s");
+        assert_eq!(duration_text(Duration::from_millis(100)), "100ms");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use clap::Args;
 use keygate_client::Client;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use super::DEFAULT_PORT;
+
 /// Where keygate runs, and who is asking.
 #[derive(Debug, Clone, Args)]
 pub struct RemoteArgs {
@@ -15,7 +17,7 @@ pub struct RemoteArgs {
         long,
         global = true,
         env = "KEYGATE_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value_t = format!("http://127.0.0.1:{DEFAULT_PORT}")
     )]
     server: String,
     /// PEM CA bundle that signed the server's certificate (https:// only).

@@ -1,6 +1,6 @@
 //! `keygate serve`.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,11 +8,15 @@ use std::time::Duration;
 
 use clap::Args;
 use keygate_core::clock::SystemClock;
+use keygate_core::limits::DEFAULT_RATE_LIMIT;
 use keygate_core::policy::RouteTable;
-use keygate_core::token::Brand;
+use keygate_core::token::{Brand, DEFAULT_BRAND};
 use tokio::net::TcpListener;
 
-use super::{LogFormat, StoreArgs, init_logging, parse_bytes, parse_duration};
+use super::{
+    DEFAULT_PORT, LogFormat, StoreArgs, duration_text, init_logging, parse_bytes, parse_duration,
+    size_text,
+};
 use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::feed::FeedSettings;
@@ -22,7 +26,11 @@ use crate::store::sql_redact;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to serve gRPC on.
-    #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(
+        long,
+        env = "KEYGATE_LISTEN",
+        default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT))
+    )]
     listen: SocketAddr,
     /// Also serve grpc.health.v1 alone, in plaintext, on this address: for
     /// Kubernetes' gRPC probes when the main port serves TLS (off when unset).
@@ -35,55 +43,113 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYGATE_POLICY")]
     policy: Option<PathBuf>,
     /// Token brand: new tokens look like <brand>_live_… (e.g. ck, op).
-    #[arg(long, env = "KEYGATE_BRAND", default_value = "kg")]
+    #[arg(long, env = "KEYGATE_BRAND", default_value = DEFAULT_BRAND)]
     brand: String,
     /// How long a key record stays cached.
-    #[arg(long, env = "KEYGATE_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_CACHE_TTL",
+        default_value = duration_text(CacheSettings::default().ttl),
+        value_parser = parse_duration
+    )]
     cache_ttl: Duration,
     /// How long an unknown key id is remembered as unknown.
-    #[arg(long, env = "KEYGATE_NEGATIVE_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_NEGATIVE_CACHE_TTL",
+        default_value = duration_text(CacheSettings::default().negative_ttl),
+        value_parser = parse_duration
+    )]
     negative_cache_ttl: Duration,
     /// Most memory for cached key records, in bytes (suffixes KiB, MiB,
     /// GiB): a key with many scopes or CIDRs weighs more. 1/8 of it holds
     /// remembered unknown ids.
-    #[arg(long, env = "KEYGATE_CACHE_MAX_BYTES", default_value = "128MiB", value_parser = parse_bytes)]
+    #[arg(
+        long,
+        env = "KEYGATE_CACHE_MAX_BYTES",
+        default_value = size_text(CacheSettings::default().max_bytes),
+        value_parser = parse_bytes
+    )]
     cache_max_bytes: u64,
     /// Most store reads Authorize runs at once for keys not in memory; over
     /// it, calls wait up to --store-read-wait, then answer UNAVAILABLE
     /// (cached keys never wait).
-    #[arg(long, env = "KEYGATE_STORE_READ_LIMIT", default_value = "8")]
+    #[arg(
+        long,
+        env = "KEYGATE_STORE_READ_LIMIT",
+        default_value = CacheSettings::default().store_reads.to_string()
+    )]
     store_read_limit: std::num::NonZeroU32,
     /// How long an Authorize call waits for one of --store-read-limit's reads.
-    #[arg(long, env = "KEYGATE_STORE_READ_WAIT", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_STORE_READ_WAIT",
+        default_value = duration_text(CacheSettings::default().store_read_wait),
+        value_parser = parse_duration
+    )]
     store_read_wait: Duration,
     /// Longest this replica may go without reading the event log before it
     /// stops answering from its cache (a revoked key lives at most this long
     /// anywhere, even during a partition).
-    #[arg(long, env = "KEYGATE_MAX_STALENESS", default_value = "30s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_STALENESS",
+        default_value = duration_text(Settings::new("").max_staleness),
+        value_parser = parse_duration
+    )]
     max_staleness: Duration,
     /// Longest wait between two reads of the event log (NOTIFY or a local
     /// write usually wakes it sooner).
-    #[arg(long, env = "KEYGATE_FEED_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_FEED_POLL_INTERVAL",
+        default_value = duration_text(FeedSettings::default().poll_interval),
+        value_parser = parse_duration
+    )]
     feed_poll_interval: Duration,
     /// How often Watch streams get a HEARTBEAT.
-    #[arg(long, env = "KEYGATE_FEED_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_FEED_HEARTBEAT",
+        default_value = duration_text(FeedSettings::default().heartbeat),
+        value_parser = parse_duration
+    )]
     feed_heartbeat: Duration,
     /// How far back (in events) a Watch can resume; older positions get RESET.
-    #[arg(long, env = "KEYGATE_FEED_MAX_REPLAY", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "KEYGATE_FEED_MAX_REPLAY",
+        default_value_t = FeedSettings::default().max_replay
+    )]
     feed_max_replay: i64,
     /// How often this replica records its applied sequence in the store; a
     /// replica is live (waited for by wait_for_replicas) until its last
     /// record is older than --max-staleness plus this plus --feed-poll-interval.
-    #[arg(long, env = "KEYGATE_REPLICA_HEARTBEAT", default_value = "2s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_REPLICA_HEARTBEAT",
+        default_value = duration_text(FeedSettings::default().replica_heartbeat),
+        value_parser = parse_duration
+    )]
     replica_heartbeat: Duration,
     /// Requests per minute for keys whose own rate_limit_per_minute is 0.
-    #[arg(long, env = "KEYGATE_DEFAULT_RATE_LIMIT", default_value = "100")]
+    #[arg(long, env = "KEYGATE_DEFAULT_RATE_LIMIT", default_value_t = DEFAULT_RATE_LIMIT)]
     default_rate_limit: std::num::NonZeroU32,
     /// How often last-used times are written to the store (also at shutdown).
-    #[arg(long, env = "KEYGATE_USAGE_FLUSH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_USAGE_FLUSH_INTERVAL",
+        default_value = duration_text(Settings::new("").usage_flush_interval),
+        value_parser = parse_duration
+    )]
     usage_flush_interval: Duration,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish.
-    #[arg(long, env = "KEYGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_SHUTDOWN_GRACE",
+        default_value = duration_text(Settings::new("").shutdown_grace),
+        value_parser = parse_duration
+    )]
     shutdown_grace: Duration,
     /// This replica's name in ListReplicas (default: hostname:port).
     #[arg(long, env = "KEYGATE_REPLICA_NAME")]
@@ -114,38 +180,59 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "KEYGATE_EXT_AUTHZ_STRIP_CREDENTIALS",
-        default_value_t = true,
+        default_value_t = ExtAuthzSettings::default().strip_credentials,
         action = clap::ArgAction::Set
     )]
     ext_authz_strip_credentials: bool,
     /// HTTP/2 streams one connection may have open at once; each open Watch
     /// is one for its whole life.
-    #[arg(long, env = "KEYGATE_MAX_CONCURRENT_STREAMS", default_value = "256")]
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_CONCURRENT_STREAMS",
+        default_value = ServerLimits::default().max_concurrent_streams.to_string()
+    )]
     max_concurrent_streams: NonZeroU32,
     /// Calls in progress across all connections; beyond it calls are refused
     /// with RESOURCE_EXHAUSTED (an open Watch counts only while it opens).
-    #[arg(long, env = "KEYGATE_MAX_CONCURRENT_REQUESTS", default_value = "1024")]
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_CONCURRENT_REQUESTS",
+        default_value = ServerLimits::default().max_concurrent_requests.to_string()
+    )]
     max_concurrent_requests: NonZeroUsize,
     /// Longest a call may take to answer (a stream: to start) before
     /// DEADLINE_EXCEEDED; KeyAdmin calls get 60s more for replica waits.
-    #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "KEYGATE_REQUEST_TIMEOUT",
+        default_value = duration_text(ServerLimits::default().request_timeout),
+        value_parser = parse_duration
+    )]
     request_timeout: Duration,
     /// Largest request message in bytes, for every service but Envoy's Check.
-    #[arg(long, env = "KEYGATE_MAX_REQUEST_SIZE", default_value = "65536")]
+    #[arg(
+        long,
+        env = "KEYGATE_MAX_REQUEST_SIZE",
+        default_value = ServerLimits::default().max_request_size.to_string()
+    )]
     max_request_size: NonZeroUsize,
     /// Largest Envoy CheckRequest in bytes (it carries every request header:
     /// keep it above Envoy's max_request_headers_kb, 60 KiB by default).
     #[arg(
         long,
         env = "KEYGATE_EXT_AUTHZ_MAX_REQUEST_SIZE",
-        default_value = "262144"
+        default_value = ServerLimits::default().ext_authz_max_request_size.to_string()
     )]
     ext_authz_max_request_size: NonZeroUsize,
     /// Watch streams one key may have open at once on this replica.
-    #[arg(long, env = "KEYGATE_WATCH_MAX_STREAMS_PER_KEY", default_value = "16")]
+    #[arg(
+        long,
+        env = "KEYGATE_WATCH_MAX_STREAMS_PER_KEY",
+        default_value = ServerLimits::default().watch_streams_per_key.to_string()
+    )]
     watch_max_streams_per_key: NonZeroUsize,
     /// Log format; traces also go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
 
@@ -180,12 +267,9 @@ fn default_replica_name(listen: SocketAddr) -> String {
     format!("{host}:{}", listen.port())
 }
 
-pub async fn run(args: ServeArgs) -> Result<(), String> {
-    let _tracing = init_logging(args.log_format);
-    if let Some(addr) = args.metrics_addr {
-        crate::telemetry::install_prometheus(addr)?;
-        tracing::info!(metrics = %addr, "serving Prometheus metrics on /metrics");
-    }
+/// What serve runs with: the flags, read into the server's settings (the
+/// policy and TLS files are read here).
+fn settings(args: &ServeArgs) -> Result<Settings, String> {
     let brand = Brand::new(&args.brand).map_err(|e| format!("--brand: {e}"))?;
     let policy = match &args.policy {
         Some(path) => {
@@ -203,9 +287,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     if args.request_timeout.is_zero() {
         return Err("--request-timeout must be more than 0s".into());
     }
-    let url = args.store.url();
-    let settings = Settings {
-        database_url: url.clone(),
+    Ok(Settings {
+        database_url: args.store.url(),
         policy,
         brand,
         cache: CacheSettings {
@@ -230,7 +313,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         default_rate_limit: args.default_rate_limit,
         usage_flush_interval: args.usage_flush_interval,
         shutdown_grace: args.shutdown_grace,
-        tls: tls_settings(&args)?,
+        tls: tls_settings(args)?,
         ext_authz: ExtAuthzSettings {
             credential_headers: args.ext_authz_credential_headers.clone(),
             strip_credentials: args.ext_authz_strip_credentials,
@@ -243,7 +326,17 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             ext_authz_max_request_size: args.ext_authz_max_request_size.get(),
             watch_streams_per_key: args.watch_max_streams_per_key.get(),
         },
-    };
+    })
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let _tracing = init_logging(args.log_format);
+    if let Some(addr) = args.metrics_addr {
+        crate::telemetry::install_prometheus(addr)?;
+        tracing::info!(metrics = %addr, "serving Prometheus metrics on /metrics");
+    }
+    let settings = settings(&args)?;
+    let url = settings.database_url.clone();
     let mut keygate = Keygate::open(settings, Arc::new(SystemClock))
         .await
         .map_err(|e| format!("opening {}: {e}", sql_redact(&url)))?;
@@ -287,4 +380,93 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, FromArgMatches};
+
+    use super::*;
+
+    fn command() -> clap::Command {
+        ServeArgs::augment_args(clap::Command::new("serve"))
+    }
+
+    /// `keygate serve` with no flags, whatever KEYGATE_* the test runs under.
+    fn bare() -> ServeArgs {
+        let matches = command()
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(["serve"])
+            .unwrap();
+        ServeArgs::from_arg_matches(&matches).unwrap()
+    }
+
+    /// Each default is defined once, by the settings type that owns it; the
+    /// flags only show it. Destructured in full, so a new setting must be
+    /// looked at here.
+    #[test]
+    fn flag_defaults_are_the_settings_defaults() {
+        let parsed = settings(&bare()).unwrap();
+        let owner = Settings::new(parsed.database_url.clone());
+        let Settings {
+            database_url: _,
+            policy: _,
+            brand,
+            cache,
+            load_key_index,
+            feed,
+            max_staleness,
+            default_rate_limit,
+            usage_flush_interval,
+            shutdown_grace,
+            tls,
+            ext_authz,
+            limits,
+        } = parsed;
+        assert_eq!(brand, owner.brand);
+        assert_eq!(format!("{cache:?}"), format!("{:?}", owner.cache));
+        assert_eq!(load_key_index, owner.load_key_index);
+        // The replica's name defaults to host:port, not to the library's placeholder.
+        let feed = FeedSettings {
+            name: owner.feed.name.clone(),
+            ..feed
+        };
+        assert_eq!(format!("{feed:?}"), format!("{:?}", owner.feed));
+        assert_eq!(max_staleness, owner.max_staleness);
+        assert_eq!(default_rate_limit, owner.default_rate_limit);
+        assert_eq!(usage_flush_interval, owner.usage_flush_interval);
+        assert_eq!(shutdown_grace, owner.shutdown_grace);
+        assert!(tls.is_none() && owner.tls.is_none());
+        assert_eq!(format!("{ext_authz:?}"), format!("{:?}", owner.ext_authz));
+        assert_eq!(format!("{limits:?}"), format!("{:?}", owner.limits));
+    }
+
+    /// The README's settings table shows the defaults serve really has.
+    #[test]
+    fn the_readme_shows_the_defaults() {
+        let readme = include_str!("../../README.md");
+        for arg in command().get_arguments() {
+            let defaults = arg.get_default_values();
+            if defaults.is_empty() {
+                continue;
+            }
+            let long = arg.get_long().unwrap();
+            let row = readme
+                .lines()
+                .find(|line| {
+                    line.strip_prefix("| `--").is_some_and(|rest| {
+                        rest.split(|c: char| c != '-' && !c.is_ascii_alphanumeric())
+                            .next()
+                            == Some(long)
+                    })
+                })
+                .unwrap_or_else(|| panic!("no README row for --{long}"));
+            let shown = row
+                .split(" | ")
+                .nth(2)
+                .and_then(|cell| cell.split('`').nth(1));
+            let defaults: Vec<_> = defaults.iter().map(|d| d.to_string_lossy()).collect();
+            assert_eq!(shown, Some(defaults.join(",").as_str()), "--{long}: {row}");
+        }
+    }
 }

@@ -52,6 +52,8 @@ use tonic::transport::Channel;
 
 use crate::connection::{Credential, InvalidToken};
 
+/// How long and how much [`CachedAuthorizer`] caches, and how long it trusts
+/// a quiet feed.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
     /// Longest an ALLOW is reused.

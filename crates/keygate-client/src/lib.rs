@@ -6,6 +6,8 @@
 //! keygate-client`): the wire types are `keygate_proto`, the rules
 //! `keygate_core`.
 
+#![deny(missing_docs)]
+
 pub mod cached;
 mod connection;
 

@@ -41,15 +41,20 @@ pub fn chain_hash(previous: &[u8; 32], e: &Event) -> [u8; 32] {
 /// Where the chain breaks, by the first bad sequence.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainBreak {
+    /// No event with this sequence, though later ones exist.
     #[error("event {0} is missing: a row was deleted")]
     Missing(i64),
+    /// This event's stored hash is not the hash of its content and its
+    /// predecessor's hash, or it came out of sequence order.
     #[error("event {0} does not match its hash: a row was edited, or rows were reordered")]
     Mismatch(i64),
+    /// This event was stored without a hash.
     #[error("event {0} has no hash")]
     Unhashed(i64),
 }
 
 impl ChainBreak {
+    /// The sequence of the first event that breaks the chain.
     pub fn sequence(&self) -> i64 {
         match self {
             ChainBreak::Missing(s) | ChainBreak::Mismatch(s) | ChainBreak::Unhashed(s) => *s,
@@ -75,6 +80,10 @@ impl Default for ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// Checks the next event and the hash stored with it. Events must come
+    /// in sequence order starting at 1; the first one that is missing, out
+    /// of order, unhashed or mismatched is the error, and after an error the
+    /// verifier's state is unchanged (it still expects the same sequence).
     pub fn feed(
         &mut self,
         event: &Event,

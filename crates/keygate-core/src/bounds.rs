@@ -27,7 +27,9 @@ pub const MAX_IP_BYTES: usize = 64;
 /// Which field is over its bound, and a message naming the bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverBound {
+    /// The request field, as named on the wire (`required_scopes`, `route`, …).
     pub field: &'static str,
+    /// What the bound is and by how much it was exceeded, for the caller.
     pub reason: String,
 }
 

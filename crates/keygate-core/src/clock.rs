@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 
+/// Where the domain reads the time; [`SystemClock`] in production,
+/// [`ManualClock`] in tests.
 pub trait Clock: Send + Sync + 'static {
     /// The wall-clock time; may jump back or forward when the system clock is set.
     fn now(&self) -> DateTime<Utc>;

@@ -13,12 +13,23 @@ use super::token::{Credential, ParsedToken, SecretDigest};
 /// Why a request is denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DenyReason {
+    /// No credential was presented (or only a blank one).
     MissingToken,
+    /// The credential is malformed, unknown, carries the wrong secret or
+    /// prefix, or names a key that is disabled or revoked: deliberately one
+    /// reason, so a caller learns nothing about which.
     InvalidToken,
+    /// The key, or the rotated-out secret that was presented, has expired.
     ExpiredToken,
+    /// The key lacks a scope the request needs.
     InsufficientScope,
+    /// The caller's address is not in the key's allow-list, or is unknown
+    /// while the key has one.
     IpNotAllowed,
+    /// The key is over its rate limit (requests per minute, on this replica).
     RateLimited,
+    /// The request named a route that no policy entry matches (or whose path
+    /// is ambiguous, so it matches none on purpose).
     RouteNotFound,
 }
 
@@ -73,7 +84,9 @@ impl DenyReason {
 /// What the request needs: explicit scopes, or whatever the route policy says.
 #[derive(Debug, Clone, Copy)]
 pub enum Requirement<'a> {
+    /// Every one of these scopes (an empty list needs none).
     Scopes(&'a [Scope]),
+    /// Whatever scope the route policy names for this route ("METHOD /path").
     Route(&'a str),
 }
 
@@ -81,11 +94,17 @@ pub enum Requirement<'a> {
 /// route needed (on allow) or the one the key lacks (on deny).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<'a> {
+    /// The key may make the request.
     Allow {
+        /// The scope the route needed; `None` when explicit scopes were asked for.
         required_scope: Option<&'a Scope>,
     },
+    /// The key may not make the request.
     Deny {
+        /// Why not.
         reason: DenyReason,
+        /// The scope the key lacks, for [`DenyReason::InsufficientScope`];
+        /// otherwise `None`.
         required_scope: Option<&'a Scope>,
     },
 }
@@ -147,6 +166,7 @@ fn authenticate_digest(
 /// Which of a key's secrets a token carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SecretUsed {
+    /// The key's current secret.
     Current,
     /// The rotated-out secret, inside its grace period.
     Previous,

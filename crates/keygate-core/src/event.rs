@@ -5,21 +5,30 @@ use uuid::Uuid;
 
 use super::key::KeyRecord;
 
+/// What happened to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
+    /// The key was made (by the admin API or `keygate bootstrap`).
     Created,
     /// Settings changed (name, scopes, allow-list, limit, expiry).
     Updated,
+    /// The key got a new secret; the old one may live on for a grace period.
     Rotated,
+    /// The key stopped working for good.
     Revoked,
+    /// The key stopped working until enabled again.
     Disabled,
+    /// A disabled key works again.
     Enabled,
+    /// The key's record is gone (its events stay).
     Deleted,
     /// A rotation's grace period ended: the previous secret is dead.
     SecretExpired,
 }
 
 impl EventKind {
+    /// The kind's stored and displayed name (`created`, `secret_expired`, …);
+    /// stable, since the store and the audit chain hold it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Created => "created",
@@ -33,6 +42,7 @@ impl EventKind {
         }
     }
 
+    /// The kind whose [`as_str`](Self::as_str) is `s`; `None` for any other text.
     pub fn parse(s: &str) -> Option<Self> {
         [
             Self::Created,
@@ -52,7 +62,9 @@ impl EventKind {
 /// Who made a change: a key, or `keygate bootstrap`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Actor {
+    /// The key whose token made the admin call.
     Key(Uuid),
+    /// `keygate bootstrap`, writing straight into the store.
     Bootstrap,
     /// keygate itself, e.g. when a grace period runs out.
     Keygate,
@@ -71,10 +83,15 @@ impl std::fmt::Display for Actor {
 /// An event to append with a change.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
+    /// What happened.
     pub kind: EventKind,
+    /// The key it happened to.
     pub key_id: Uuid,
+    /// That key's organization; `None` for a SYSTEM key.
     pub organization_id: Option<String>,
+    /// Who made the change.
     pub actor: Actor,
+    /// When, by the wall clock of the replica that made it.
     pub at: DateTime<Utc>,
     /// The revoke reason, or the fields an update changed; empty otherwise.
     pub reason: String,
@@ -85,12 +102,21 @@ pub struct NewEvent {
 /// A stored event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
+    /// Position in the log: 1 for the first event, one more for each after
+    /// it, with no gaps.
     pub sequence: i64,
+    /// What happened.
     pub kind: EventKind,
+    /// The key it happened to.
     pub key_id: Uuid,
+    /// That key's organization; `None` for a SYSTEM key.
     pub organization_id: Option<String>,
+    /// Who made the change, as [`Actor`] displays it: a key id,
+    /// `bootstrap` or `keygate`.
     pub actor: String,
+    /// When the change was made.
     pub at: DateTime<Utc>,
+    /// The revoke reason, or the fields an update changed; empty otherwise.
     pub reason: String,
     /// The settings the event left in force; empty for events that change
     /// none and for events written before details were recorded.

@@ -33,20 +33,47 @@ use super::key::{KeyRecord, Mode, Tier};
 /// message names the field and both sides, for PERMISSION_DENIED.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Exceeds {
+    /// A TEST caller asked for a LIVE key.
     #[error("mode: a TEST key can create or change only TEST keys")]
     Mode,
+    /// The caller has an allow-list and the target would have none.
     #[error("allowed_cidrs: must not be empty: the caller is limited to {caller}")]
-    NoAllowList { caller: Cidrs },
+    NoAllowList {
+        /// The caller's allow-list.
+        caller: Cidrs,
+    },
+    /// One of the target's networks is not inside the caller's allow-list.
     #[error("allowed_cidrs: {cidr} is outside the caller's allow-list {caller}")]
-    OutsideAllowList { cidr: IpNet, caller: Cidrs },
+    OutsideAllowList {
+        /// The first such network.
+        cidr: IpNet,
+        /// The caller's allow-list.
+        caller: Cidrs,
+    },
+    /// The caller expires and the target would not.
     #[error("expires_at: must be set: the caller expires at {caller}")]
-    NoExpiry { caller: Timestamp },
+    NoExpiry {
+        /// When the caller expires.
+        caller: Timestamp,
+    },
+    /// The target would expire after the caller.
     #[error("expires_at: {asked} is later than the caller's expiry {caller}")]
-    LaterExpiry { asked: Timestamp, caller: Timestamp },
+    LaterExpiry {
+        /// The target's expiry.
+        asked: Timestamp,
+        /// The caller's expiry.
+        caller: Timestamp,
+    },
+    /// An ORGANIZATION caller asked for a higher rate limit than its own.
     #[error(
         "rate_limit_per_minute: {asked} per minute is above the caller's own limit of {caller}"
     )]
-    RateLimit { asked: u32, caller: u32 },
+    RateLimit {
+        /// The target's limit per minute, with 0 read as the default.
+        asked: u32,
+        /// The caller's limit per minute, with 0 read as the default.
+        caller: u32,
+    },
 }
 
 /// An allow-list, shown comma-separated.

@@ -10,11 +10,14 @@ use super::token::SecretDigest;
 /// Whether a key works on live traffic (real funds) or test traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
+    /// Live traffic; tokens read `<brand>_live_…`.
     Live,
+    /// Test traffic; tokens read `<brand>_test_…`.
     Test,
 }
 
 impl Mode {
+    /// `live` or `test`: the name in tokens, the store and the API.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Live => "live",
@@ -22,6 +25,7 @@ impl Mode {
         }
     }
 
+    /// The mode whose [`as_str`](Self::as_str) is `s`; `None` for any other text.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "live" => Some(Mode::Live),
@@ -34,11 +38,14 @@ impl Mode {
 /// ORGANIZATION keys act inside one organization; SYSTEM keys on all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
+    /// Bound to its `organization_id`.
     Organization,
+    /// Bound to no organization; may act on every one.
     System,
 }
 
 impl Tier {
+    /// `organization` or `system`: the name in the store and in events.
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Organization => "organization",
@@ -46,6 +53,7 @@ impl Tier {
         }
     }
 
+    /// The tier whose [`as_str`](Self::as_str) is `s`; `None` for any other text.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "organization" => Some(Tier::Organization),
@@ -58,12 +66,21 @@ impl Tier {
 /// The stored state; `Expired` is not stored but derived from `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyState {
+    /// Works (unless expired).
     Active,
+    /// Refused until enabled again.
     Disabled,
-    Revoked { at: DateTime<Utc>, reason: String },
+    /// Refused for good.
+    Revoked {
+        /// When it was revoked.
+        at: DateTime<Utc>,
+        /// Why, as the revoker put it (may be empty).
+        reason: String,
+    },
 }
 
 impl KeyState {
+    /// `active`, `disabled` or `revoked`: the name in the store.
     pub fn as_str(&self) -> &'static str {
         match self {
             KeyState::Active => "active",
@@ -76,16 +93,22 @@ impl KeyState {
 /// What an operator sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyStatus {
+    /// Active and not expired: the key works.
     Active,
+    /// Disabled (whether or not it has also expired).
     Disabled,
+    /// Revoked (whether or not it has also expired).
     Revoked,
+    /// Active, but its `expires_at` has passed.
     Expired,
 }
 
 /// A rotated-out secret that keeps working until `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreviousSecret {
+    /// The digest of the rotated-out secret.
     pub digest: SecretDigest,
+    /// The end of its grace period: from then on it is refused as expired.
     pub expires_at: DateTime<Utc>,
     /// Whether the revocation feed has said this secret is dead (a rotation
     /// without grace says so itself).
@@ -93,6 +116,7 @@ pub struct PreviousSecret {
     /// When it was last used since the rotation, and how often: so an
     /// operator sees when every client has moved to the new secret.
     pub last_used_at: Option<DateTime<Utc>>,
+    /// How many times it authenticated since the rotation.
     pub uses: u64,
 }
 
@@ -110,23 +134,40 @@ pub const MAX_GRACE: Duration = Duration::days(7);
 /// One API key as stored. Holds digests only, never a secret.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyRecord {
+    /// The key id; its token carries it, so the store is read by primary key.
     pub id: Uuid,
+    /// A name for people; every way of making or renaming a key bounds it to
+    /// [`MAX_NAME_CHARS`](crate::bounds::MAX_NAME_CHARS) characters.
     pub name: String,
     /// `None` exactly for SYSTEM keys.
     pub organization_id: Option<String>,
+    /// ORGANIZATION or SYSTEM.
     pub tier: Tier,
+    /// Live or test traffic.
     pub mode: Mode,
+    /// The start of the key's tokens, `<brand>_<mode>_<key id>`: a token with
+    /// any other prefix is refused even with the right secret.
     pub prefix: String,
+    /// The digest of the current secret.
     pub secret_digest: SecretDigest,
+    /// The secret the last rotation replaced, while it is remembered.
     pub previous_secret: Option<PreviousSecret>,
+    /// What the key may do.
     pub scopes: ScopeSet,
+    /// Where the key may be used from; empty means from anywhere.
     pub allowed_cidrs: Vec<IpNet>,
     /// 0 means the server default.
     pub rate_limit_per_minute: u32,
+    /// Active, disabled or revoked.
     pub state: KeyState,
+    /// When the key was made.
     pub created_at: DateTime<Utc>,
+    /// When it last authenticated, as last written to the store (usage is
+    /// flushed periodically, so this may lag by the flush interval).
     pub last_used_at: Option<DateTime<Utc>>,
+    /// When it stops working; `None` for never.
     pub expires_at: Option<DateTime<Utc>>,
+    /// When it was last rotated; `None` if never.
     pub rotated_at: Option<DateTime<Utc>>,
     /// The creating key's id, or "bootstrap".
     pub created_by: String,
@@ -137,12 +178,16 @@ pub struct KeyRecord {
 /// A lifecycle change that the key's state forbids.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LifecycleError {
+    /// The key is revoked: nothing about it may change any more.
     #[error("key is revoked; revocation is final")]
     Revoked,
+    /// Disable on a key that is already disabled.
     #[error("key is already disabled")]
     AlreadyDisabled,
+    /// Enable on a key that is not disabled.
     #[error("key is not disabled")]
     NotDisabled,
+    /// Ending a grace period when none is running.
     #[error("key has no previous secret in a grace period")]
     NoPreviousSecret,
 }
@@ -150,9 +195,13 @@ pub enum LifecycleError {
 /// Changes to a key's settings; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyChanges {
+    /// A new name.
     pub name: Option<String>,
+    /// New scopes, replacing the old ones.
     pub scopes: Option<ScopeSet>,
+    /// A new allow-list, replacing the old one (empty: from anywhere).
     pub allowed_cidrs: Option<Vec<IpNet>>,
+    /// A new limit per minute (0: the server default).
     pub rate_limit_per_minute: Option<u32>,
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<DateTime<Utc>>>,
@@ -181,6 +230,7 @@ impl KeyChanges {
 }
 
 impl KeyRecord {
+    /// What an operator sees at `now`: revoked and disabled win over expired.
     pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
         match self.state {
             KeyState::Revoked { .. } => KeyStatus::Revoked,
@@ -195,6 +245,8 @@ impl KeyRecord {
         self.previous_secret.as_ref().filter(|p| p.expires_at > now)
     }
 
+    /// Revokes the key for good, recording when and why. Fails only if it
+    /// is already revoked.
     pub fn revoke(&mut self, reason: String, now: DateTime<Utc>) -> Result<(), LifecycleError> {
         if matches!(self.state, KeyState::Revoked { .. }) {
             return Err(LifecycleError::Revoked);
@@ -203,6 +255,7 @@ impl KeyRecord {
         Ok(())
     }
 
+    /// Active → disabled. Fails on a revoked or already disabled key.
     pub fn disable(&mut self) -> Result<(), LifecycleError> {
         match self.state {
             KeyState::Revoked { .. } => Err(LifecycleError::Revoked),
@@ -214,6 +267,7 @@ impl KeyRecord {
         }
     }
 
+    /// Disabled → active. Fails on a revoked key or one that is not disabled.
     pub fn enable(&mut self) -> Result<(), LifecycleError> {
         match self.state {
             KeyState::Revoked { .. } => Err(LifecycleError::Revoked),

@@ -1,6 +1,8 @@
 //! Pure logic: tokens, scopes, route policy, key lifecycle and the Authorize
 //! decision. Nothing here does I/O or knows about gRPC or SQL.
 
+#![deny(missing_docs)]
+
 pub mod audit;
 pub mod bounds;
 pub mod cidr;

@@ -42,7 +42,9 @@ struct KeyLimiter {
 /// The answer for one request that passed every other check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateDecision {
+    /// The key's allowance, in requests per minute (its own, or the default).
     pub limit: u32,
+    /// Requests the key may still make at once after this one; 0 when refused.
     pub remaining: u32,
     /// Until the full allowance is back.
     pub reset: Duration,
@@ -54,6 +56,9 @@ pub struct RateDecision {
 /// told otherwise (`--default-rate-limit`).
 pub const DEFAULT_RATE_LIMIT: NonZeroU32 = NonZeroU32::new(100).expect("100 is not 0");
 
+/// Every key's rate-limit state on this replica, created on a key's first
+/// request and dropped once it has been idle long enough to have its full
+/// allowance back. Replicas do not share it: each counts its own requests.
 pub struct RateLimits {
     keys: Cache<Uuid, Arc<KeyLimiter>>,
     clock: GovernorClock,

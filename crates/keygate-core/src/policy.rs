@@ -33,12 +33,18 @@ struct RouteEntry {
 /// What is wrong with a policy, naming the entry (1-based) when it is one entry.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
+    /// Not TOML, or not the `[[route]]` shape (unknown fields are refused).
     #[error("policy is not valid TOML: {0}")]
     Toml(#[from] toml::de::Error),
+    /// One entry's route pattern or scope is invalid, or its pattern
+    /// conflicts with an earlier entry's.
     #[error("policy route #{index} ({route:?}): {why}")]
     Entry {
+        /// The entry's position in the file, from 1.
         index: usize,
+        /// The entry's route pattern, as written.
         route: String,
+        /// What is wrong with it.
         why: String,
     },
 }
@@ -61,6 +67,8 @@ impl std::fmt::Debug for RouteTable {
 }
 
 impl RouteTable {
+    /// Reads a policy file (the format in the module docs). Every entry is
+    /// checked; the first bad one is the error, and no table is returned.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(text)?;
         let mut table = RouteTable::default();
@@ -76,10 +84,12 @@ impl RouteTable {
         Ok(table)
     }
 
+    /// How many route patterns the table holds.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the table holds no pattern (then every route is unmatched).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -42,11 +42,15 @@ pub struct Scope {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid scope {scope:?}: {why}")]
 pub struct ScopeError {
+    /// The scope as given, cut to [`MAX_SCOPE_LEN`] characters.
     pub scope: String,
+    /// Which rule of the grammar it breaks.
     pub why: &'static str,
 }
 
 impl Scope {
+    /// Parses `resource:action` by the grammar in the module docs; at most
+    /// [`MAX_SCOPE_LEN`] bytes.
     pub fn parse(text: &str) -> Result<Self, ScopeError> {
         let err = |why| ScopeError {
             scope: text.chars().take(MAX_SCOPE_LEN).collect(),
@@ -94,6 +98,7 @@ impl Scope {
         })
     }
 
+    /// The scope exactly as it was written.
     pub fn as_str(&self) -> &str {
         &self.text
     }
@@ -140,14 +145,17 @@ impl ScopeSet {
         Ok(Self(set))
     }
 
+    /// The scopes, in the order first given, each once.
     pub fn iter(&self) -> impl Iterator<Item = &Scope> {
         self.0.iter()
     }
 
+    /// How many distinct scopes the set holds.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Whether the set holds no scope (it then grants nothing).
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -165,6 +173,7 @@ impl ScopeSet {
         other.into_iter().find(|s| !self.grants(s))
     }
 
+    /// The scopes as written, in [`iter`](Self::iter)'s order.
     pub fn to_strings(&self) -> Vec<String> {
         self.0.iter().map(|s| s.text.clone()).collect()
     }

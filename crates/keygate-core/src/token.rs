@@ -27,6 +27,9 @@ const MAX_BRAND_LEN: usize = 16;
 /// Longest input Authorize will even look at; longer is INVALID_TOKEN without a store read.
 pub const MAX_TOKEN_INPUT: usize = 1024;
 
+/// The brand of tokens when none is configured: tokens look like `kg_live_…`.
+pub const DEFAULT_BRAND: &str = "kg";
+
 /// The token brand, validated: 1–16 lowercase ASCII letters or digits, starting with a letter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Brand(String);
@@ -43,6 +46,7 @@ impl Brand {
         }
     }
 
+    /// The brand as tokens spell it, before the first `_`.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -50,7 +54,7 @@ impl Brand {
 
 impl Default for Brand {
     fn default() -> Self {
-        Self("kg".to_owned())
+        Self(DEFAULT_BRAND.to_owned())
     }
 }
 
@@ -68,6 +72,7 @@ fn is_brand(s: &str) -> bool {
 pub struct SecretDigest(pub [u8; 32]);
 
 impl SecretDigest {
+    /// The digest of `secret`'s UTF-8 bytes.
     pub fn of(secret: &str) -> Self {
         Self(Sha256::digest(secret.as_bytes()).into())
     }
@@ -86,8 +91,12 @@ impl std::fmt::Debug for SecretDigest {
 
 /// A freshly generated token. Its `Debug` never shows the secret.
 pub struct NewToken {
+    /// The whole token, secret included: hand it to the key's owner once
+    /// and keep it nowhere.
     pub token: String,
+    /// `<brand>_<mode>_<key id>`, as [`KeyRecord::prefix`](crate::key::KeyRecord::prefix) stores it.
     pub prefix: String,
+    /// The digest of the token's secret, as the key stores it.
     pub digest: SecretDigest,
 }
 
@@ -111,7 +120,9 @@ pub enum TokenError {
 /// A token that passed the format and checksum checks; its secret is still unverified.
 #[derive(Clone, Copy)]
 pub struct ParsedToken<'a> {
+    /// The key the token names (not yet shown to exist).
     pub key_id: Uuid,
+    /// The mode the token claims; the stored prefix must agree.
     pub mode: Mode,
     /// brand, mode and key id: compared with the stored prefix.
     pub prefix: &'a str,
@@ -185,8 +196,11 @@ impl<'a> ParsedToken<'a> {
 /// the secret, never the secret itself. Its `Debug` shows no digest.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credential {
+    /// The key the token names.
     pub key_id: Uuid,
+    /// The token's `<brand>_<mode>_<key id>`.
     pub prefix: String,
+    /// The digest of the token's secret.
     pub digest: SecretDigest,
 }
 

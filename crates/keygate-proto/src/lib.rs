@@ -4,6 +4,8 @@
 //! Wire types stop at the edge: servers and clients convert here and work in
 //! `keygate_core` types beyond it.
 
+#![deny(missing_docs)]
+
 pub mod convert;
 
 /// The generated `keygate.v1` package.
