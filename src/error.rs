@@ -8,42 +8,68 @@ use tonic::{Code, Status};
 
 use crate::store::StoreError;
 
+/// Everything a service-layer call can fail with, in the domain's words.
+///
+/// `From<Error> for tonic::Status` below is the only mapping to gRPC codes;
+/// each variant names the code it becomes. The display text is the status
+/// message, except for UNAVAILABLE and INTERNAL, whose details (hosts, SQL)
+/// go to the log and whose message is generic.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A request field is wrong; the message names it.
+    /// A request field is wrong; the message names it (INVALID_ARGUMENT).
     #[error("{field}: {reason}")]
-    InvalidArgument { field: &'static str, reason: String },
-    /// Also what another organization's key or organization looks like.
+    InvalidArgument {
+        /// The request field at fault, as the API spells it.
+        field: &'static str,
+        /// What is wrong with it, for the caller.
+        reason: String,
+    },
+    /// The named thing does not exist (NOT_FOUND). Also what another
+    /// organization's key or organization looks like.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The key's lifecycle forbids the change, e.g. changing a revoked key
+    /// or disabling a disabled one (FAILED_PRECONDITION).
     #[error("{0}")]
     FailedPrecondition(#[from] LifecycleError),
-    /// The caller's own credential was refused.
+    /// The caller's own credential was refused: UNAUTHENTICATED,
+    /// PERMISSION_DENIED or RESOURCE_EXHAUSTED as the reason's HTTP status
+    /// says (`keygate_proto::convert::deny_code`).
     #[error("{}: {}", .0.code(), .0.message())]
     Denied(DenyReason),
-    /// The caller is authenticated but may not do this.
+    /// The caller is authenticated but may not do this (PERMISSION_DENIED).
     #[error("INSUFFICIENT_SCOPE: {0}")]
     InsufficientScope(String),
     /// The change would give a key more than the caller has (mode,
-    /// allow-list, expiry, rate limit); the message names the restriction.
+    /// allow-list, expiry, rate limit); the message names the restriction
+    /// (PERMISSION_DENIED).
     #[error(transparent)]
     Exceeds(#[from] Exceeds),
-    /// The caller holds as much of a bounded resource as it may; the message names the bound.
+    /// The caller holds as much of a bounded resource as it may; the message
+    /// names the bound (RESOURCE_EXHAUSTED).
     #[error("{0}")]
     ResourceExhausted(String),
-    /// Concurrent changes kept winning; the caller may retry.
+    /// Concurrent changes kept winning; the caller may retry (ABORTED).
     #[error("{0}")]
     Aborted(&'static str),
-    /// A change is in force, but not every live replica confirmed it in time.
+    /// A change is in force, but not every live replica confirmed it in
+    /// time; the message names the laggards (DEADLINE_EXCEEDED).
     #[error("{0}")]
     ReplicasLagging(String),
+    /// The key store failed: [`StoreError::Conflict`] becomes ALREADY_EXISTS,
+    /// [`StoreError::Unavailable`] and [`StoreError::Busy`] UNAVAILABLE,
+    /// anything else INTERNAL.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Something that should not happen did (a broken invariant, the OS
+    /// random source failing); the message is for the log (INTERNAL).
     #[error("{0}")]
     Internal(String),
 }
 
 impl Error {
+    /// [`Error::InvalidArgument`] for `field`, with `reason` as the caller
+    /// will read it.
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
             field,

@@ -74,6 +74,7 @@ impl KeyIndex {
         self.ids.len()
     }
 
+    /// Whether no ids are held (true before the load, or with no keys).
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }

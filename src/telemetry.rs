@@ -118,6 +118,9 @@ impl Default for AuthorizeMetrics {
 }
 
 impl AuthorizeMetrics {
+    /// Counts one Authorize answer: an allow when `deny` is `None`, else a
+    /// deny for that reason (and a rate-limited request when it is
+    /// RATE_LIMITED); `elapsed` goes to the latency histogram, in seconds.
     pub fn record(&self, deny: Option<DenyReason>, elapsed: Duration) {
         match deny {
             None => self.allow.increment(1),
@@ -136,11 +139,20 @@ impl AuthorizeMetrics {
 
 /// Cache metrics, registered once.
 pub struct CacheMetrics {
+    /// `keygate_cache_hits_total`: key lookups answered from memory,
+    /// including remembered unknown ids.
     pub hits: Counter,
+    /// `keygate_cache_misses_total`: key lookups that went to the store.
     pub misses: Counter,
+    /// `keygate_cache_refused_total`: key lookups refused by the key-id
+    /// index without a store read.
     pub refused: Counter,
+    /// `keygate_cache_busy_total`: key lookups refused because too many
+    /// store reads were in flight.
     pub busy: Counter,
+    /// `keygate_cache_entries`: key records in memory.
     pub entries: Gauge,
+    /// `keygate_cache_bytes`: estimated bytes of key records in memory.
     pub bytes: Gauge,
 }
 
@@ -168,8 +180,13 @@ pub fn store_query(operation: &'static str, elapsed: Duration, ok: bool) {
 
 /// Feed metrics, registered once.
 pub struct FeedMetrics {
+    /// `keygate_feed_subscribers`: open RevocationFeed/Watch streams.
     pub subscribers: Gauge,
+    /// `keygate_feed_applied_sequence`: highest event sequence applied by
+    /// this replica.
     pub applied: Gauge,
+    /// `keygate_feed_lag_seconds`: seconds since this replica last read the
+    /// event log, 0 when in touch.
     pub lag_seconds: Gauge,
 }
 

@@ -22,6 +22,7 @@ impl AdminApi {
         Self { authorizer, keys }
     }
 
+    /// The tonic service to add to a server.
     pub fn into_server(self) -> key_admin_server::KeyAdminServer<Self> {
         key_admin_server::KeyAdminServer::new(self)
     }

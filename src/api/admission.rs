@@ -58,6 +58,9 @@ impl<S> Layer<S> for AdmissionLayer {
     }
 }
 
+/// The service `S` behind [`AdmissionLayer`]'s rules: a call over the cap
+/// is answered RESOURCE_EXHAUSTED without reaching `S`, one over its
+/// deadline DEADLINE_EXCEEDED; health checks pass straight through.
 #[derive(Debug, Clone)]
 pub struct Admission<S> {
     inner: S,

@@ -11,12 +11,15 @@ use super::convert;
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
 
+/// Authorizer over [`Authorizer`]: each call is decided, counted in the
+/// Authorize metrics and recorded on the call's span (never the token).
 pub struct AuthorizerApi {
     authorizer: Arc<Authorizer>,
     metrics: AuthorizeMetrics,
 }
 
 impl AuthorizerApi {
+    /// Requests are decided by `authorizer`.
     pub fn new(authorizer: Arc<Authorizer>) -> Self {
         Self {
             authorizer,
@@ -24,6 +27,7 @@ impl AuthorizerApi {
         }
     }
 
+    /// The tonic service to add to a server.
     pub fn into_server(self) -> authorizer_server::AuthorizerServer<Self> {
         authorizer_server::AuthorizerServer::new(self)
     }

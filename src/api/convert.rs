@@ -45,6 +45,8 @@ pub fn api_key(k: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
     }
 }
 
+/// A KeyEvent for ListKeyEvents; a SYSTEM key's event has an empty
+/// organization.
 pub fn key_event(e: &Event) -> pb::KeyEvent {
     pb::KeyEvent {
         sequence: e.sequence,
@@ -58,6 +60,10 @@ pub fn key_event(e: &Event) -> pb::KeyEvent {
     }
 }
 
+/// The AuthorizeResponse for an outcome: the HTTP status and message come
+/// from the deny reason (200 and "OK" on allow); the key's identity is set
+/// only once the token authenticated, the rate-limit fields only once the
+/// request was counted.
 pub fn authorize_response(o: Outcome) -> pb::AuthorizeResponse {
     let mut r = pb::AuthorizeResponse {
         decision: if o.deny.is_none() {

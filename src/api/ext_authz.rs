@@ -25,12 +25,20 @@ use crate::error::Error;
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
 
-/// The identity headers keygate sets for the upstream. Every other
-/// `x-keygate-*` header a client sends is removed.
+// The identity headers keygate sets for the upstream on an allowed request.
+// Every other `x-keygate-*` header a client sends is removed, and an identity
+// header without a value (a SYSTEM key's organization) is removed rather
+// than set empty, so the upstream can trust what it sees.
+
+/// The key's organization id; absent for a SYSTEM key.
 pub const ORGANIZATION_HEADER: &str = "x-keygate-organization-id";
+/// The key's id, a UUID.
 pub const KEY_ID_HEADER: &str = "x-keygate-key-id";
+/// The key's scopes, comma-separated.
 pub const SCOPES_HEADER: &str = "x-keygate-scopes";
+/// The key's mode: `live` or `test`.
 pub const MODE_HEADER: &str = "x-keygate-mode";
+/// The key's tier: `organization` or `system`.
 pub const TIER_HEADER: &str = "x-keygate-tier";
 const IDENTITY_PREFIX: &str = "x-keygate-";
 
@@ -57,6 +65,13 @@ impl Default for ExtAuthzSettings {
     }
 }
 
+/// Envoy's ext_authz Check over [`Authorizer`]. An allow forwards the
+/// request with the identity headers ([`KEY_ID_HEADER`] and the rest; any
+/// other `x-keygate-*` header the client sent is removed) and, when
+/// configured, without its credential headers; a deny answers the client
+/// with the reason's HTTP status and a JSON body; a request breaking an
+/// Authorize bound is a 400 (414 for an over-long method and path). Only a
+/// store failure is a gRPC error, left to Envoy's `failure_mode_allow`.
 pub struct ExtAuthzApi {
     authorizer: Arc<Authorizer>,
     settings: ExtAuthzSettings,
@@ -64,6 +79,8 @@ pub struct ExtAuthzApi {
 }
 
 impl ExtAuthzApi {
+    /// Requests are decided by `authorizer`; credential header names are
+    /// compared in lower case, blank ones ignored.
     pub fn new(authorizer: Arc<Authorizer>, mut settings: ExtAuthzSettings) -> Self {
         // Envoy hands over header names in lower case.
         for name in &mut settings.credential_headers {
@@ -77,6 +94,7 @@ impl ExtAuthzApi {
         }
     }
 
+    /// The tonic service to add to a server.
     pub fn into_server(self) -> AuthorizationServer<Self> {
         AuthorizationServer::new(self)
     }

@@ -50,6 +50,7 @@ impl FeedApi {
         }
     }
 
+    /// The tonic service to add to a server.
     pub fn into_server(self) -> revocation_feed_server::RevocationFeedServer<Self> {
         revocation_feed_server::RevocationFeedServer::new(self)
     }

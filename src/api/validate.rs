@@ -93,6 +93,8 @@ pub fn key_changes(mut r: pb::UpdateKeyRequest) -> Result<KeyChanges, Error> {
     Ok(changes)
 }
 
+/// A ListKeyEvents request as a spec: empty organization, key id and page
+/// token mean none; `page_size` at most 1000 (0: the default).
 pub fn event_list_spec(r: pb::ListKeyEventsRequest) -> Result<EventListSpec, Error> {
     if r.page_size > MAX_PAGE_SIZE {
         return Err(Error::invalid(
@@ -113,6 +115,8 @@ pub fn event_list_spec(r: pb::ListKeyEventsRequest) -> Result<EventListSpec, Err
     })
 }
 
+/// The key id in `field`, surrounding whitespace ignored; INVALID_ARGUMENT
+/// when it is empty ("is required") or not a UUID.
 pub fn key_id(field: &'static str, id: &str) -> Result<Uuid, Error> {
     Uuid::parse_str(id.trim()).map_err(|_| {
         if id.trim().is_empty() {
@@ -153,6 +157,10 @@ fn mode_filter(value: i32) -> Result<Option<Mode>, Error> {
     Ok(Mode::try_from(enum_value::<pb::Mode>("mode", value)?).ok())
 }
 
+/// A CreateKey request as a spec: every field within the domain's bounds;
+/// an unspecified tier is ORGANIZATION and an unspecified mode TEST; an
+/// organization on a SYSTEM key is refused; a rate limit of 0 means the
+/// default.
 pub fn new_key(r: pb::CreateKeyRequest) -> Result<NewKeySpec, Error> {
     let name = text("name", &r.name, MAX_NAME_CHARS, true)?;
     let tier =
@@ -233,6 +241,9 @@ fn cidr(value: &str) -> Result<IpNet, Error> {
     keygate_core::cidr::normalize(net).map_err(|why| Error::invalid("allowed_cidrs", why))
 }
 
+/// A ListKeys request as a spec: empty organization and page token mean
+/// none, an unspecified mode means both; `page_size` at most 1000 (0: the
+/// default).
 pub fn list_spec(r: pb::ListKeysRequest) -> Result<ListSpec, Error> {
     if r.page_size > MAX_PAGE_SIZE {
         return Err(Error::invalid(
@@ -249,6 +260,8 @@ pub fn list_spec(r: pb::ListKeysRequest) -> Result<ListSpec, Error> {
     })
 }
 
+/// How long a rotated key's previous secret keeps working: absent is 0
+/// (it stops at once), at most 7 days.
 pub fn grace_period(d: Option<&prost_types::Duration>) -> Result<Duration, Error> {
     let Some(d) = d else {
         return Ok(Duration::zero());
@@ -288,6 +301,8 @@ pub fn replica_wait(
     }))
 }
 
+/// A revocation reason, trimmed: may be empty, at most 500 characters, no
+/// control characters.
 pub fn revoke_reason(reason: &str) -> Result<String, Error> {
     text("reason", reason, MAX_REASON_CHARS, false)
 }

@@ -1,6 +1,6 @@
 //! The revocation feed: this replica follows the event log
-//! ([`follower`]: invalidates its cache for every event) and fans the events
-//! out to its Watch subscribers ([`session`]).
+//! (`follower`: invalidates its cache for every event) and fans the events
+//! out to its Watch subscribers (`session`).
 //!
 //! The log in the store is the only source of truth. The store's wake-ups
 //! ([`crate::store::Changes`]) only say "read the log": the follower reads
@@ -55,6 +55,7 @@ impl Default for FeedSettings {
 /// What a Watch session hands to its transport.
 #[derive(Debug, Clone)]
 pub enum FeedItem {
+    /// The next event in sequence order.
     Event(Arc<Event>),
     /// Nothing new; everything up to this sequence has been sent.
     Heartbeat(i64),

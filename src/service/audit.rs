@@ -12,9 +12,15 @@ use crate::store::EventQuery;
 /// A validated ListKeyEvents request.
 #[derive(Debug, Clone, Default)]
 pub struct EventListSpec {
+    /// Only this organization's events; `None`: everything the caller may
+    /// see ([`Caller::organization_filter`]).
     pub organization_id: Option<String>,
+    /// Only this key's events; `None`: every key's.
     pub key_id: Option<Uuid>,
+    /// Events per page; 0 means the default of 100.
     pub page_size: u32,
+    /// Where to continue, as returned with the previous page; `None` starts
+    /// at the newest event. Only valid with the same filters.
     pub page_token: Option<String>,
 }
 

@@ -20,17 +20,30 @@ use crate::error::Error;
 /// One Authorize call, as received.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthorizeInput<'a> {
+    /// The presented API key, with or without a leading `Bearer `; empty
+    /// is a MISSING_TOKEN deny.
     pub token: &'a str,
+    /// `"POST /v1/checkouts"` or a gRPC full method, looked up in the route
+    /// policy; may be empty only when `required_scopes` are given.
     pub route: &'a str,
+    /// The end client's IPv4 or IPv6 address, checked against the key's
+    /// allow-list; empty means unknown.
     pub ip: &'a str,
+    /// When not empty, used instead of the route policy: every scope is
+    /// required.
     pub required_scopes: &'a [String],
 }
 
 /// The decision. `key` is set once the token is authenticated, also on a deny.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// Why the request is refused; `None` is an allow.
     pub deny: Option<DenyReason>,
+    /// The authenticated key; `None` when the credential itself was refused.
     pub key: Option<Arc<KeyRecord>>,
+    /// On an allow (and on RATE_LIMITED), the scope the route required,
+    /// `None` when `required_scopes` were given; on INSUFFICIENT_SCOPE, the
+    /// scope the key lacks; on any other deny, `None`.
     pub required_scope: Option<String>,
     /// The key's rate-limit state, when the request got as far as counting.
     pub rate: Option<RateDecision>,
@@ -47,6 +60,10 @@ impl Outcome {
     }
 }
 
+/// The Authorize decision for this replica: keys through the cache, routes
+/// through the policy, rate limits counted in this replica's memory, and
+/// uses recorded for the next usage flush. Shared by Authorize, Check, and
+/// the authentication of admin and Watch callers.
 pub struct Authorizer {
     keys: Arc<KeyCache>,
     policy: Arc<RouteTable>,
@@ -56,6 +73,8 @@ pub struct Authorizer {
 }
 
 impl Authorizer {
+    /// `default_rate_limit` (requests per minute) applies to keys whose own
+    /// limit is 0; successful authentications are recorded in `usage`.
     pub fn new(
         keys: Arc<KeyCache>,
         policy: Arc<RouteTable>,

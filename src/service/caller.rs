@@ -15,14 +15,19 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller whose credential authenticated as `key`; authentication
+    /// is the transport's job, done before this.
     pub fn new(key: Arc<KeyRecord>) -> Self {
         Self { key }
     }
 
+    /// The calling key's record.
     pub fn key(&self) -> &KeyRecord {
         &self.key
     }
 
+    /// Whether the calling key is a SYSTEM key, which sees every
+    /// organization.
     pub fn is_system(&self) -> bool {
         self.key.tier == Tier::System
     }

@@ -30,23 +30,41 @@ const MAX_ATTEMPTS: usize = 8;
 /// A validated CreateKey request.
 #[derive(Debug, Clone)]
 pub struct NewKeySpec {
+    /// A label for people, trimmed and not empty.
     pub name: String,
+    /// The organization an ORGANIZATION key acts in; `None`: the caller's
+    /// own. Always `None` for a SYSTEM key.
     pub organization_id: Option<String>,
+    /// ORGANIZATION or SYSTEM; only a SYSTEM caller may create a SYSTEM key.
     pub tier: Tier,
+    /// Live or test traffic; also part of the token.
     pub mode: Mode,
+    /// What the key may do; every scope must be held by the caller.
     pub scopes: ScopeSet,
+    /// Where the key may be used from, canonical networks; empty: the
+    /// caller's own allow-list (any address when the caller has none).
     pub allowed_cidrs: Vec<IpNet>,
+    /// Requests per minute; 0: the server default.
     pub rate_limit_per_minute: u32,
+    /// When the key stops working, in the future; `None`: the caller's own
+    /// expiry (never when the caller has none).
     pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// A validated ListKeys request.
 #[derive(Debug, Clone, Default)]
 pub struct ListSpec {
+    /// Only this organization's keys; `None`: everything the caller may see
+    /// ([`Caller::organization_filter`]).
     pub organization_id: Option<String>,
+    /// Whether revoked keys are listed too.
     pub include_revoked: bool,
+    /// Only keys of this mode; `None`: both.
     pub mode: Option<Mode>,
+    /// Keys per page; 0 means the default of 100.
     pub page_size: u32,
+    /// Where to continue, as returned with the previous page; `None` starts
+    /// at the oldest key. Only valid with the same filters.
     pub page_token: Option<String>,
 }
 
@@ -57,6 +75,12 @@ pub(super) struct Scopes {
     delete: Scope,
 }
 
+/// The admin API's key lifecycle over the store. Every call checks the
+/// caller's scope (`api_key:create`, `:read`, `:update`, `:delete`) and
+/// organization (another organization's key is NOT_FOUND) and never lets a
+/// caller grant more than it holds; reads come from the store, never the
+/// cache, and every write invalidates this replica's cache before it
+/// returns.
 pub struct KeyService {
     /// Uses not yet written, shown on what GetKey and ListKeys return.
     pub(super) usage: Arc<UsageTracker>,
@@ -109,6 +133,7 @@ impl KeyService {
         self
     }
 
+    /// The service clock's time, for showing a key's status as of now.
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
@@ -186,6 +211,8 @@ impl KeyService {
         Ok((key, token))
     }
 
+    /// The key as stored, with uses not yet written shown; needs
+    /// `api_key:read`; NOT_FOUND when there is none the caller may see.
     pub async fn get(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
         caller.require(&self.scopes.read)?;
         let mut key = self.load_visible(caller, id).await?;
@@ -358,6 +385,10 @@ impl KeyService {
         }
     }
 
+    /// Makes a disabled key active again, returning it and the event's
+    /// sequence. Restores power, so the caller must hold every scope of the
+    /// key and the key must be within the caller's restrictions;
+    /// FAILED_PRECONDITION when the key is not disabled or is revoked.
     pub async fn enable(&self, caller: &Caller, id: Uuid) -> Result<(KeyRecord, i64), Error> {
         caller.require(&self.scopes.update)?;
         self.change(caller, id, EventKind::Enabled, |key, _| {

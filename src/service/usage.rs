@@ -20,6 +20,8 @@ struct Pending {
     rotated_at_us: AtomicI64,
 }
 
+/// Uses not yet written to the store, per key: recorded on the Authorize
+/// path, drained by the periodic flush, restored when a flush fails.
 #[derive(Debug, Default)]
 pub struct UsageTracker {
     pending: DashMap<Uuid, Pending>,
@@ -117,6 +119,7 @@ impl UsageTracker {
         }
     }
 
+    /// Whether nothing is waiting to be written.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }

@@ -126,9 +126,13 @@ impl<T: KeyStore + EventLog + UsageStore> AdminStore for T {}
 /// A replica's row in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaStatus {
+    /// Chosen afresh at every start: a restarted server is a new replica.
     pub replica_id: Uuid,
+    /// The replica's configured name (e.g. host:port), for people; not unique.
     pub name: String,
+    /// The highest event sequence the replica has applied to its cache.
     pub applied_sequence: i64,
+    /// When the replica last recorded itself, by its own wall clock.
     pub heartbeat_at: DateTime<Utc>,
 }
 
@@ -137,9 +141,11 @@ pub struct ReplicaStatus {
 pub struct EventQuery {
     /// `None`: every organization's events and SYSTEM keys' events.
     pub organization_id: Option<String>,
+    /// Only this key's events; `None`: every key's.
     pub key_id: Option<Uuid>,
     /// Only events with a lower sequence.
     pub before: Option<i64>,
+    /// At most this many events (0 lists none).
     pub limit: u32,
 }
 
@@ -148,26 +154,49 @@ pub struct EventQuery {
 pub struct KeyQuery {
     /// `None`: every key, SYSTEM keys included.
     pub organization_id: Option<String>,
+    /// Only keys of this mode; `None`: both.
     pub mode: Option<Mode>,
+    /// Whether revoked keys are listed too.
     pub include_revoked: bool,
     /// Only keys after this (created_at, id).
     pub after: Option<(DateTime<Utc>, Uuid)>,
+    /// At most this many keys (0 lists none).
     pub limit: u32,
 }
 
+/// Why a store call failed. How sqlx errors are sorted into these is
+/// below (`From<sqlx::Error>`); the gRPC code each becomes is in
+/// `crate::error` ([`Error::Store`](crate::error::Error::Store)).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database could not be reached or refused the statement
+    /// (connections, the pool, I/O); retrying may help (UNAVAILABLE).
     #[error("store unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// An insert hit a unique constraint: a key with this id already
+    /// exists (ALREADY_EXISTS).
     #[error("a key with this id already exists")]
     Conflict,
+    /// A stored value does not decode into what keygate wrote; retrying
+    /// cannot help (INTERNAL).
     #[error("stored key {id} is unreadable: {why}")]
-    Corrupt { id: String, why: String },
+    Corrupt {
+        /// The row at fault: a key id, `event N`, a setting's name, or
+        /// `(unknown row)` when sqlx does not say.
+        id: String,
+        /// What did not decode.
+        why: String,
+    },
+    /// Applying the schema migrations failed, when opening a store or in
+    /// `keygate migrate`; never met by a request.
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database URL is neither SQLite nor PostgreSQL, when opening a
+    /// store; held with its passwords redacted ([`sql_redact`]).
     #[error("unsupported database url {0:?}: expected sqlite:// or postgres://")]
     UnsupportedUrl(String),
-    /// Too many key reads in flight on the Authorize path (see `CacheSettings::store_reads`).
+    /// Too many key reads in flight on the Authorize path (see
+    /// `CacheSettings::store_reads`); load shed, not a fault (UNAVAILABLE).
     #[error("key store busy: too many key reads in flight")]
     Busy,
     /// Another request's read of the same key failed with this; shared

@@ -113,7 +113,7 @@ impl SqlStore {
     }
 
     /// The same store over the revocation feed's own connections
-    /// ([`FEED_CONNECTIONS`]), so following the log and recording heartbeats
+    /// (`FEED_CONNECTIONS`), so following the log and recording heartbeats
     /// never wait behind a flood of Authorize cache misses on the main pool.
     pub fn follower(&self) -> SqlStore {
         SqlStore {
