@@ -32,7 +32,9 @@ pub struct CacheSettings {
     /// Most memory for cached records and remembered unknown ids, in bytes
     /// as estimated by [`record_weight`]; 1/8 of it goes to unknown ids.
     pub max_bytes: u64,
+    /// Longest a known key stays cached (events invalidate it sooner).
     pub ttl: Duration,
+    /// Longest an id the store did not have is remembered as unknown.
     pub negative_ttl: Duration,
     /// Most store reads the Authorize path runs at once (kept below the
     /// store's pool, so admin calls always find a connection).
@@ -206,6 +208,10 @@ struct Flight {
     waiters: AtomicUsize,
 }
 
+/// Key records in memory for the Authorize path: a warm lookup does no I/O,
+/// a miss costs at most one bounded store read, and an id the key-id index
+/// lacks costs none. Events invalidate entries at once ([`KeyCache::apply`]);
+/// out of touch with the log, every lookup goes to the store.
 pub struct KeyCache {
     metrics: CacheMetrics,
     store: Arc<dyn KeyReader>,
@@ -224,6 +230,8 @@ pub struct KeyCache {
 }
 
 impl KeyCache {
+    /// An empty cache over `store`, trusted while `freshness` says this
+    /// replica is in touch with the event log.
     pub fn new(
         store: Arc<dyn KeyReader>,
         settings: CacheSettings,

@@ -1,4 +1,5 @@
 //! keygate: API-key authorization over gRPC.
+#![deny(missing_docs)]
 
 pub mod api;
 pub mod cache;

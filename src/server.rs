@@ -29,13 +29,19 @@ use crate::store::{SqlStore, StoreError};
 
 /// Everything `serve` needs besides the listener.
 pub struct Settings {
+    /// `sqlite://PATH` or `postgres://…`; may carry a password, so never
+    /// printed except through `store::sql_redact`.
     pub database_url: String,
+    /// Which scope each route needs.
     pub policy: RouteTable,
+    /// The token prefix keys are minted with (`kg` → `kg_live_…`).
     pub brand: Brand,
+    /// Sizes and lifetimes of the key cache.
     pub cache: CacheSettings,
     /// Load the key-id index at start (on by default). Off, every uncached
     /// id is read from the store as if there were no index.
     pub load_key_index: bool,
+    /// How the revocation feed follows the log and talks to subscribers.
     pub feed: FeedSettings,
     /// Out of touch with the event log for longer than this, the cache is bypassed.
     pub max_staleness: Duration,
@@ -102,8 +108,11 @@ impl std::fmt::Debug for Settings {
 /// certificates must chain to (mTLS: then a client without one is refused).
 #[derive(Clone)]
 pub struct TlsSettings {
+    /// The server's certificate chain, PEM.
     pub cert_pem: Vec<u8>,
+    /// The server's private key, PEM; never printed.
     pub key_pem: Vec<u8>,
+    /// With it, every client must present a certificate chaining to this CA.
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
@@ -150,12 +159,19 @@ impl Settings {
 
 /// A running keygate's parts, connected to its store.
 pub struct Keygate {
+    /// The Authorize path (and admin callers' authentication).
     pub authorizer: Arc<Authorizer>,
+    /// The key lifecycle.
     pub keys: Arc<KeyService>,
+    /// The store everything above reads and writes.
     pub store: Arc<SqlStore>,
+    /// This replica's follower of the event log and its Watch fan-out.
     pub feed: Arc<Feed>,
+    /// The replica registry and write confirmation.
     pub replicas: Arc<Replicas>,
+    /// Key records in memory in front of the store.
     pub cache: Arc<KeyCache>,
+    /// Open Watch sessions, bounded per key.
     pub watchers: Arc<Watchers>,
     load_key_index: bool,
     poll_interval: Duration,

@@ -13,8 +13,14 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// The `keygate` command line.
 #[derive(Debug, Parser)]
-#[command(name = "keygate", version, about = "API-key authorization over gRPC")]
+#[command(
+    name = "keygate",
+    version,
+    about = "API-key authorization over gRPC",
+    long_about = None
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,6 +64,7 @@ impl std::fmt::Debug for StoreArgs {
 }
 
 impl StoreArgs {
+    /// The store URL: the flag, else DATABASE_URL, else `sqlite://keygate.db`.
     pub fn url(&self) -> String {
         self.database_url
             .clone()
@@ -70,9 +77,12 @@ impl StoreArgs {
 /// commands reach when no --server is given.
 pub const DEFAULT_PORT: u16 = 50051;
 
+/// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line, for log collectors.
     Json,
 }
 
@@ -81,6 +91,8 @@ pub fn init_logging(format: LogFormat) -> crate::telemetry::TracingGuard {
     crate::telemetry::init_tracing(matches!(format, LogFormat::Json))
 }
 
+/// Parses the command line and runs the command; errors are printed to
+/// stderr and exit with status 1.
 pub async fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
