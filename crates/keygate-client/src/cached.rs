@@ -25,9 +25,10 @@
 //! keygate once which one that is); with a SYSTEM credential, every key.
 //!
 //! Cached answers still honour the key's rate limit: the client counts every
-//! ALLOW it hands out per key (GCRA, the limit keygate reported) and answers
-//! RATE_LIMITED itself when the key is over, so a gateway lets through at
-//! most the key's limit per minute, as one keygate replica would. Last-used
+//! ALLOW it hands out per key (on a rolling 60 s window, at the limit keygate
+//! reported) and answers RATE_LIMITED itself when the key is over, so a
+//! gateway lets through at most the key's limit per minute, as one keygate
+//! replica would. Last-used
 //! times are refreshed whenever an entry is fetched again (at least every
 //! `ttl` for a key in use).
 
