@@ -21,7 +21,9 @@ use crate::api::feed::FeedApi;
 use crate::api::validate::MAX_REPLICA_WAIT;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::feed::{Feed, FeedSettings};
+use crate::service::limits::Limiter;
 use crate::service::replicas::Replicas;
+use crate::service::shared_limits::{BadStoreUrl, SharedLimits, StoreFailure};
 use crate::service::usage::UsageTracker;
 use crate::service::watch::Watchers;
 use crate::service::{Authorizer, KeyService};
@@ -57,6 +59,39 @@ pub struct Settings {
     pub ext_authz: ExtAuthzSettings,
     /// How much of the server one caller or connection can hold.
     pub limits: ServerLimits,
+    /// Share rate-limit windows with every replica through Redis; `None`:
+    /// each replica counts its own requests.
+    pub rate_limit_store: Option<RateLimitStore>,
+}
+
+/// Where rate-limit windows are shared, and what to do when it is down.
+#[derive(Clone)]
+pub struct RateLimitStore {
+    /// `redis://host:port` or `rediss://…` (TLS); may carry a password, so
+    /// never printed.
+    pub url: String,
+    /// What a replica does while Redis does not answer.
+    pub failure: StoreFailure,
+}
+
+impl std::fmt::Debug for RateLimitStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitStore")
+            .field("url", &crate::store::sql_redact(&self.url))
+            .field("failure", &self.failure)
+            .finish()
+    }
+}
+
+/// Why a keygate could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The key store could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The rate-limit store URL is not usable.
+    #[error(transparent)]
+    RateLimitStore(#[from] BadStoreUrl),
 }
 
 /// Bounds on what callers can hold of a server.
@@ -153,6 +188,7 @@ impl Settings {
             tls: None,
             ext_authz: ExtAuthzSettings::default(),
             limits: ServerLimits::default(),
+            rate_limit_store: None,
         }
     }
 }
@@ -173,6 +209,8 @@ pub struct Keygate {
     pub cache: Arc<KeyCache>,
     /// Open Watch sessions, bounded per key.
     pub watchers: Arc<Watchers>,
+    /// The Redis-shared rate-limit windows, with `--rate-limit-store`.
+    pub shared_limits: Option<Arc<SharedLimits>>,
     load_key_index: bool,
     poll_interval: Duration,
     usage_flush_interval: Duration,
@@ -185,7 +223,7 @@ pub struct Keygate {
 
 impl Keygate {
     /// Connects to the store (applying migrations) and builds the services.
-    pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+    pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
         let store = Arc::new(SqlStore::connect(&settings.database_url).await?);
         let page_key = store.shared_secret("page_token_key").await?;
         let freshness = Arc::new(Freshness::new(settings.max_staleness));
@@ -215,11 +253,26 @@ impl Keygate {
         .await?;
         let feed = Arc::new(feed);
         let usage = Arc::new(UsageTracker::default());
+        let shared_limits = match &settings.rate_limit_store {
+            Some(store) => Some(Arc::new(SharedLimits::new(
+                &store.url,
+                store.failure,
+                clock.clone(),
+            )?)),
+            None => None,
+        };
+        let limiter = match &shared_limits {
+            Some(shared) => Limiter::Shared {
+                shared: shared.clone(),
+                default: settings.default_rate_limit,
+            },
+            None => Limiter::local(settings.default_rate_limit, clock.clone()),
+        };
         let authorizer = Arc::new(Authorizer::new(
             cache.clone(),
             Arc::new(settings.policy),
             clock.clone(),
-            settings.default_rate_limit,
+            limiter,
             usage.clone(),
         ));
         let watchers = Arc::new(Watchers::new(
@@ -248,6 +301,7 @@ impl Keygate {
             replicas,
             cache,
             watchers,
+            shared_limits,
             load_key_index: settings.load_key_index,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
@@ -276,6 +330,9 @@ impl Keygate {
     ) -> Result<(), tonic::transport::Error> {
         let stopping = CancellationToken::new();
         tokio::spawn(self.feed.clone().run(stopping.clone()));
+        if let Some(shared) = self.shared_limits.clone() {
+            tokio::spawn(shared.run(self.replicas.clone(), stopping.clone()));
+        }
         let (listener_store, stopped) = (self.store.clone(), stopping.clone());
         tokio::spawn(async move { listener_store.listen_for_changes(stopped).await });
         if self.load_key_index {

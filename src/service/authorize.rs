@@ -1,18 +1,18 @@
 //! The Authorize path: parse, look up (cache first), decide.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use keygate_core::bounds;
 use keygate_core::clock::Clock;
 use keygate_core::decision::{self, DenyReason, Requirement, Verdict};
 use keygate_core::key::KeyRecord;
-use keygate_core::limits::{RateDecision, RateLimits};
+use keygate_core::limits::RateDecision;
 use keygate_core::policy::RouteTable;
 use keygate_core::scope::Scope;
 use keygate_core::token::{Credential, ParsedToken, TokenError};
 
+use super::limits::Limiter;
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::error::Error;
@@ -68,24 +68,24 @@ pub struct Authorizer {
     keys: Arc<KeyCache>,
     policy: Arc<RouteTable>,
     clock: Arc<dyn Clock>,
-    limits: RateLimits,
+    limits: Limiter,
     usage: Arc<UsageTracker>,
 }
 
 impl Authorizer {
-    /// `default_rate_limit` (requests per minute) applies to keys whose own
-    /// limit is 0; successful authentications are recorded in `usage`.
+    /// Requests are counted by `limits`; successful authentications are
+    /// recorded in `usage`.
     pub fn new(
         keys: Arc<KeyCache>,
         policy: Arc<RouteTable>,
         clock: Arc<dyn Clock>,
-        default_rate_limit: NonZeroU32,
+        limits: Limiter,
         usage: Arc<UsageTracker>,
     ) -> Self {
         Self {
             keys,
             policy,
-            limits: RateLimits::new(default_rate_limit, clock.clone()),
+            limits,
             clock,
             usage,
         }
@@ -125,9 +125,14 @@ impl Authorizer {
                 } => (Some(reason), required_scope),
             };
         // Only what would be allowed counts against the limit.
-        let rate = deny
-            .is_none()
-            .then(|| self.limits.check(key.id, key.rate_limit_per_minute));
+        let rate = match deny {
+            None => Some(
+                self.limits
+                    .check_key(key.id, key.rate_limit_per_minute)
+                    .await,
+            ),
+            Some(_) => None,
+        };
         if rate.is_some_and(|r| r.retry_after.is_some()) {
             deny = Some(DenyReason::RateLimited);
         }

@@ -5,8 +5,10 @@ pub mod audit;
 pub mod authorize;
 pub mod caller;
 pub mod keys;
+pub mod limits;
 mod page;
 pub mod replicas;
+pub mod shared_limits;
 pub mod usage;
 pub mod watch;
 

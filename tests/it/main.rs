@@ -26,6 +26,7 @@ mod multi_replica;
 mod operations;
 mod replicas;
 mod restrictions;
+mod shared_limits;
 mod telemetry;
 mod tls;
 mod usage;

@@ -114,6 +114,41 @@ impl Window {
         *slot = 0;
     }
 
+    /// A window holding `counts` (second, requests), as another replica or
+    /// a shared store counted them, seen at `now`: seconds that have left
+    /// the window by then are dropped.
+    pub fn from_counts(counts: impl IntoIterator<Item = (u64, u32)>, now: Duration) -> Self {
+        let mut window = Self::new();
+        window.slide(now);
+        let newest = window.newest;
+        for (second, n) in counts {
+            if second <= newest && second + (SLOTS as u64) > newest {
+                window.counts[(second % SLOTS as u64) as usize] += n;
+                window.total += u64::from(n);
+            }
+        }
+        window.slide(now);
+        window
+    }
+
+    /// Counts `n` requests made at `now` without asking whether they fit
+    /// (requests another replica already allowed).
+    pub fn add(&mut self, now: Duration, n: u32) {
+        self.slide(now);
+        self.counts[(self.newest % SLOTS as u64) as usize] += n;
+        self.total += u64::from(n);
+    }
+
+    /// The second a request at `now` counts in (see [`Window`]).
+    pub fn second(now: Duration) -> u64 {
+        second_of(now)
+    }
+
+    /// The oldest second still in the window at `now`.
+    pub fn oldest_live_second(now: Duration) -> u64 {
+        (now.as_secs() + 1).saturating_sub(WINDOW_SECS)
+    }
+
     /// Requests counted in the window at `now`.
     pub fn count(&mut self, now: Duration) -> u64 {
         self.slide(now);
@@ -296,6 +331,24 @@ mod tests {
         assert!(w.check(1, at(61_000)).retry_after.is_none());
         // A long idle gap forgets everything.
         assert_eq!(w.count(at(10_000_000)), 0);
+    }
+
+    #[test]
+    fn counts_from_elsewhere_keep_their_seconds() {
+        let now = Duration::from_millis(100_500);
+        // Second 41 left at 101 s; 42 is the oldest still in.
+        assert_eq!(Window::oldest_live_second(now), 41);
+        let mut w = Window::from_counts([(40, 5), (41, 1), (42, 2), (101, 3), (500, 9)], now);
+        assert_eq!(w.count(now), 6, "second 40 has left; 500 is not yet");
+        w.add(now, 2);
+        assert_eq!(w.count(now), 8);
+        assert_eq!(w.count(Duration::from_secs(101)), 7, "41 leaves at 101 s");
+        let d = w.check(7, Duration::from_secs(101));
+        assert_eq!(
+            d.retry_after,
+            Some(Duration::from_secs(1)),
+            "42 leaves at 102 s"
+        );
     }
 
     #[test]
