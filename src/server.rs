@@ -1,11 +1,11 @@
 //! Assembles keygate from its settings and serves it.
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_core::clock::Clock;
+use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
 use keygate_core::token::Brand;
 use keygate_proto as pb;
@@ -21,6 +21,7 @@ use crate::api::feed::FeedApi;
 use crate::api::validate::MAX_REPLICA_WAIT;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::feed::{Feed, FeedSettings};
+use crate::service::limits::LocalLimiter;
 use crate::service::replicas::Replicas;
 use crate::service::usage::UsageTracker;
 use crate::service::watch::Watchers;
@@ -45,8 +46,9 @@ pub struct Settings {
     pub feed: FeedSettings,
     /// Out of touch with the event log for longer than this, the cache is bypassed.
     pub max_staleness: Duration,
-    /// Requests per minute for keys whose own limit is 0.
-    pub default_rate_limit: NonZeroU32,
+    /// The allowance of keys whose own limit is 0: requests per minute, or
+    /// unlimited (`--default-rate-limit off`).
+    pub default_rate_limit: Allowance,
     /// How often last-used times are written to the store.
     pub usage_flush_interval: Duration,
     /// On shutdown, how long calls in flight may take to finish.
@@ -147,7 +149,7 @@ impl Settings {
             load_key_index: true,
             feed: FeedSettings::default(),
             max_staleness: Duration::from_secs(30),
-            default_rate_limit: keygate_core::limits::DEFAULT_RATE_LIMIT,
+            default_rate_limit: Allowance::DEFAULT,
             usage_flush_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             tls: None,
@@ -219,6 +221,7 @@ impl Keygate {
             cache.clone(),
             Arc::new(settings.policy),
             clock.clone(),
+            Arc::new(LocalLimiter::new(clock.clone())),
             settings.default_rate_limit,
             usage.clone(),
         ));
@@ -238,7 +241,7 @@ impl Keygate {
                 replicas.clone(),
                 usage,
             )
-            .with_default_rate_limit(settings.default_rate_limit.get()),
+            .with_default_rate_limit(settings.default_rate_limit),
         );
         Ok(Self {
             authorizer,

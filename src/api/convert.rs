@@ -27,6 +27,7 @@ pub fn api_key(k: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
         scopes: k.scopes.to_strings(),
         allowed_cidrs: k.allowed_cidrs.iter().map(ToString::to_string).collect(),
         rate_limit_per_minute: k.rate_limit_per_minute,
+        unlimited: k.unlimited,
         status: pb::KeyStatus::from(k.status(now)).into(),
         created_at: Some(timestamp(k.created_at)),
         last_used_at: k.last_used_at.map(timestamp),

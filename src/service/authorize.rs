@@ -1,18 +1,18 @@
 //! The Authorize path: parse, look up (cache first), decide.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use keygate_core::bounds;
 use keygate_core::clock::Clock;
 use keygate_core::decision::{self, DenyReason, Requirement, Verdict};
 use keygate_core::key::KeyRecord;
-use keygate_core::limits::{RateDecision, RateLimits};
+use keygate_core::limits::{Allowance, RateDecision};
 use keygate_core::policy::RouteTable;
 use keygate_core::scope::Scope;
 use keygate_core::token::{Credential, ParsedToken, TokenError};
 
+use super::limits::{Limiter, Subject};
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::error::Error;
@@ -45,7 +45,8 @@ pub struct Outcome {
     /// `None` when `required_scopes` were given; on INSUFFICIENT_SCOPE, the
     /// scope the key lacks; on any other deny, `None`.
     pub required_scope: Option<String>,
-    /// The key's rate-limit state, when the request got as far as counting.
+    /// The key's rate-limit state, when the request got as far as counting
+    /// and a limit applies; `None` for a key nothing limits (unlimited).
     pub rate: Option<RateDecision>,
 }
 
@@ -61,31 +62,35 @@ impl Outcome {
 }
 
 /// The Authorize decision for this replica: keys through the cache, routes
-/// through the policy, rate limits counted in this replica's memory, and
-/// uses recorded for the next usage flush. Shared by Authorize, Check, and
-/// the authentication of admin and Watch callers.
+/// through the policy, rate limits counted by a [`Limiter`], and uses
+/// recorded for the next usage flush. Shared by Authorize, Check, and the
+/// authentication of admin and Watch callers.
 pub struct Authorizer {
     keys: Arc<KeyCache>,
     policy: Arc<RouteTable>,
     clock: Arc<dyn Clock>,
-    limits: RateLimits,
+    limiter: Arc<dyn Limiter>,
+    default_rate_limit: Allowance,
     usage: Arc<UsageTracker>,
 }
 
 impl Authorizer {
-    /// `default_rate_limit` (requests per minute) applies to keys whose own
-    /// limit is 0; successful authentications are recorded in `usage`.
+    /// `default_rate_limit` applies to keys whose own limit is 0 (it may be
+    /// unlimited); requests are counted by `limiter`; successful
+    /// authentications are recorded in `usage`.
     pub fn new(
         keys: Arc<KeyCache>,
         policy: Arc<RouteTable>,
         clock: Arc<dyn Clock>,
-        default_rate_limit: NonZeroU32,
+        limiter: Arc<dyn Limiter>,
+        default_rate_limit: Allowance,
         usage: Arc<UsageTracker>,
     ) -> Self {
         Self {
             keys,
             policy,
-            limits: RateLimits::new(default_rate_limit, clock.clone()),
+            limiter,
+            default_rate_limit,
             clock,
             usage,
         }
@@ -125,9 +130,11 @@ impl Authorizer {
                 } => (Some(reason), required_scope),
             };
         // Only what would be allowed counts against the limit.
-        let rate = deny
-            .is_none()
-            .then(|| self.limits.check(key.id, key.rate_limit_per_minute));
+        let rate = if deny.is_none() {
+            self.count(&key)
+        } else {
+            None
+        };
         if rate.is_some_and(|r| r.retry_after.is_some()) {
             deny = Some(DenyReason::RateLimited);
         }
@@ -137,6 +144,17 @@ impl Authorizer {
             key: Some(key),
             rate,
         })
+    }
+
+    /// Counts a request that passed every other check against the key's
+    /// allowance: the one place Authorize asks the limiter. `None` when no
+    /// limit applies (an unlimited key, or none of its own under an
+    /// unlimited default): such requests are never counted.
+    fn count(&self, key: &KeyRecord) -> Option<RateDecision> {
+        match key.allowance(self.default_rate_limit) {
+            Allowance::Unlimited => None,
+            Allowance::PerMinute(n) => Some(self.limiter.check(&Subject::Key(key.id), n)),
+        }
     }
 
     /// Checks a presented credential: format, key, secret, state, expiry,

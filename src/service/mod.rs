@@ -5,6 +5,7 @@ pub mod audit;
 pub mod authorize;
 pub mod caller;
 pub mod keys;
+pub mod limits;
 mod page;
 pub mod replicas;
 pub mod usage;

@@ -67,6 +67,7 @@ store_test_suite!(
     shared_secret_is_stable,
     ping_answers_until_closed,
     undecodable_rows_are_corrupt,
+    unlimited_is_stored_updated_and_off_for_older_rows,
 );
 
 type TestFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -196,6 +197,7 @@ fn key(org: &str, created: i64) -> KeyRecord {
         scopes: ScopeSet::parse(&["checkout:create"]).expect("scopes"),
         allowed_cidrs: vec![],
         rate_limit_per_minute: 0,
+        unlimited: false,
         state: KeyState::Active,
         created_at: at(created),
         last_used_at: None,
@@ -226,6 +228,7 @@ fn full_key() -> KeyRecord {
             "2001:db8::/32".parse().expect("cidr"),
         ],
         rate_limit_per_minute: 600,
+        unlimited: true,
         state: KeyState::Revoked {
             at: at(600),
             reason: "leaked in a log".into(),
@@ -790,6 +793,63 @@ async fn ping_answers_until_closed(f: &Fixture) {
         .await
         .expect_err("closed store");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+async fn unlimited_is_stored_updated_and_off_for_older_rows(f: &Fixture) {
+    let stored = key("acme", 1);
+    insert(&f.store, &stored).await;
+    let unlimited = KeyRecord {
+        unlimited: true,
+        ..stored.clone()
+    };
+    let (next, _) = f
+        .store
+        .update_key(&unlimited, &event(EventKind::Updated, &unlimited, 2))
+        .await
+        .expect("update")
+        .expect("current version");
+    assert!(next.unlimited);
+    let got = f.store.get_key(stored.id).await.expect("get").expect("key");
+    assert_eq!(got, next);
+
+    // A row written before the column existed, i.e. without it, is counted:
+    // copied here from the unlimited one with every column but `unlimited`.
+    let older = Uuid::new_v4();
+    let columns: Vec<&str> = super::row::KEY_COLUMNS
+        .iter()
+        .map(|c| c.name)
+        .filter(|c| *c != "unlimited")
+        .collect();
+    let values: Vec<String> = columns
+        .iter()
+        .map(|c| match *c {
+            "id" => format!("'{older}'"),
+            other => other.to_owned(),
+        })
+        .collect();
+    f.raw(&format!(
+        "INSERT INTO api_keys ({}) SELECT {} FROM api_keys WHERE id = '{}'",
+        columns.join(", "),
+        values.join(", "),
+        stored.id
+    ))
+    .await;
+    let copy = f.store.get_key(older).await.expect("get").expect("copied");
+    assert_eq!(
+        copy,
+        KeyRecord {
+            id: older,
+            unlimited: false,
+            ..next
+        }
+    );
+
+    // Anything but 0 or 1 is damage, not a guess.
+    f.raw(&format!(
+        "UPDATE api_keys SET unlimited = 2 WHERE id = '{older}'"
+    ))
+    .await;
+    assert_corrupt(f.store.get_key(older).await);
 }
 
 fn assert_corrupt<T: std::fmt::Debug>(result: Result<T, StoreError>) {

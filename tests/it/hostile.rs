@@ -1176,6 +1176,15 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
         ),
         refused(Code::PermissionDenied, &["expires_at"]),
     );
+    row(
+        "CreateKey as a restricted key: unlimited".into(),
+        admin_call!(
+            restricted_token,
+            create_key,
+            create(&|r| r.unlimited = true)
+        ),
+        refused(Code::PermissionDenied, &["unlimited", "SYSTEM"]),
+    );
 
     // Key ids.
     for (what, id) in [
@@ -1445,6 +1454,19 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             }
         ),
         refused(Code::PermissionDenied, &["expires_at"]),
+    );
+    row(
+        "UpdateKey as a restricted key: make itself unlimited".into(),
+        admin_call!(
+            restricted_token,
+            update_key,
+            pb::UpdateKeyRequest {
+                key_id: restricted_id.clone(),
+                unlimited: true,
+                ..Default::default()
+            }
+        ),
+        refused(Code::PermissionDenied, &["unlimited", "SYSTEM"]),
     );
     row(
         "UpdateKey: 1 MiB update_mask path".into(),

@@ -28,6 +28,7 @@ mod replicas;
 mod restrictions;
 mod telemetry;
 mod tls;
+mod unlimited;
 mod usage;
 mod validation;
 mod walkthrough;

@@ -141,10 +141,11 @@ impl Shared {
         let Ok(key_id) = uuid::Uuid::parse_str(&answer.key_id) else {
             return answer;
         };
-        if answer.rate_limit == 0 {
+        // 0: an unlimited key, never counted.
+        let Some(limit) = std::num::NonZeroU32::new(answer.rate_limit) else {
             return answer;
-        }
-        let rate = self.limits.check(key_id, answer.rate_limit);
+        };
+        let rate = self.limits.check(&key_id, limit);
         answer.rate_limit_remaining = rate.remaining.min(answer.rate_limit_remaining);
         answer.rate_limit_reset = Some(std_duration(rate.reset));
         if let Some(wait) = rate.retry_after {
@@ -201,7 +202,7 @@ impl CachedAuthorizer {
             contact: Contact::out_of_touch(settings.feed_timeout, Arc::new(SystemClock)),
             scope: std::sync::OnceLock::new(),
             // Every answer names its key's own limit; the default is unused.
-            limits: RateLimits::new(std::num::NonZeroU32::MIN, Arc::new(SystemClock)),
+            limits: RateLimits::new(Arc::new(SystemClock)),
         });
         let follower = tokio::spawn(follow(
             RevocationFeedClient::new(channel.clone()),

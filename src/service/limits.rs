@@ -1,0 +1,59 @@
+//! Where Authorize counts requests: one small interface, so a counter shared
+//! by every replica can take the place of this replica's own without the
+//! Authorize path changing.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use keygate_core::clock::Clock;
+use keygate_core::limits::{RateDecision, RateLimits};
+use uuid::Uuid;
+
+/// What a rate limit is counted for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// One key, by id.
+    Key(Uuid),
+}
+
+/// Counts requests against allowances on a rolling 60-second window.
+///
+/// Called on the Authorize hot path, at most twice per request: neither
+/// method may wait on I/O.
+pub trait Limiter: Send + Sync + 'static {
+    /// Counts one request against `subject`'s allowance of `per_minute` if
+    /// it is within it, and says what the client may be told either way
+    /// (`retry_after` set: refused, and nothing was counted). A changed
+    /// `per_minute` applies at once to what is already counted.
+    fn check(&self, subject: &Subject, per_minute: NonZeroU32) -> RateDecision;
+
+    /// Takes back one request that [`check`](Self::check) allowed for
+    /// `subject` a moment ago, because a later check refused the request:
+    /// only what is allowed counts.
+    fn uncount(&self, subject: &Subject);
+}
+
+/// Every subject's window in this replica's memory: with several replicas,
+/// each allows a subject its full allowance.
+pub struct LocalLimiter {
+    windows: RateLimits<Subject>,
+}
+
+impl LocalLimiter {
+    /// Windows on `clock`'s monotonic reading.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            windows: RateLimits::new(clock),
+        }
+    }
+}
+
+impl Limiter for LocalLimiter {
+    fn check(&self, subject: &Subject, per_minute: NonZeroU32) -> RateDecision {
+        self.windows.check(subject, per_minute)
+    }
+
+    fn uncount(&self, subject: &Subject) {
+        self.windows.uncount(subject);
+    }
+}
