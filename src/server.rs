@@ -22,6 +22,7 @@ use crate::api::validate::MAX_REPLICA_WAIT;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::feed::{Feed, FeedSettings};
 use crate::service::limits::LocalLimiter;
+use crate::service::organizations::{OrganizationLimits, OrganizationService};
 use crate::service::replicas::Replicas;
 use crate::service::usage::UsageTracker;
 use crate::service::watch::Watchers;
@@ -175,6 +176,10 @@ pub struct Keygate {
     pub cache: Arc<KeyCache>,
     /// Open Watch sessions, bounded per key.
     pub watchers: Arc<Watchers>,
+    /// Organizations' shared rate limits, as this replica holds them.
+    pub organization_limits: Arc<OrganizationLimits>,
+    /// SetOrganizationLimits and GetOrganizationLimits.
+    pub organizations: Arc<OrganizationService>,
     load_key_index: bool,
     poll_interval: Duration,
     usage_flush_interval: Duration,
@@ -217,12 +222,18 @@ impl Keygate {
         .await?;
         let feed = Arc::new(feed);
         let usage = Arc::new(UsageTracker::default());
+        let organization_limits = Arc::new(OrganizationLimits::load(store.clone()).await?);
+        let organizations = Arc::new(OrganizationService::new(
+            organization_limits.clone(),
+            clock.clone(),
+        ));
         let authorizer = Arc::new(Authorizer::new(
             cache.clone(),
             Arc::new(settings.policy),
             clock.clone(),
             Arc::new(LocalLimiter::new(clock.clone())),
             settings.default_rate_limit,
+            organization_limits.clone(),
             usage.clone(),
         ));
         let watchers = Arc::new(Watchers::new(
@@ -251,6 +262,8 @@ impl Keygate {
             replicas,
             cache,
             watchers,
+            organization_limits,
+            organizations,
             load_key_index: settings.load_key_index,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
@@ -304,6 +317,11 @@ impl Keygate {
             self.usage_flush_interval,
             stopping.clone(),
         ));
+        tokio::spawn(refresh_organization_limits(
+            self.organization_limits.clone(),
+            self.poll_interval,
+            stopping.clone(),
+        ));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health::new(reporter);
         // Migrations ran in `open`, so the store has answered by now.
@@ -332,9 +350,13 @@ impl Keygate {
         let authorizer = AuthorizerApi::new(self.authorizer.clone())
             .into_server()
             .max_decoding_message_size(size);
-        let admin = AdminApi::new(self.authorizer.clone(), self.keys.clone())
-            .into_server()
-            .max_decoding_message_size(size);
+        let admin = AdminApi::new(
+            self.authorizer.clone(),
+            self.keys.clone(),
+            self.organizations.clone(),
+        )
+        .into_server()
+        .max_decoding_message_size(size);
         let ext_authz = ExtAuthzApi::new(self.authorizer.clone(), self.ext_authz.clone())
             .into_server()
             .max_decoding_message_size(self.limits.ext_authz_max_request_size);
@@ -487,6 +509,35 @@ async fn announce_expired_secrets(
         tokio::select! {
             () = stopping.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Reads every organization's limit again every `interval` (the feed's poll
+/// interval), so a limit set on another replica applies here within it. On
+/// failure the limits in memory stay in force, and the next round retries.
+async fn refresh_organization_limits(
+    limits: Arc<OrganizationLimits>,
+    interval: Duration,
+    stopping: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match limits.refresh().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("organization limits read again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "could not read organization limits; keeping the ones in memory");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -5,7 +5,8 @@
 use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
 use keygate_core::bounds::{
-    self, MAX_CIDRS, MAX_GRACE, MAX_NAME_CHARS, MAX_RATE_LIMIT, MAX_REASON_CHARS, MAX_SCOPES,
+    self, MAX_CIDRS, MAX_GRACE, MAX_NAME_CHARS, MAX_ORGANIZATION_RATE_LIMIT, MAX_RATE_LIMIT,
+    MAX_REASON_CHARS, MAX_SCOPES,
 };
 use keygate_core::key::{self, KeyChanges, Mode, Tier};
 use keygate_core::scope::ScopeSet;
@@ -151,6 +152,30 @@ fn organization(value: &str) -> Result<Option<String>, Error> {
             "must be 1-128 letters, digits, '_', '-', '.' or ':'",
         )),
     }
+}
+
+/// The organization a SetOrganizationLimits or GetOrganizationLimits is
+/// about: required, and an organization id.
+pub fn organization_id(value: &str) -> Result<String, Error> {
+    organization(value)?.ok_or_else(|| Error::invalid("organization_id", "is required"))
+}
+
+/// A SetOrganizationLimits request: the organization, and its limit
+/// (`None`: 0, clear it), at most 100,000,000 per minute.
+pub fn organization_limit(
+    r: &pb::SetOrganizationLimitsRequest,
+) -> Result<(String, Option<std::num::NonZeroU32>), Error> {
+    let organization_id = organization_id(&r.organization_id)?;
+    if r.rate_limit_per_minute > MAX_ORGANIZATION_RATE_LIMIT {
+        return Err(Error::invalid(
+            "rate_limit_per_minute",
+            format!("must be at most {MAX_ORGANIZATION_RATE_LIMIT}"),
+        ));
+    }
+    Ok((
+        organization_id,
+        std::num::NonZeroU32::new(r.rate_limit_per_minute),
+    ))
 }
 
 fn enum_value<T: TryFrom<i32>>(field: &'static str, value: i32) -> Result<T, Error> {
@@ -408,6 +433,27 @@ mod tests {
         let named = update(true, &["name"]);
         assert_eq!(field_of(named.unwrap_err()), "name", "only the named path");
         assert!(create(|r| r.unlimited = true).unwrap().unlimited);
+    }
+
+    #[test]
+    fn organization_limits_name_the_field() {
+        let set = |org: &str, n: u32| {
+            organization_limit(&pb::SetOrganizationLimitsRequest {
+                organization_id: org.into(),
+                rate_limit_per_minute: n,
+            })
+        };
+        assert_eq!(set(" org_a ", 0).unwrap(), ("org_a".to_owned(), None));
+        assert_eq!(
+            set("org_a", 100_000_000).unwrap().1.map(|n| n.get()),
+            Some(100_000_000)
+        );
+        assert_eq!(field_of(set("", 5).unwrap_err()), "organization_id");
+        assert_eq!(field_of(set("bad org", 5).unwrap_err()), "organization_id");
+        assert_eq!(
+            field_of(set("org_a", 100_000_001).unwrap_err()),
+            "rate_limit_per_minute"
+        );
     }
 
     #[test]

@@ -14,11 +14,14 @@ use uuid::Uuid;
 pub enum Subject {
     /// One key, by id.
     Key(Uuid),
+    /// Every key of one organization together, by organization id.
+    Organization(Arc<str>),
 }
 
 /// Counts requests against allowances on a rolling 60-second window.
 ///
-/// Called on the Authorize hot path, at most twice per request: neither
+/// Called on the Authorize hot path (per request at most two checks and one
+/// uncount): neither
 /// method may wait on I/O.
 pub trait Limiter: Send + Sync + 'static {
     /// Counts one request against `subject`'s allowance of `per_minute` if

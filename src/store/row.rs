@@ -238,7 +238,7 @@ pub fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
-fn time(us: i64) -> Result<DateTime<Utc>, String> {
+pub fn time(us: i64) -> Result<DateTime<Utc>, String> {
     DateTime::from_timestamp_micros(us).ok_or_else(|| format!("time {us} out of range"))
 }
 

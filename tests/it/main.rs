@@ -24,6 +24,7 @@ mod limits;
 mod listing;
 mod multi_replica;
 mod operations;
+mod org_limits;
 mod replicas;
 mod restrictions;
 mod telemetry;

@@ -24,6 +24,10 @@
 //! ORGANIZATION credential, that organization's keys (the client asks
 //! keygate once which one that is); with a SYSTEM credential, every key.
 //!
+//! Answers for keys whose organization has a shared rate limit are never
+//! cached (`organization_rate_limit` set): only keygate counts an
+//! organization's requests.
+//!
 //! Cached answers still honour the key's rate limit: the client counts every
 //! ALLOW it hands out per key (on a rolling 60 s window, at the limit keygate
 //! reported) and answers RATE_LIMITED itself when the key is over, so a
@@ -132,7 +136,11 @@ impl Shared {
     /// Whether an ALLOW for this key may be cached: the feed is alive and
     /// would tell us if the key changed.
     fn may_cache(&self, answer: &AuthorizeResponse) -> bool {
-        self.feed_alive() && self.scope.get().is_some_and(|s| s.covers(answer))
+        // An organization's shared limit is counted by keygate alone: a
+        // cached answer would let the organization's keys past it.
+        answer.organization_rate_limit == 0
+            && self.feed_alive()
+            && self.scope.get().is_some_and(|s| s.covers(answer))
     }
 
     /// Counts an ALLOW against the key's limit on this client; over it, the

@@ -99,6 +99,26 @@ impl fmt::Display for Allowance {
     }
 }
 
+/// Which limit a rate decision is about: a request is allowed only within
+/// both its key's own limit and its organization's shared one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitedBy {
+    /// The key's own limit (or the server default).
+    Key,
+    /// The limit shared by every key of the key's organization.
+    Organization,
+}
+
+impl LimitedBy {
+    /// `KEY` or `ORGANIZATION`, as the wire and error bodies spell it.
+    pub fn code(self) -> &'static str {
+        match self {
+            LimitedBy::Key => "KEY",
+            LimitedBy::Organization => "ORGANIZATION",
+        }
+    }
+}
+
 /// The requests one key made in the last minute, per second.
 #[derive(Debug, Clone)]
 pub struct Window {
