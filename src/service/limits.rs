@@ -21,8 +21,7 @@ pub enum Subject {
 /// Counts requests against allowances on a rolling 60-second window.
 ///
 /// Called on the Authorize hot path (per request at most two checks and one
-/// uncount): neither
-/// method may wait on I/O.
+/// uncount): neither method may wait on I/O.
 pub trait Limiter: Send + Sync + 'static {
     /// Counts one request against `subject`'s allowance of `per_minute` if
     /// it is within it, and says what the client may be told either way
