@@ -1,11 +1,11 @@
 //! Assembles keygate from its settings and serves it.
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_core::clock::Clock;
+use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
 use keygate_core::token::Brand;
 use keygate_proto as pb;
@@ -21,7 +21,8 @@ use crate::api::feed::FeedApi;
 use crate::api::validate::MAX_REPLICA_WAIT;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::feed::{Feed, FeedSettings};
-use crate::service::limits::Limiter;
+use crate::service::limits::{Limiter, LocalLimiter};
+use crate::service::organizations::{OrganizationLimits, OrganizationService};
 use crate::service::replicas::Replicas;
 use crate::service::shared_limits::{BadStoreUrl, SharedLimits, StoreFailure};
 use crate::service::usage::UsageTracker;
@@ -47,8 +48,9 @@ pub struct Settings {
     pub feed: FeedSettings,
     /// Out of touch with the event log for longer than this, the cache is bypassed.
     pub max_staleness: Duration,
-    /// Requests per minute for keys whose own limit is 0.
-    pub default_rate_limit: NonZeroU32,
+    /// The allowance of keys whose own limit is 0: requests per minute, or
+    /// unlimited (`--default-rate-limit off`).
+    pub default_rate_limit: Allowance,
     /// How often last-used times are written to the store.
     pub usage_flush_interval: Duration,
     /// On shutdown, how long calls in flight may take to finish.
@@ -182,7 +184,7 @@ impl Settings {
             load_key_index: true,
             feed: FeedSettings::default(),
             max_staleness: Duration::from_secs(30),
-            default_rate_limit: keygate_core::limits::DEFAULT_RATE_LIMIT,
+            default_rate_limit: Allowance::DEFAULT,
             usage_flush_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             tls: None,
@@ -211,6 +213,10 @@ pub struct Keygate {
     pub watchers: Arc<Watchers>,
     /// The Redis-shared rate-limit windows, with `--rate-limit-store`.
     pub shared_limits: Option<Arc<SharedLimits>>,
+    /// Organizations' shared rate limits, as this replica holds them.
+    pub organization_limits: Arc<OrganizationLimits>,
+    /// SetOrganizationLimits and GetOrganizationLimits.
+    pub organizations: Arc<OrganizationService>,
     load_key_index: bool,
     poll_interval: Duration,
     usage_flush_interval: Duration,
@@ -262,17 +268,21 @@ impl Keygate {
             None => None,
         };
         let limiter = match &shared_limits {
-            Some(shared) => Limiter::Shared {
-                shared: shared.clone(),
-                default: settings.default_rate_limit,
-            },
-            None => Limiter::local(settings.default_rate_limit, clock.clone()),
+            Some(shared) => Limiter::Shared(shared.clone()),
+            None => Limiter::Local(LocalLimiter::new(clock.clone())),
         };
+        let organization_limits = Arc::new(OrganizationLimits::load(store.clone()).await?);
+        let organizations = Arc::new(OrganizationService::new(
+            organization_limits.clone(),
+            clock.clone(),
+        ));
         let authorizer = Arc::new(Authorizer::new(
             cache.clone(),
             Arc::new(settings.policy),
             clock.clone(),
             limiter,
+            settings.default_rate_limit,
+            organization_limits.clone(),
             usage.clone(),
         ));
         let watchers = Arc::new(Watchers::new(
@@ -291,7 +301,7 @@ impl Keygate {
                 replicas.clone(),
                 usage,
             )
-            .with_default_rate_limit(settings.default_rate_limit.get()),
+            .with_default_rate_limit(settings.default_rate_limit),
         );
         Ok(Self {
             authorizer,
@@ -302,6 +312,8 @@ impl Keygate {
             cache,
             watchers,
             shared_limits,
+            organization_limits,
+            organizations,
             load_key_index: settings.load_key_index,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
@@ -358,6 +370,11 @@ impl Keygate {
             self.usage_flush_interval,
             stopping.clone(),
         ));
+        tokio::spawn(refresh_organization_limits(
+            self.organization_limits.clone(),
+            self.poll_interval,
+            stopping.clone(),
+        ));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health::new(reporter);
         // Migrations ran in `open`, so the store has answered by now.
@@ -386,9 +403,13 @@ impl Keygate {
         let authorizer = AuthorizerApi::new(self.authorizer.clone())
             .into_server()
             .max_decoding_message_size(size);
-        let admin = AdminApi::new(self.authorizer.clone(), self.keys.clone())
-            .into_server()
-            .max_decoding_message_size(size);
+        let admin = AdminApi::new(
+            self.authorizer.clone(),
+            self.keys.clone(),
+            self.organizations.clone(),
+        )
+        .into_server()
+        .max_decoding_message_size(size);
         let ext_authz = ExtAuthzApi::new(self.authorizer.clone(), self.ext_authz.clone())
             .into_server()
             .max_decoding_message_size(self.limits.ext_authz_max_request_size);
@@ -541,6 +562,35 @@ async fn announce_expired_secrets(
         tokio::select! {
             () = stopping.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Reads every organization's limit again every `interval` (the feed's poll
+/// interval), so a limit set on another replica applies here within it. On
+/// failure the limits in memory stay in force, and the next round retries.
+async fn refresh_organization_limits(
+    limits: Arc<OrganizationLimits>,
+    interval: Duration,
+    stopping: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match limits.refresh().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("organization limits read again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "could not read organization limits; keeping the ones in memory");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 use keygate_core::clock::SystemClock;
-use keygate_core::limits::DEFAULT_RATE_LIMIT;
+use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
 use keygate_core::token::{Brand, DEFAULT_BRAND};
 use tokio::net::TcpListener;
@@ -133,9 +133,15 @@ pub struct ServeArgs {
         value_parser = parse_duration
     )]
     replica_heartbeat: Duration,
-    /// Requests per minute for keys whose own rate_limit_per_minute is 0.
-    #[arg(long, env = "KEYGATE_DEFAULT_RATE_LIMIT", default_value_t = DEFAULT_RATE_LIMIT)]
-    default_rate_limit: std::num::NonZeroU32,
+    /// Requests per minute for keys whose own rate_limit_per_minute is 0, or
+    /// `off`: such keys are not limited.
+    #[arg(
+        long,
+        env = "KEYGATE_DEFAULT_RATE_LIMIT",
+        default_value = Allowance::DEFAULT.setting_text(),
+        value_parser = Allowance::parse_setting
+    )]
+    default_rate_limit: Allowance,
     /// redis://HOST:PORT (rediss:// for TLS): share rate-limit windows with
     /// every replica; without it each replica counts its own requests.
     #[arg(long, env = "KEYGATE_RATE_LIMIT_STORE", hide_env_values = true)]

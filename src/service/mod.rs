@@ -6,6 +6,7 @@ pub mod authorize;
 pub mod caller;
 pub mod keys;
 pub mod limits;
+pub mod organizations;
 mod page;
 pub mod replicas;
 pub mod shared_limits;

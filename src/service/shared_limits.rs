@@ -37,6 +37,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::limits::Subject;
 use super::replicas::Replicas;
 
 /// How often changed subjects are pushed to Redis.
@@ -44,7 +45,7 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Longest a request at its replica's share waits for a sync before it is
 /// decided on the replica's own count instead.
-pub const SYNC_WAIT: Duration = Duration::from_millis(25);
+pub const SYNC_WAIT: Duration = Duration::from_millis(100);
 
 /// The accuracy target: a subject's replicas together overshoot its limit
 /// by at most this many percent (or by R − 1 requests, if that is more).
@@ -96,9 +97,9 @@ pub enum StoreFailure {
     Deny,
 }
 
-/// One limited subject (a key or an organization) on this replica.
+/// One limited subject (a key or an organization) as this replica tracks it.
 #[derive(Default)]
-struct Subject {
+struct Tracked {
     state: Mutex<State>,
     /// Woken after every sync attempt that included this subject.
     synced: Notify,
@@ -110,19 +111,22 @@ struct State {
     shared: Window,
     /// This replica's own allowed requests: the fallback's count.
     own: Window,
-    /// Allowed here and not yet sent to Redis, per second.
-    unsent: Vec<(u64, u32)>,
+    /// Allowed here and not yet sent to Redis, per second (−1: a request
+    /// taken back).
+    unsent: Vec<(u64, i64)>,
     /// Sent, reply pending.
-    in_flight: Vec<(u64, u32)>,
+    in_flight: Vec<(u64, i64)>,
 }
 
 impl State {
     fn unseen(&self) -> u32 {
-        self.unsent
+        let n: i64 = self
+            .unsent
             .iter()
             .chain(&self.in_flight)
             .map(|(_, n)| *n)
-            .sum()
+            .sum();
+        u32::try_from(n.max(0)).unwrap_or(u32::MAX)
     }
 
     /// Counts one allowed request for Redis; true when it is the first
@@ -142,7 +146,7 @@ pub struct SharedLimits {
     redis: ConnectionManager,
     script: redis::Script,
     clock: Arc<dyn Clock>,
-    subjects: Cache<String, Arc<Subject>>,
+    subjects: Cache<String, Arc<Tracked>>,
     /// Subjects with requests Redis has not seen.
     dirty: Mutex<HashSet<String>>,
     sync_now: Notify,
@@ -216,7 +220,7 @@ impl SharedLimits {
             .clamp(1, u64::from(limit)) as u32
     }
 
-    fn subject(&self, name: &str) -> Arc<Subject> {
+    fn subject(&self, name: &str) -> Arc<Tracked> {
         // Borrowed lookup first: no allocation for a subject already known.
         match self.subjects.get(name) {
             Some(subject) => subject,
@@ -224,9 +228,11 @@ impl SharedLimits {
         }
     }
 
-    /// Counts one request of `name` (`k:<key id>` or `o:<organization>`)
-    /// against `limit` per minute, shared with every replica.
-    pub async fn check(&self, name: &str, limit: u32) -> RateDecision {
+    /// Counts one request of `subject` against `limit` per minute, shared
+    /// with every replica (see the module docs for when it waits).
+    pub async fn check(&self, subject: &Subject, limit: u32) -> RateDecision {
+        let name = SubjectName::of(subject);
+        let name = name.as_str();
         let subject = self.subject(name);
         let mut waited = false;
         loop {
@@ -270,6 +276,32 @@ impl SharedLimits {
                     .unseen()
                     >= share;
             }
+        }
+    }
+
+    /// Takes back one request `check` allowed a moment ago (a later limit
+    /// refused the request). If Redis has seen it already, the correction
+    /// is a count of −1 at the same second.
+    pub fn uncount(&self, subject: &Subject) {
+        let name = SubjectName::of(subject);
+        let name = name.as_str();
+        let Some(subject) = self.subjects.get(name) else {
+            return;
+        };
+        let now = self.now();
+        let mut state = subject.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.shared.uncount();
+        state.own.uncount();
+        let second = Window::second(now);
+        let first = state.unsent.is_empty();
+        match state.unsent.iter_mut().rev().find(|(s, _)| *s == second) {
+            Some((_, n)) => *n -= 1,
+            None => state.unsent.push((second, -1)),
+        }
+        state.unsent.retain(|(_, n)| *n != 0);
+        drop(state);
+        if first {
+            self.mark_dirty(name);
         }
     }
 
@@ -389,7 +421,11 @@ impl SharedLimits {
                 for (subject, counts) in subjects.iter().zip(counts) {
                     let mut state = subject.state.lock().unwrap_or_else(PoisonError::into_inner);
                     state.in_flight.clear();
-                    let unsent = state.unsent.clone();
+                    let unsent: Vec<(u64, u32)> = state
+                        .unsent
+                        .iter()
+                        .filter_map(|(s, n)| u32::try_from(*n).ok().map(|n| (*s, n)))
+                        .collect();
                     state.shared = Window::from_counts(counts.into_iter().chain(unsent), now);
                 }
                 self.set_up(true, None);
@@ -448,5 +484,41 @@ fn redact_error(e: &redis::RedisError) -> String {
     match text.find("://") {
         Some(_) => crate::store::sql_redact(&text),
         None => text,
+    }
+}
+
+/// A subject's name in Redis and in this replica's map, `k:<key id>` or
+/// `o:<organization id>`, built on the stack: no allocation per request.
+struct SubjectName {
+    bytes: [u8; 2 + keygate_core::key::MAX_ORGANIZATION_ID_BYTES],
+    len: usize,
+}
+
+impl SubjectName {
+    fn of(subject: &Subject) -> Self {
+        let mut name = Self {
+            bytes: [0; 2 + keygate_core::key::MAX_ORGANIZATION_ID_BYTES],
+            len: 2,
+        };
+        match subject {
+            Subject::Key(id) => {
+                name.bytes[..2].copy_from_slice(b"k:");
+                id.hyphenated().encode_lower(&mut name.bytes[2..]);
+                name.len = 2 + uuid::fmt::Hyphenated::LENGTH;
+            }
+            Subject::Organization(org) => {
+                name.bytes[..2].copy_from_slice(b"o:");
+                // Organization ids are at most 128 bytes (validated on the
+                // way in); a longer one is cut, never a panic.
+                let org = &org.as_bytes()[..org.len().min(name.bytes.len() - 2)];
+                name.bytes[2..2 + org.len()].copy_from_slice(org);
+                name.len = 2 + org.len();
+            }
+        }
+        name
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
     }
 }

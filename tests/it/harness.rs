@@ -490,7 +490,12 @@ pub async fn dump_database(s: &TestServer) -> String {
         .await
         .expect("connect");
     let mut out = String::new();
-    for table in ["api_keys", "key_events", "keygate_settings"] {
+    for table in [
+        "api_keys",
+        "key_events",
+        "keygate_settings",
+        "organization_limits",
+    ] {
         // In key order (each table's first column), so two dumps of the same
         // rows are equal however the database happens to return them.
         let sql = sqlx::AssertSqlSafe(format!("SELECT * FROM {table} ORDER BY 1"));

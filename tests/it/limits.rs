@@ -238,7 +238,8 @@ async fn a_wall_clock_stepped_back_an_hour_limits_no_further(backend: Backend) {
         after.retry_after, before.retry_after,
         "no longer than before"
     );
-    // A minute of real (monotonic) time later, the window has passed.
+    // At 60 s every request made at 0 s has left the window: the whole
+    // allowance is back, and no more than it.
     s.advance(Duration::seconds(60));
     for _ in 0..5 {
         assert_eq!(

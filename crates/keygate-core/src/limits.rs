@@ -1,13 +1,16 @@
-//! Per-key rate limits on a rolling 60-second window, on the injected
-//! clock's monotonic reading.
+//! Rate limits on a rolling 60-second window, on the injected clock's
+//! monotonic reading: per key, and per whatever else is counted the same
+//! way (an organization's shared limit).
 //!
-//! A key limited to L per minute is allowed at most L requests in any 60 s:
-//! each allowed request counts for 60 s from the end of the second it was
-//! made in (so between 60 and 61 s), there is no fixed minute boundary to
-//! burst across, and a key idle for a minute has exactly L again, never
-//! 2L − 1. State is per replica and kept only for keys used in the last few
-//! minutes, so memory stays bounded (a window is 61 counters).
+//! A subject limited to L per minute is allowed at most L requests in any
+//! 60 s: each allowed request counts for 60 s from the end of the second it
+//! was made in (so between 60 and 61 s), there is no fixed minute boundary
+//! to burst across, and a subject idle for a minute has exactly L again,
+//! never 2L − 1. State is per replica and kept only for subjects counted in
+//! the last few minutes, so memory stays bounded (a window is 61 counters).
 
+use std::fmt;
+use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -47,6 +50,74 @@ pub struct RateDecision {
 /// Requests per minute for a key whose own limit is 0, unless the server is
 /// told otherwise (`--default-rate-limit`).
 pub const DEFAULT_RATE_LIMIT: NonZeroU32 = NonZeroU32::new(100).expect("100 is not 0");
+
+/// How much a key may do: a number of requests per rolling minute, or no
+/// limit at all. Ordered by power: every limit is below `Unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Allowance {
+    /// At most this many requests in any 60 s.
+    PerMinute(NonZeroU32),
+    /// Never counted.
+    Unlimited,
+}
+
+impl Allowance {
+    /// The server's default when nothing says otherwise: [`DEFAULT_RATE_LIMIT`].
+    pub const DEFAULT: Allowance = Allowance::PerMinute(DEFAULT_RATE_LIMIT);
+
+    /// Reads a `--default-rate-limit` value: `off` (unlimited) or a number
+    /// of requests per minute above 0.
+    pub fn parse_setting(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Allowance::Unlimited);
+        }
+        s.parse::<NonZeroU32>()
+            .map(Allowance::PerMinute)
+            .map_err(|_| {
+                format!("{s:?} is neither a number of requests per minute above 0 nor off")
+            })
+    }
+
+    /// The value [`parse_setting`](Self::parse_setting) reads back: `off`
+    /// or the number.
+    pub fn setting_text(self) -> String {
+        match self {
+            Allowance::PerMinute(n) => n.to_string(),
+            Allowance::Unlimited => "off".to_owned(),
+        }
+    }
+}
+
+/// `100 per minute` or `unlimited`, for messages.
+impl fmt::Display for Allowance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Allowance::PerMinute(n) => write!(f, "{n} per minute"),
+            Allowance::Unlimited => f.write_str("unlimited"),
+        }
+    }
+}
+
+/// Which limit a rate decision is about: a request is allowed only within
+/// both its key's own limit and its organization's shared one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitedBy {
+    /// The key's own limit (or the server default).
+    Key,
+    /// The limit shared by every key of the key's organization.
+    Organization,
+}
+
+impl LimitedBy {
+    /// `KEY` or `ORGANIZATION`, as the wire and error bodies spell it.
+    pub fn code(self) -> &'static str {
+        match self {
+            LimitedBy::Key => "KEY",
+            LimitedBy::Organization => "ORGANIZATION",
+        }
+    }
+}
 
 /// The requests one key made in the last minute, per second.
 #[derive(Debug, Clone)]
@@ -172,6 +243,22 @@ impl Window {
         ))
     }
 
+    /// Takes back the most recently counted request (one a later check
+    /// refused after this window had counted it). Nothing when none is
+    /// counted. When time passed into a new second in between, a request of
+    /// the newest second may be taken back instead: the same count, its
+    /// exit at most a second different.
+    pub fn uncount(&mut self) {
+        let newest = self.newest;
+        if let Some(s) = (newest.saturating_sub(SLOTS as u64 - 1)..=newest)
+            .rev()
+            .find(|s| self.counts[(s % SLOTS as u64) as usize] > 0)
+        {
+            self.counts[(s % SLOTS as u64) as usize] -= 1;
+            self.total -= 1;
+        }
+    }
+
     /// Counts one request at `now` if fewer than `limit` are in the window,
     /// and says what the caller may tell the client either way.
     pub fn check(&mut self, limit: u32, now: Duration) -> RateDecision {
@@ -200,42 +287,52 @@ impl Window {
     }
 }
 
-/// Every key's rate-limit state on this replica, created on a key's first
-/// request and dropped once it has been idle long enough to have its full
-/// allowance back. Replicas do not share it: each counts its own requests.
-pub struct RateLimits {
-    keys: Cache<Uuid, Arc<Mutex<Window>>>,
+/// Every subject's rate-limit state on this replica (keys by id, or
+/// whatever `K` names), created on a subject's first request and dropped
+/// once it has been idle long enough to have its full allowance back.
+/// Replicas do not share it: each counts its own requests.
+pub struct RateLimits<K = Uuid> {
+    windows: Cache<K, Arc<Mutex<Window>>>,
     clock: Arc<dyn Clock>,
-    default_per_minute: NonZeroU32,
 }
 
-impl RateLimits {
-    /// `default_per_minute` applies to keys whose own limit is 0.
-    pub fn new(default_per_minute: NonZeroU32, clock: Arc<dyn Clock>) -> Self {
+impl<K: Hash + Eq + Send + Sync + Clone + 'static> RateLimits<K> {
+    /// Windows on `clock`'s monotonic reading.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
-            // A key idle for longer than a full window has a full allowance
-            // again, so its state can go.
-            keys: Cache::builder()
+            // A subject idle for longer than a full window has a full
+            // allowance again, so its state can go.
+            windows: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_secs(120))
                 .build(),
             clock,
-            default_per_minute,
         }
     }
 
-    /// Counts one request against `key_id`'s allowance of `per_minute` (0:
-    /// the default). A changed limit applies at once to what is already
+    /// Counts one request against `subject`'s allowance of `per_minute` if
+    /// it is within it. A changed limit applies at once to what is already
     /// counted: lowering it below the count refuses until enough requests
     /// have left the window.
-    pub fn check(&self, key_id: Uuid, per_minute: u32) -> RateDecision {
-        let limit = NonZeroU32::new(per_minute).unwrap_or(self.default_per_minute);
-        // One window per key even when many first requests arrive at once
-        // (moka runs one `init` per key and hands the others its result).
-        let entry = self.keys.get_with(key_id, Arc::default);
+    pub fn check(&self, subject: &K, per_minute: NonZeroU32) -> RateDecision {
+        // One window per subject even when many first requests arrive at
+        // once (moka runs one `init` per key and hands the others its result).
+        let entry = self.windows.get_with_by_ref(subject, Arc::default);
         // Held for a few additions; never across an await.
         let mut window = entry.lock().unwrap_or_else(PoisonError::into_inner);
-        window.check(limit.get(), self.clock.monotonic())
+        window.check(per_minute.get(), self.clock.monotonic())
+    }
+
+    /// Takes back one request [`check`](Self::check) allowed for `subject`
+    /// just now, when a later check refused the request after all (see
+    /// [`Window::uncount`]).
+    pub fn uncount(&self, subject: &K) {
+        if let Some(entry) = self.windows.get(subject) {
+            entry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .uncount();
+        }
     }
 }
 
@@ -253,7 +350,18 @@ mod tests {
     }
 
     fn limits(clock: &Arc<ManualClock>) -> RateLimits {
-        RateLimits::new(NonZeroU32::new(100).unwrap(), clock.clone())
+        RateLimits::new(clock.clone())
+    }
+
+    /// `check` with a plain number, for short tests.
+    trait Check {
+        fn at(&self, key: Uuid, per_minute: u32) -> RateDecision;
+    }
+
+    impl Check for RateLimits {
+        fn at(&self, key: Uuid, per_minute: u32) -> RateDecision {
+            self.check(&key, NonZeroU32::new(per_minute).unwrap())
+        }
     }
 
     fn allowed(d: RateDecision) -> bool {
@@ -266,10 +374,10 @@ mod tests {
         let l = limits(&clock);
         let key = Uuid::new_v4();
         for i in (0..100).rev() {
-            let d = l.check(key, 100);
+            let d = l.at(key, 100);
             assert_eq!((d.retry_after, d.remaining, d.limit), (None, i, 100));
         }
-        let denied = l.check(key, 100);
+        let denied = l.at(key, 100);
         assert_eq!(denied.retry_after, Some(Duration::from_secs(60)));
         assert_eq!(
             (denied.remaining, denied.reset),
@@ -277,16 +385,16 @@ mod tests {
         );
 
         clock.advance(ChronoDuration::seconds(59));
-        let denied = l.check(key, 100);
+        let denied = l.at(key, 100);
         assert_eq!(denied.retry_after, Some(Duration::from_secs(1)));
         clock.advance(ChronoDuration::milliseconds(999));
         assert!(
-            !allowed(l.check(key, 100)),
+            !allowed(l.at(key, 100)),
             "59.999 s: still within the window"
         );
 
         clock.advance(ChronoDuration::milliseconds(1));
-        let d = l.check(key, 100);
+        let d = l.at(key, 100);
         assert!(allowed(d), "at 60 s the first 100 have left the window");
         assert_eq!(d.remaining, 99, "exactly L again, not 2L - 1");
     }
@@ -300,7 +408,7 @@ mod tests {
         let key = Uuid::new_v4();
         let mut allowed_at = Vec::new();
         for tick in 0..3000u64 {
-            if allowed(l.check(key, 10)) {
+            if allowed(l.at(key, 10)) {
                 allowed_at.push(tick * 100);
             }
             clock.advance(ChronoDuration::milliseconds(100));
@@ -364,7 +472,7 @@ mod tests {
                     let (l, barrier) = (l.clone(), barrier.clone());
                     std::thread::spawn(move || {
                         barrier.wait();
-                        (0..10).filter(|_| allowed(l.check(key, 20))).count()
+                        (0..10).filter(|_| allowed(l.at(key, 20))).count()
                     })
                 })
                 .collect::<Vec<_>>()
@@ -381,31 +489,74 @@ mod tests {
         let l = limits(&clock);
         let key = Uuid::new_v4();
         for _ in 0..5 {
-            assert!(allowed(l.check(key, 5)));
+            assert!(allowed(l.at(key, 5)));
         }
-        let before = l.check(key, 5).retry_after.unwrap();
+        let before = l.at(key, 5).retry_after.unwrap();
         clock.step_wall(-ChronoDuration::hours(1));
-        let after = l.check(key, 5).retry_after.unwrap();
+        let after = l.at(key, 5).retry_after.unwrap();
         assert_eq!(after, before, "the step changes nothing");
         clock.advance(ChronoDuration::seconds(60));
-        assert!(allowed(l.check(key, 5)), "allowances still come back");
+        assert!(allowed(l.at(key, 5)), "allowances still come back");
         // Forward too: a step is not time passing, so nothing leaves the window.
         for _ in 0..4 {
-            assert!(allowed(l.check(key, 5)));
+            assert!(allowed(l.at(key, 5)));
         }
         clock.step_wall(ChronoDuration::hours(1));
-        assert!(!allowed(l.check(key, 5)));
+        assert!(!allowed(l.at(key, 5)));
     }
 
     #[test]
-    fn zero_means_the_default_and_changes_apply_at_once() {
+    fn changes_apply_at_once() {
         let clock = clock();
         let l = limits(&clock);
         let key = Uuid::new_v4();
-        assert_eq!(l.check(key, 0).limit, 100);
-        assert_eq!(l.check(key, 3).limit, 3);
-        assert!(allowed(l.check(key, 3)));
-        assert!(!allowed(l.check(key, 3)), "three counted under any limit");
-        assert!(allowed(l.check(key, 4)), "a raised limit applies at once");
+        assert_eq!(l.at(key, 3).limit, 3);
+        assert_eq!(l.at(key, 2).limit, 2);
+        assert!(allowed(l.at(key, 3)));
+        assert!(!allowed(l.at(key, 3)), "three counted under any limit");
+        assert!(allowed(l.at(key, 4)), "a raised limit applies at once");
+    }
+
+    #[test]
+    fn an_uncounted_request_gives_its_place_back() {
+        let clock = clock();
+        let l = limits(&clock);
+        let key = Uuid::new_v4();
+        assert!(allowed(l.at(key, 2)));
+        assert!(allowed(l.at(key, 2)));
+        l.uncount(&key);
+        let d = l.at(key, 2);
+        assert!(allowed(d), "the taken-back request no longer counts");
+        assert!(!allowed(l.at(key, 2)));
+        // Nothing to take back: nothing happens.
+        let fresh = Uuid::new_v4();
+        l.uncount(&fresh);
+        assert_eq!(l.at(fresh, 1).remaining, 0);
+    }
+
+    #[test]
+    fn windows_are_per_subject_of_any_key_type() {
+        let clock = clock();
+        let l: RateLimits<String> = RateLimits::new(clock.clone());
+        let one = NonZeroU32::new(1).unwrap();
+        assert!(allowed(l.check(&"org_a".to_owned(), one)));
+        assert!(!allowed(l.check(&"org_a".to_owned(), one)));
+        assert!(allowed(l.check(&"org_b".to_owned(), one)));
+    }
+
+    #[test]
+    fn allowances_order_by_power_and_read_back() {
+        let n = |n| Allowance::PerMinute(NonZeroU32::new(n).unwrap());
+        assert!(n(1) < n(1_000_000));
+        assert!(n(1_000_000) < Allowance::Unlimited);
+        for a in [n(100), n(1), Allowance::Unlimited] {
+            assert_eq!(Allowance::parse_setting(&a.setting_text()), Ok(a));
+        }
+        assert_eq!(Allowance::parse_setting("OFF"), Ok(Allowance::Unlimited));
+        assert!(Allowance::parse_setting("0").is_err());
+        assert!(Allowance::parse_setting("lots").is_err());
+        assert_eq!(Allowance::DEFAULT.setting_text(), "100");
+        assert_eq!(n(7).to_string(), "7 per minute");
+        assert_eq!(Allowance::Unlimited.to_string(), "unlimited");
     }
 }
