@@ -24,7 +24,7 @@ on_both_backends!(
     a_cached_authorizer_leaves_organization_limits_to_keygate,
 );
 
-async fn set(s: &TestServer, org: &str, per_minute: u32) -> pb::OrganizationLimits {
+pub async fn set(s: &TestServer, org: &str, per_minute: u32) -> pb::OrganizationLimits {
     s.admin()
         .await
         .set_organization_limits(as_key(

@@ -280,3 +280,33 @@ async fn a_redis_never_reachable_leaves_local_limits_or_denies() {
     assert_eq!(r.reason(), pb::DenyReason::RateLimited);
     assert_eq!(r.retry_after.map(|d| d.seconds), Some(1));
 }
+
+/// An organization's limit is one window across replicas too, shared by its
+/// keys, and what the organization refuses is not counted against the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organization_limit_is_shared_across_replicas_and_keys() {
+    let redis = Redis::start();
+    let Some(servers) = replicas(&redis, 3).await else {
+        return;
+    };
+    crate::org_limits::set(&servers[0], "org_a", 60).await;
+    let (_, first) = limited_key(&servers[0], 1000).await;
+    let (_, second) = limited_key(&servers[0], 1000).await;
+    // Every replica holds the limit within a poll interval.
+    for s in &servers {
+        eventually(Duration::from_secs(5), "the organization limit", || async {
+            let r = s.authorize(&first, ROUTE, "").await;
+            (r.organization_rate_limit == 60).then_some(())
+        })
+        .await;
+    }
+    servers[0].advance(ChronoDuration::seconds(61));
+    let a = burst(&servers, &first, 100);
+    let b = burst(&servers, &second, 100);
+    let (a, b) = tokio::join!(a, b);
+    let allowed: usize = a.iter().chain(&b).sum();
+    assert!(
+        (60..=bound(60, 3)).contains(&allowed),
+        "{allowed} of 200 allowed for an organization limited to 60 on 3 replicas"
+    );
+}
