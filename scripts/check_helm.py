@@ -289,6 +289,15 @@ def all_on_checks(objects: list[dict[str, Any]], values: dict[str, Any]) -> None
     database = values["database"]
     assert_database_url_from_secret(objects, database["existingSecret"], database["existingSecretKey"])
     check(not find(objects, "Secret"), "all-on: the chart creates a Secret although database.existingSecret is set")
+    # The Redis URL, like the database's, only ever comes from a Secret.
+    env = {e["name"]: e for e in container.get("env", [])}
+    redis = env.get("KEYGATE_RATE_LIMIT_STORE", {})
+    ref = redis.get("valueFrom", {}).get("secretKeyRef", {})
+    check(
+        ref == {"name": "keygate-redis", "key": "url"} and "value" not in redis,
+        f"all-on: KEYGATE_RATE_LIMIT_STORE is not read from its Secret: {redis}",
+    )
+    check(env.get("KEYGATE_RATE_LIMIT_STORE_FAILURE", {}).get("value") == "deny", "all-on: rate-limit store failure mode not passed")
     assert_secure_pod(objects)
 
 

@@ -1,11 +1,11 @@
 //! Assembles keygate from its settings and serves it.
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_core::clock::Clock;
+use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
 use keygate_core::token::Brand;
 use keygate_proto as pb;
@@ -21,7 +21,10 @@ use crate::api::feed::FeedApi;
 use crate::api::validate::MAX_REPLICA_WAIT;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::feed::{Feed, FeedSettings};
+use crate::service::limits::{Limiter, LocalLimiter};
+use crate::service::organizations::{OrganizationLimits, OrganizationService};
 use crate::service::replicas::Replicas;
+use crate::service::shared_limits::{BadStoreUrl, SharedLimits, StoreFailure};
 use crate::service::usage::UsageTracker;
 use crate::service::watch::Watchers;
 use crate::service::{Authorizer, KeyService};
@@ -45,8 +48,9 @@ pub struct Settings {
     pub feed: FeedSettings,
     /// Out of touch with the event log for longer than this, the cache is bypassed.
     pub max_staleness: Duration,
-    /// Requests per minute for keys whose own limit is 0.
-    pub default_rate_limit: NonZeroU32,
+    /// The allowance of keys whose own limit is 0: requests per minute, or
+    /// unlimited (`--default-rate-limit off`).
+    pub default_rate_limit: Allowance,
     /// How often last-used times are written to the store.
     pub usage_flush_interval: Duration,
     /// On shutdown, how long calls in flight may take to finish.
@@ -57,6 +61,39 @@ pub struct Settings {
     pub ext_authz: ExtAuthzSettings,
     /// How much of the server one caller or connection can hold.
     pub limits: ServerLimits,
+    /// Share rate-limit windows with every replica through Redis; `None`:
+    /// each replica counts its own requests.
+    pub rate_limit_store: Option<RateLimitStore>,
+}
+
+/// Where rate-limit windows are shared, and what to do when it is down.
+#[derive(Clone)]
+pub struct RateLimitStore {
+    /// `redis://host:port` or `rediss://…` (TLS); may carry a password, so
+    /// never printed.
+    pub url: String,
+    /// What a replica does while Redis does not answer.
+    pub failure: StoreFailure,
+}
+
+impl std::fmt::Debug for RateLimitStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitStore")
+            .field("url", &crate::store::sql_redact(&self.url))
+            .field("failure", &self.failure)
+            .finish()
+    }
+}
+
+/// Why a keygate could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The key store could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The rate-limit store URL is not usable.
+    #[error(transparent)]
+    RateLimitStore(#[from] BadStoreUrl),
 }
 
 /// Bounds on what callers can hold of a server.
@@ -147,12 +184,13 @@ impl Settings {
             load_key_index: true,
             feed: FeedSettings::default(),
             max_staleness: Duration::from_secs(30),
-            default_rate_limit: keygate_core::limits::DEFAULT_RATE_LIMIT,
+            default_rate_limit: Allowance::DEFAULT,
             usage_flush_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             tls: None,
             ext_authz: ExtAuthzSettings::default(),
             limits: ServerLimits::default(),
+            rate_limit_store: None,
         }
     }
 }
@@ -173,6 +211,12 @@ pub struct Keygate {
     pub cache: Arc<KeyCache>,
     /// Open Watch sessions, bounded per key.
     pub watchers: Arc<Watchers>,
+    /// The Redis-shared rate-limit windows, with `--rate-limit-store`.
+    pub shared_limits: Option<Arc<SharedLimits>>,
+    /// Organizations' shared rate limits, as this replica holds them.
+    pub organization_limits: Arc<OrganizationLimits>,
+    /// SetOrganizationLimits and GetOrganizationLimits.
+    pub organizations: Arc<OrganizationService>,
     load_key_index: bool,
     poll_interval: Duration,
     usage_flush_interval: Duration,
@@ -185,7 +229,7 @@ pub struct Keygate {
 
 impl Keygate {
     /// Connects to the store (applying migrations) and builds the services.
-    pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+    pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
         let store = Arc::new(SqlStore::connect(&settings.database_url).await?);
         let page_key = store.shared_secret("page_token_key").await?;
         let freshness = Arc::new(Freshness::new(settings.max_staleness));
@@ -215,11 +259,30 @@ impl Keygate {
         .await?;
         let feed = Arc::new(feed);
         let usage = Arc::new(UsageTracker::default());
+        let shared_limits = match &settings.rate_limit_store {
+            Some(store) => Some(Arc::new(SharedLimits::new(
+                &store.url,
+                store.failure,
+                clock.clone(),
+            )?)),
+            None => None,
+        };
+        let limiter = match &shared_limits {
+            Some(shared) => Limiter::Shared(shared.clone()),
+            None => Limiter::Local(LocalLimiter::new(clock.clone())),
+        };
+        let organization_limits = Arc::new(OrganizationLimits::load(store.clone()).await?);
+        let organizations = Arc::new(OrganizationService::new(
+            organization_limits.clone(),
+            clock.clone(),
+        ));
         let authorizer = Arc::new(Authorizer::new(
             cache.clone(),
             Arc::new(settings.policy),
             clock.clone(),
+            limiter,
             settings.default_rate_limit,
+            organization_limits.clone(),
             usage.clone(),
         ));
         let watchers = Arc::new(Watchers::new(
@@ -238,7 +301,7 @@ impl Keygate {
                 replicas.clone(),
                 usage,
             )
-            .with_default_rate_limit(settings.default_rate_limit.get()),
+            .with_default_rate_limit(settings.default_rate_limit),
         );
         Ok(Self {
             authorizer,
@@ -248,6 +311,9 @@ impl Keygate {
             replicas,
             cache,
             watchers,
+            shared_limits,
+            organization_limits,
+            organizations,
             load_key_index: settings.load_key_index,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
@@ -276,6 +342,9 @@ impl Keygate {
     ) -> Result<(), tonic::transport::Error> {
         let stopping = CancellationToken::new();
         tokio::spawn(self.feed.clone().run(stopping.clone()));
+        if let Some(shared) = self.shared_limits.clone() {
+            tokio::spawn(shared.run(self.replicas.clone(), stopping.clone()));
+        }
         let (listener_store, stopped) = (self.store.clone(), stopping.clone());
         tokio::spawn(async move { listener_store.listen_for_changes(stopped).await });
         if self.load_key_index {
@@ -299,6 +368,11 @@ impl Keygate {
         tokio::spawn(flush_usage(
             self.keys.clone(),
             self.usage_flush_interval,
+            stopping.clone(),
+        ));
+        tokio::spawn(refresh_organization_limits(
+            self.organization_limits.clone(),
+            self.poll_interval,
             stopping.clone(),
         ));
         let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -329,9 +403,13 @@ impl Keygate {
         let authorizer = AuthorizerApi::new(self.authorizer.clone())
             .into_server()
             .max_decoding_message_size(size);
-        let admin = AdminApi::new(self.authorizer.clone(), self.keys.clone())
-            .into_server()
-            .max_decoding_message_size(size);
+        let admin = AdminApi::new(
+            self.authorizer.clone(),
+            self.keys.clone(),
+            self.organizations.clone(),
+        )
+        .into_server()
+        .max_decoding_message_size(size);
         let ext_authz = ExtAuthzApi::new(self.authorizer.clone(), self.ext_authz.clone())
             .into_server()
             .max_decoding_message_size(self.limits.ext_authz_max_request_size);
@@ -484,6 +562,35 @@ async fn announce_expired_secrets(
         tokio::select! {
             () = stopping.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Reads every organization's limit again every `interval` (the feed's poll
+/// interval), so a limit set on another replica applies here within it. On
+/// failure the limits in memory stay in force, and the next round retries.
+async fn refresh_organization_limits(
+    limits: Arc<OrganizationLimits>,
+    interval: Duration,
+    stopping: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match limits.refresh().await {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!("organization limits read again");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "could not read organization limits; keeping the ones in memory");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -53,6 +53,10 @@ fn describe() {
     );
     metrics::describe_gauge!("keygate_cache_entries", "Key records in memory");
     metrics::describe_gauge!(
+        "keygate_rate_limit_store_up",
+        "1 while the Redis rate-limit store answers, 0 while limits fall back to each replica"
+    );
+    metrics::describe_gauge!(
         "keygate_cache_bytes",
         "Estimated bytes of key records in memory"
     );

@@ -7,19 +7,31 @@ use keygate_proto::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::{caller, convert, validate};
+use crate::service::organizations::OrganizationService;
 use crate::service::{Authorizer, Caller, KeyService};
 
-/// KeyAdmin over the key service: each call authenticates its caller,
-/// validates the request, calls the service and converts the answer.
+/// KeyAdmin over the key and organization services: each call
+/// authenticates its caller, validates the request, calls the service and
+/// converts the answer.
 pub struct AdminApi {
     authorizer: Arc<Authorizer>,
     keys: Arc<KeyService>,
+    organizations: Arc<OrganizationService>,
 }
 
 impl AdminApi {
-    /// Callers are authenticated by `authorizer`; keys are `keys`'.
-    pub fn new(authorizer: Arc<Authorizer>, keys: Arc<KeyService>) -> Self {
-        Self { authorizer, keys }
+    /// Callers are authenticated by `authorizer`; keys are `keys`',
+    /// organization limits `organizations`'.
+    pub fn new(
+        authorizer: Arc<Authorizer>,
+        keys: Arc<KeyService>,
+        organizations: Arc<OrganizationService>,
+    ) -> Self {
+        Self {
+            authorizer,
+            keys,
+            organizations,
+        }
     }
 
     /// The tonic service to add to a server.
@@ -182,5 +194,34 @@ impl key_admin_server::KeyAdmin for AdminApi {
             events: events.iter().map(convert::key_event).collect(),
             next_page_token: next.unwrap_or_default(),
         }))
+    }
+
+    async fn set_organization_limits(
+        &self,
+        request: Request<SetOrganizationLimitsRequest>,
+    ) -> Result<Response<OrganizationLimits>, Status> {
+        let caller = self.caller(&request).await?;
+        let (organization_id, per_minute) = validate::organization_limit(request.get_ref())?;
+        let limit = self
+            .organizations
+            .set(&caller, organization_id, per_minute)
+            .await?;
+        Ok(Response::new(convert::organization_limits(
+            &limit.organization_id,
+            Some(&limit),
+        )))
+    }
+
+    async fn get_organization_limits(
+        &self,
+        request: Request<GetOrganizationLimitsRequest>,
+    ) -> Result<Response<OrganizationLimits>, Status> {
+        let caller = self.caller(&request).await?;
+        let organization_id = validate::organization_id(&request.get_ref().organization_id)?;
+        let limit = self.organizations.get(&caller, &organization_id).await?;
+        Ok(Response::new(convert::organization_limits(
+            &organization_id,
+            limit.as_ref(),
+        )))
     }
 }

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use keygate_core::event::Event;
 use keygate_core::key::{KeyRecord, KeyState};
+use keygate_core::organization::OrganizationLimit;
 use keygate_core::token;
 use keygate_proto::convert::{std_duration, timestamp};
 use keygate_proto::v1 as pb;
@@ -27,6 +28,7 @@ pub fn api_key(k: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
         scopes: k.scopes.to_strings(),
         allowed_cidrs: k.allowed_cidrs.iter().map(ToString::to_string).collect(),
         rate_limit_per_minute: k.rate_limit_per_minute,
+        unlimited: k.unlimited,
         status: pb::KeyStatus::from(k.status(now)).into(),
         created_at: Some(timestamp(k.created_at)),
         last_used_at: k.last_used_at.map(timestamp),
@@ -94,5 +96,23 @@ pub fn authorize_response(o: Outcome) -> pb::AuthorizeResponse {
         r.rate_limit_reset = Some(std_duration(rate.reset));
         r.retry_after = rate.retry_after.map(std_duration);
     }
+    if let Some(by) = o.limited_by {
+        r.set_limited_by(by.into());
+    }
+    r.organization_rate_limit = o.organization_rate_limit.map_or(0, |n| n.get());
     r
+}
+
+/// OrganizationLimits for an organization; `None` (never set) is a limit
+/// of 0 with no time or author.
+pub fn organization_limits(
+    organization_id: &str,
+    limit: Option<&OrganizationLimit>,
+) -> pb::OrganizationLimits {
+    pb::OrganizationLimits {
+        organization_id: organization_id.to_owned(),
+        rate_limit_per_minute: limit.and_then(|l| l.per_minute).map_or(0, |n| n.get()),
+        updated_at: limit.map(|l| timestamp(l.updated_at)),
+        updated_by: limit.map(|l| l.updated_by.clone()).unwrap_or_default(),
+    }
 }

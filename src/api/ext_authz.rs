@@ -18,6 +18,7 @@ use envoy_types::ext_authz::v3::{
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use keygate_core::decision::DenyReason;
 use keygate_core::key::KeyRecord;
+use keygate_core::limits::LimitedBy;
 use tonic::{Request, Response, Status};
 
 use super::authorizer::record_outcome;
@@ -265,7 +266,11 @@ fn deny(reason: DenyReason, outcome: &Outcome) -> CheckResponse {
             429 => HttpStatusCode::TooManyRequests,
             _ => HttpStatusCode::Forbidden,
         })
-        .set_body(error_body(reason, outcome.required_scope.as_deref()));
+        .set_body(error_body(
+            reason,
+            outcome.required_scope.as_deref(),
+            outcome.limited_by,
+        ));
     let mut header = |name: &str, value: String| {
         denied.add_header(
             name,
@@ -328,8 +333,13 @@ fn bad_request(field: &'static str, reason: &str) -> CheckResponse {
 }
 
 /// The seeds' error shape: `{"error": true, "code": …, "message": …}`, plus
-/// the scope that was missing on INSUFFICIENT_SCOPE.
-fn error_body(reason: DenyReason, required_scope: Option<&str>) -> String {
+/// the scope that was missing on INSUFFICIENT_SCOPE and whose limit refused
+/// the request (`"limited_by": "KEY"` or `"ORGANIZATION"`) on RATE_LIMITED.
+fn error_body(
+    reason: DenyReason,
+    required_scope: Option<&str>,
+    limited_by: Option<LimitedBy>,
+) -> String {
     let mut body = serde_json::json!({
         "error": true,
         "code": reason.code(),
@@ -337,6 +347,9 @@ fn error_body(reason: DenyReason, required_scope: Option<&str>) -> String {
     });
     if let (DenyReason::InsufficientScope, Some(scope)) = (reason, required_scope) {
         body["required_scope"] = scope.into();
+    }
+    if let (DenyReason::RateLimited, Some(by)) = (reason, limited_by) {
+        body["limited_by"] = by.code().into();
     }
     body.to_string()
 }
@@ -446,7 +459,7 @@ mod tests {
     #[test]
     fn error_bodies_have_the_seeds_shape() {
         let body: serde_json::Value =
-            serde_json::from_str(&error_body(DenyReason::InvalidToken, None)).unwrap();
+            serde_json::from_str(&error_body(DenyReason::InvalidToken, None, None)).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"error": true, "code": "INVALID_TOKEN",
@@ -455,9 +468,17 @@ mod tests {
         let body: serde_json::Value = serde_json::from_str(&error_body(
             DenyReason::InsufficientScope,
             Some("checkout:create"),
+            None,
         ))
         .unwrap();
         assert_eq!(body["required_scope"], "checkout:create");
+        let body: serde_json::Value = serde_json::from_str(&error_body(
+            DenyReason::RateLimited,
+            None,
+            Some(LimitedBy::Organization),
+        ))
+        .unwrap();
+        assert_eq!(body["limited_by"], "ORGANIZATION");
     }
 
     /// One map from a deny reason to a status: Check answers with the code
@@ -470,6 +491,8 @@ mod tests {
             key: None,
             required_scope: None,
             rate: None,
+            limited_by: None,
+            organization_rate_limit: None,
         };
         for reason in DenyReason::ALL {
             let checked = deny(reason, &outcome);

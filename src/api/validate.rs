@@ -5,7 +5,8 @@
 use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
 use keygate_core::bounds::{
-    self, MAX_CIDRS, MAX_GRACE, MAX_NAME_CHARS, MAX_RATE_LIMIT, MAX_REASON_CHARS, MAX_SCOPES,
+    self, MAX_CIDRS, MAX_GRACE, MAX_NAME_CHARS, MAX_ORGANIZATION_RATE_LIMIT, MAX_RATE_LIMIT,
+    MAX_REASON_CHARS, MAX_SCOPES,
 };
 use keygate_core::key::{self, KeyChanges, Mode, Tier};
 use keygate_core::scope::ScopeSet;
@@ -26,18 +27,20 @@ fn from_timestamp(field: &'static str, t: &prost_types::Timestamp) -> Result<Dat
 }
 
 /// The fields UpdateKey can change, in the order `*` names them.
-const UPDATABLE: [&str; 5] = [
+const UPDATABLE: [&str; 6] = [
     "name",
     "scopes",
     "allowed_cidrs",
     "rate_limit_per_minute",
+    "unlimited",
     "expires_at",
 ];
 
 /// The changes an UpdateKey asks for, as AIP-134 has it: the fields its
 /// update_mask names (`*`: every field, unset ones cleared), or without a
 /// mask every field the request sets (a non-empty name, scope list or
-/// allow-list, a non-zero limit, an expiry). Clearing a field needs the mask.
+/// allow-list, a non-zero limit, unlimited true, an expiry). Clearing a
+/// field needs the mask.
 pub fn key_changes(mut r: pb::UpdateKeyRequest) -> Result<KeyChanges, Error> {
     let named = r.update_mask.take().map(|m| m.paths).unwrap_or_default();
     let paths: Vec<&str> = if named.iter().any(|p| p == "*") {
@@ -48,6 +51,7 @@ pub fn key_changes(mut r: pb::UpdateKeyRequest) -> Result<KeyChanges, Error> {
             !r.scopes.is_empty(),
             !r.allowed_cidrs.is_empty(),
             r.rate_limit_per_minute != 0,
+            r.unlimited,
             r.expires_at.is_some(),
         ];
         UPDATABLE
@@ -61,7 +65,7 @@ pub fn key_changes(mut r: pb::UpdateKeyRequest) -> Result<KeyChanges, Error> {
     if paths.is_empty() {
         return Err(Error::invalid(
             "update_mask",
-            "nothing to update: set a field (name, scopes, allowed_cidrs, rate_limit_per_minute, expires_at), or name it in update_mask to clear it",
+            "nothing to update: set a field (name, scopes, allowed_cidrs, rate_limit_per_minute, unlimited, expires_at), or name it in update_mask to clear it",
         ));
     }
     let mut changes = KeyChanges::default();
@@ -73,6 +77,7 @@ pub fn key_changes(mut r: pb::UpdateKeyRequest) -> Result<KeyChanges, Error> {
             "rate_limit_per_minute" => {
                 changes.rate_limit_per_minute = Some(rate_limit(r.rate_limit_per_minute)?)
             }
+            "unlimited" => changes.unlimited = Some(r.unlimited),
             "expires_at" => {
                 changes.expires_at = Some(
                     r.expires_at
@@ -149,6 +154,30 @@ fn organization(value: &str) -> Result<Option<String>, Error> {
     }
 }
 
+/// The organization a SetOrganizationLimits or GetOrganizationLimits is
+/// about: required, and an organization id.
+pub fn organization_id(value: &str) -> Result<String, Error> {
+    organization(value)?.ok_or_else(|| Error::invalid("organization_id", "is required"))
+}
+
+/// A SetOrganizationLimits request: the organization, and its limit
+/// (`None`: 0, clear it), at most 100,000,000 per minute.
+pub fn organization_limit(
+    r: &pb::SetOrganizationLimitsRequest,
+) -> Result<(String, Option<std::num::NonZeroU32>), Error> {
+    let organization_id = organization_id(&r.organization_id)?;
+    if r.rate_limit_per_minute > MAX_ORGANIZATION_RATE_LIMIT {
+        return Err(Error::invalid(
+            "rate_limit_per_minute",
+            format!("must be at most {MAX_ORGANIZATION_RATE_LIMIT}"),
+        ));
+    }
+    Ok((
+        organization_id,
+        std::num::NonZeroU32::new(r.rate_limit_per_minute),
+    ))
+}
+
 fn enum_value<T: TryFrom<i32>>(field: &'static str, value: i32) -> Result<T, Error> {
     T::try_from(value).map_err(|_| Error::invalid(field, format!("unknown value {value}")))
 }
@@ -160,7 +189,7 @@ fn mode_filter(value: i32) -> Result<Option<Mode>, Error> {
 /// A CreateKey request as a spec: every field within the domain's bounds;
 /// an unspecified tier is ORGANIZATION and an unspecified mode TEST; an
 /// organization on a SYSTEM key is refused; a rate limit of 0 means the
-/// default.
+/// default. Who may ask for `unlimited` is the service's to judge.
 pub fn new_key(r: pb::CreateKeyRequest) -> Result<NewKeySpec, Error> {
     let name = text("name", &r.name, MAX_NAME_CHARS, true)?;
     let tier =
@@ -190,6 +219,7 @@ pub fn new_key(r: pb::CreateKeyRequest) -> Result<NewKeySpec, Error> {
         scopes,
         allowed_cidrs,
         rate_limit_per_minute,
+        unlimited: r.unlimited,
         expires_at,
     })
 }
@@ -366,6 +396,64 @@ mod tests {
         for (field, edit) in cases {
             assert_eq!(field_of(create(edit).unwrap_err()), field);
         }
+    }
+
+    #[test]
+    fn unlimited_is_a_mask_path_and_set_without_a_mask_when_true() {
+        let update = |unlimited: bool, paths: &[&str]| {
+            key_changes(pb::UpdateKeyRequest {
+                key_id: "k".into(),
+                unlimited,
+                update_mask: (!paths.is_empty()).then(|| prost_types::FieldMask {
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                }),
+                ..Default::default()
+            })
+        };
+        assert_eq!(update(true, &[]).unwrap().unlimited, Some(true));
+        assert_eq!(
+            field_of(update(false, &[]).unwrap_err()),
+            "update_mask",
+            "false is the unset value: nothing to update"
+        );
+        assert_eq!(
+            update(false, &["unlimited"]).unwrap().unlimited,
+            Some(false)
+        );
+        let star = key_changes(pb::UpdateKeyRequest {
+            name: "all".into(),
+            unlimited: false,
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["*".into()],
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(star.unlimited, Some(false), "* clears it");
+        let named = update(true, &["name"]);
+        assert_eq!(field_of(named.unwrap_err()), "name", "only the named path");
+        assert!(create(|r| r.unlimited = true).unwrap().unlimited);
+    }
+
+    #[test]
+    fn organization_limits_name_the_field() {
+        let set = |org: &str, n: u32| {
+            organization_limit(&pb::SetOrganizationLimitsRequest {
+                organization_id: org.into(),
+                rate_limit_per_minute: n,
+            })
+        };
+        assert_eq!(set(" org_a ", 0).unwrap(), ("org_a".to_owned(), None));
+        assert_eq!(
+            set("org_a", 100_000_000).unwrap().1.map(|n| n.get()),
+            Some(100_000_000)
+        );
+        assert_eq!(field_of(set("", 5).unwrap_err()), "organization_id");
+        assert_eq!(field_of(set("bad org", 5).unwrap_err()), "organization_id");
+        assert_eq!(
+            field_of(set("org_a", 100_000_001).unwrap_err()),
+            "rate_limit_per_minute"
+        );
     }
 
     #[test]

@@ -69,6 +69,9 @@ enum KeysCommand {
         /// Requests per minute (0: the server default).
         #[arg(long, default_value_t = 0)]
         rate_limit: u32,
+        /// Never count the key against a rate limit (needs a SYSTEM key).
+        #[arg(long)]
+        unlimited: bool,
         /// RFC 3339 time after which the key stops working.
         #[arg(long)]
         expires_at: Option<String>,
@@ -84,7 +87,7 @@ enum KeysCommand {
     },
     /// Show one key.
     Get { key_id: String },
-    /// Change a key's name, scopes, allow-list, rate limit or expiry.
+    /// Change a key's name, scopes, allow-list, rate limit, unlimited flag or expiry.
     Update {
         key_id: String,
         #[arg(long)]
@@ -100,6 +103,10 @@ enum KeysCommand {
         no_allow_list: bool,
         #[arg(long)]
         rate_limit: Option<u32>,
+        /// Never count the key against a rate limit (needs a SYSTEM key);
+        /// --unlimited=false counts it again.
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        unlimited: Option<bool>,
         #[arg(long)]
         expires_at: Option<String>,
         /// Removes the expiry.
@@ -182,6 +189,7 @@ fn key_json(k: &pb::ApiKey) -> Value {
         "scopes": k.scopes,
         "allowed_cidrs": k.allowed_cidrs,
         "rate_limit_per_minute": k.rate_limit_per_minute,
+        "unlimited": k.unlimited,
         "status": k.status().as_str_name(),
         "created_at": time(k.created_at.as_ref()),
         "last_used_at": time(k.last_used_at.as_ref()),
@@ -196,8 +204,17 @@ fn key_json(k: &pb::ApiKey) -> Value {
     })
 }
 
+/// `unlimited`, `50/min`, or `default` (the server's, which may be off).
+fn rate_limit(k: &pb::ApiKey) -> String {
+    match (k.unlimited, k.rate_limit_per_minute) {
+        (true, _) => "unlimited".into(),
+        (false, 0) => "default".into(),
+        (false, n) => format!("{n}/min"),
+    }
+}
+
 fn key_table(keys: &[pb::ApiKey]) -> String {
-    let rows: Vec<[String; 8]> = keys
+    let rows: Vec<[String; 9]> = keys
         .iter()
         .map(|k| {
             [
@@ -206,6 +223,7 @@ fn key_table(keys: &[pb::ApiKey]) -> String {
                 k.prefix.clone(),
                 k.mode().as_str_name().to_lowercase(),
                 k.scopes.join(","),
+                rate_limit(k),
                 time(k.last_used_at.as_ref()),
                 time(k.created_at.as_ref()),
                 k.status().as_str_name().to_lowercase(),
@@ -219,6 +237,7 @@ fn key_table(keys: &[pb::ApiKey]) -> String {
             "PREFIX",
             "MODE",
             "SCOPES",
+            "RATE LIMIT",
             "LAST USED",
             "CREATED",
             "STATUS",
@@ -277,6 +296,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
             system,
             allowed_cidrs,
             rate_limit,
+            unlimited,
             expires_at,
         } => {
             let req = pb::CreateKeyRequest {
@@ -295,6 +315,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
                 expires_at: expires_at
                     .map(|t| timestamp(&t, "--expires-at"))
                     .transpose()?,
+                unlimited,
             };
             let resp = admin
                 .create_key(req)
@@ -358,6 +379,7 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
             allowed_cidrs,
             no_allow_list,
             rate_limit,
+            unlimited,
             expires_at,
             no_expiry,
         } => {
@@ -381,6 +403,10 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
             if let Some(limit) = rate_limit {
                 req.rate_limit_per_minute = limit;
                 paths.push("rate_limit_per_minute");
+            }
+            if let Some(unlimited) = unlimited {
+                req.unlimited = unlimited;
+                paths.push("unlimited");
             }
             if let Some(at) = expires_at {
                 req.expires_at = Some(timestamp(&at, "--expires-at")?);

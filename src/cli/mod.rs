@@ -6,6 +6,7 @@ mod bootstrap;
 mod feed;
 mod keys;
 mod migrate;
+mod orgs;
 mod remote;
 mod serve;
 
@@ -42,6 +43,8 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Manage keys on a running server (token from KEYGATE_TOKEN).
     Keys(keys::KeysArgs),
+    /// Organizations' shared rate limits on a running server (a SYSTEM key's token in KEYGATE_TOKEN).
+    Orgs(orgs::OrgsArgs),
 }
 
 /// Where the keys live.
@@ -103,6 +106,7 @@ pub async fn run() -> ExitCode {
         Command::Audit(args) => audit::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
         Command::Keys(args) => keys::run(args).await,
+        Command::Orgs(args) => orgs::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,14 +243,15 @@ mod tests {
     }
 
     /// Every setting can come from a KEYGATE_* variable. The exception is
-    /// what one `keygate keys …` call acts on (a name, a scope, a key id):
+    /// what one `keygate keys …` or `keygate orgs …` call acts on (a name, a
+    /// scope, a key id, a limit):
     /// a stray variable must not change what such a command does, so only
     /// its connection settings (--server, the TLS files) read the environment.
     #[test]
     fn every_setting_has_an_environment_variable() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
             let path = format!("{path} {}", cmd.get_name());
-            let per_call = path.starts_with("keygate keys ");
+            let per_call = path.starts_with("keygate keys ") || path.starts_with("keygate orgs ");
             for arg in cmd.get_arguments() {
                 let id = arg.get_id().as_str();
                 if matches!(id, "help" | "version") || arg.is_positional() {

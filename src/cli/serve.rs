@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 use keygate_core::clock::SystemClock;
-use keygate_core::limits::DEFAULT_RATE_LIMIT;
+use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
 use keygate_core::token::{Brand, DEFAULT_BRAND};
 use tokio::net::TcpListener;
@@ -20,7 +20,8 @@ use super::{
 use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::feed::FeedSettings;
-use crate::server::{Keygate, ServerLimits, Settings, TlsSettings};
+use crate::server::{Keygate, RateLimitStore, ServerLimits, Settings, TlsSettings};
+use crate::service::shared_limits::StoreFailure;
 use crate::store::sql_redact;
 
 #[derive(Debug, Args)]
@@ -132,9 +133,28 @@ pub struct ServeArgs {
         value_parser = parse_duration
     )]
     replica_heartbeat: Duration,
-    /// Requests per minute for keys whose own rate_limit_per_minute is 0.
-    #[arg(long, env = "KEYGATE_DEFAULT_RATE_LIMIT", default_value_t = DEFAULT_RATE_LIMIT)]
-    default_rate_limit: std::num::NonZeroU32,
+    /// Requests per minute for keys whose own rate_limit_per_minute is 0, or
+    /// `off`: such keys are not limited.
+    #[arg(
+        long,
+        env = "KEYGATE_DEFAULT_RATE_LIMIT",
+        default_value = Allowance::DEFAULT.setting_text(),
+        value_parser = Allowance::parse_setting
+    )]
+    default_rate_limit: Allowance,
+    /// redis://HOST:PORT (rediss:// for TLS): share rate-limit windows with
+    /// every replica; without it each replica counts its own requests.
+    #[arg(long, env = "KEYGATE_RATE_LIMIT_STORE", hide_env_values = true)]
+    rate_limit_store: Option<String>,
+    /// While the rate-limit store does not answer: `local` enforces each
+    /// limit / live replicas on every replica, `deny` refuses limited requests.
+    #[arg(
+        long,
+        env = "KEYGATE_RATE_LIMIT_STORE_FAILURE",
+        value_enum,
+        default_value_t = StoreFailure::default().into()
+    )]
+    rate_limit_store_failure: StoreFailureArg,
     /// How often last-used times are written to the store (also at shutdown).
     #[arg(
         long,
@@ -254,6 +274,33 @@ fn tls_settings(args: &ServeArgs) -> Result<Option<TlsSettings>, String> {
     }))
 }
 
+/// `--rate-limit-store-failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreFailureArg {
+    /// Enforce each limit / live replicas on every replica.
+    Local,
+    /// Refuse every limited request.
+    Deny,
+}
+
+impl From<StoreFailure> for StoreFailureArg {
+    fn from(failure: StoreFailure) -> Self {
+        match failure {
+            StoreFailure::Local => StoreFailureArg::Local,
+            StoreFailure::Deny => StoreFailureArg::Deny,
+        }
+    }
+}
+
+impl From<StoreFailureArg> for StoreFailure {
+    fn from(arg: StoreFailureArg) -> Self {
+        match arg {
+            StoreFailureArg::Local => StoreFailure::Local,
+            StoreFailureArg::Deny => StoreFailure::Deny,
+        }
+    }
+}
+
 fn default_replica_name(listen: SocketAddr) -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
@@ -318,6 +365,10 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
             credential_headers: args.ext_authz_credential_headers.clone(),
             strip_credentials: args.ext_authz_strip_credentials,
         },
+        rate_limit_store: args.rate_limit_store.clone().map(|url| RateLimitStore {
+            url,
+            failure: args.rate_limit_store_failure.into(),
+        }),
         limits: ServerLimits {
             max_concurrent_streams: args.max_concurrent_streams.get(),
             max_concurrent_requests: args.max_concurrent_requests.get(),
@@ -422,7 +473,9 @@ mod tests {
             tls,
             ext_authz,
             limits,
+            rate_limit_store,
         } = parsed;
+        assert!(rate_limit_store.is_none() && owner.rate_limit_store.is_none());
         assert_eq!(brand, owner.brand);
         assert_eq!(format!("{cache:?}"), format!("{:?}", owner.cache));
         assert_eq!(load_key_index, owner.load_key_index);

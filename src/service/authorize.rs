@@ -1,18 +1,19 @@
 //! The Authorize path: parse, look up (cache first), decide.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use keygate_core::bounds;
 use keygate_core::clock::Clock;
 use keygate_core::decision::{self, DenyReason, Requirement, Verdict};
 use keygate_core::key::KeyRecord;
-use keygate_core::limits::{RateDecision, RateLimits};
+use keygate_core::limits::{Allowance, LimitedBy, RateDecision};
 use keygate_core::policy::RouteTable;
 use keygate_core::scope::Scope;
 use keygate_core::token::{Credential, ParsedToken, TokenError};
 
+use super::limits::{Limiter, Subject};
+use super::organizations::OrganizationLimits;
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::error::Error;
@@ -45,8 +46,16 @@ pub struct Outcome {
     /// `None` when `required_scopes` were given; on INSUFFICIENT_SCOPE, the
     /// scope the key lacks; on any other deny, `None`.
     pub required_scope: Option<String>,
-    /// The key's rate-limit state, when the request got as far as counting.
+    /// The rate-limit state that binds the request, when it got as far as
+    /// counting and a limit applies: on RATE_LIMITED the limit that refused
+    /// it, on an allow whichever of the key's and its organization's has
+    /// fewer requests left. `None` for a key nothing limits (unlimited).
     pub rate: Option<RateDecision>,
+    /// Whose limit `rate` is; `None` exactly when `rate` is.
+    pub limited_by: Option<LimitedBy>,
+    /// The key's organization's shared limit, when one applies to it
+    /// (whether or not it is the binding one).
+    pub organization_rate_limit: Option<std::num::NonZeroU32>,
 }
 
 impl Outcome {
@@ -56,36 +65,61 @@ impl Outcome {
             key: None,
             required_scope: None,
             rate: None,
+            limited_by: None,
+            organization_rate_limit: None,
         }
     }
 }
 
+/// What counting a request against its limits found.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    rate: RateDecision,
+    by: LimitedBy,
+    organization_limit: Option<std::num::NonZeroU32>,
+}
+
+impl Counted {
+    fn refused(&self) -> bool {
+        self.rate.retry_after.is_some()
+    }
+}
+
 /// The Authorize decision for this replica: keys through the cache, routes
-/// through the policy, rate limits counted in this replica's memory, and
-/// uses recorded for the next usage flush. Shared by Authorize, Check, and
-/// the authentication of admin and Watch callers.
+/// through the policy, rate limits (the key's and its organization's)
+/// counted by a [`Limiter`], and uses recorded for the next usage flush.
+/// Shared by Authorize, Check, and the authentication of admin and Watch
+/// callers.
 pub struct Authorizer {
     keys: Arc<KeyCache>,
     policy: Arc<RouteTable>,
     clock: Arc<dyn Clock>,
-    limits: RateLimits,
+    limiter: Limiter,
+    default_rate_limit: Allowance,
+    organizations: Arc<OrganizationLimits>,
     usage: Arc<UsageTracker>,
 }
 
 impl Authorizer {
-    /// `default_rate_limit` (requests per minute) applies to keys whose own
-    /// limit is 0; successful authentications are recorded in `usage`.
+    /// `default_rate_limit` applies to keys whose own limit is 0 (it may be
+    /// unlimited); `organizations` holds the organizations' shared limits;
+    /// requests are counted by `limiter`; successful authentications are
+    /// recorded in `usage`.
     pub fn new(
         keys: Arc<KeyCache>,
         policy: Arc<RouteTable>,
         clock: Arc<dyn Clock>,
-        default_rate_limit: NonZeroU32,
+        limiter: Limiter,
+        default_rate_limit: Allowance,
+        organizations: Arc<OrganizationLimits>,
         usage: Arc<UsageTracker>,
     ) -> Self {
         Self {
             keys,
             policy,
-            limits: RateLimits::new(default_rate_limit, clock.clone()),
+            limiter,
+            default_rate_limit,
+            organizations,
             clock,
             usage,
         }
@@ -124,19 +158,76 @@ impl Authorizer {
                     required_scope,
                 } => (Some(reason), required_scope),
             };
-        // Only what would be allowed counts against the limit.
-        let rate = deny
-            .is_none()
-            .then(|| self.limits.check(key.id, key.rate_limit_per_minute));
-        if rate.is_some_and(|r| r.retry_after.is_some()) {
+        // Only what would be allowed counts against the limits.
+        let counted = if deny.is_none() {
+            self.count(&key).await
+        } else {
+            None
+        };
+        if counted.is_some_and(|c| c.refused()) {
             deny = Some(DenyReason::RateLimited);
         }
         Ok(Outcome {
             deny,
             required_scope: required_scope.map(|s| s.as_str().to_owned()),
             key: Some(key),
-            rate,
+            rate: counted.map(|c| c.rate),
+            limited_by: counted.map(|c| c.by),
+            organization_rate_limit: counted.and_then(|c| c.organization_limit),
         })
+    }
+
+    /// Counts a request that passed every other check against the key's
+    /// allowance and its organization's: the one place Authorize asks the
+    /// limiter. It is allowed only within both; the key is counted first,
+    /// and taken back when the organization refuses, so only allowed
+    /// requests count. `None` when no limit applies: an unlimited key is
+    /// never counted (not for its organization either), nor is a key with
+    /// no limit of its own under an unlimited default in an organization
+    /// without one.
+    async fn count(&self, key: &KeyRecord) -> Option<Counted> {
+        if key.unlimited {
+            return None;
+        }
+        let organization = key
+            .organization_id
+            .as_deref()
+            .and_then(|org| self.organizations.get(org));
+        let organization_limit = organization.as_ref().map(|(_, n)| *n);
+        let subject = Subject::Key(key.id);
+        let own = match key.allowance(self.default_rate_limit) {
+            Allowance::Unlimited => None,
+            Allowance::PerMinute(n) => Some(Counted {
+                rate: self.limiter.check(&subject, n).await,
+                by: LimitedBy::Key,
+                organization_limit,
+            }),
+        };
+        let Some((org, per_minute)) = organization else {
+            return own;
+        };
+        if own.is_some_and(|c| c.refused()) {
+            return own;
+        }
+        let shared = Counted {
+            rate: self
+                .limiter
+                .check(&Subject::Organization(org), per_minute)
+                .await,
+            by: LimitedBy::Organization,
+            organization_limit,
+        };
+        if shared.refused() {
+            if own.is_some() {
+                self.limiter.uncount(&subject);
+            }
+            return Some(shared);
+        }
+        // Both allow: the headers tell of the one the client runs into first.
+        match own {
+            Some(own) if own.rate.remaining <= shared.rate.remaining => Some(own),
+            _ => Some(shared),
+        }
     }
 
     /// Checks a presented credential: format, key, secret, state, expiry,

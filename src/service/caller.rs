@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use keygate_core::grant;
 use keygate_core::key::{KeyRecord, Tier};
+use keygate_core::limits::Allowance;
 use keygate_core::scope::Scope;
 
 use crate::error::Error;
@@ -57,15 +58,16 @@ impl Caller {
 
     /// Fails with PERMISSION_DENIED unless `target`, as it will be after a
     /// create, update, rotate or enable, has no more power than the caller:
-    /// every scope held by the caller, and within its mode, allow-list,
-    /// expiry and rate limit (see [`grant`]). `before` is the target as
-    /// stored: when a key changes itself, its stored record is the caller,
-    /// so it may narrow itself but never widen itself.
+    /// every scope held by the caller, unlimited only if it was already or
+    /// the caller is a SYSTEM key, and within its mode, allow-list, expiry
+    /// and rate limit (see [`grant`]). `before` is the target as stored
+    /// (`None` for a new key): when a key changes itself, its stored record
+    /// is the caller, so it may narrow itself but never widen itself.
     pub fn require_within(
         &self,
         before: Option<&KeyRecord>,
         target: &KeyRecord,
-        default_rate_limit: u32,
+        default_rate_limit: Allowance,
     ) -> Result<(), Error> {
         let grantor = match before {
             Some(own) if own.id == self.key.id => own,
@@ -76,6 +78,7 @@ impl Caller {
                 "cannot grant {missing}, which the calling key does not hold"
             )));
         }
+        grant::may_make_unlimited(&self.key, before, target)?;
         Ok(grant::within(grantor, target, default_rate_limit)?)
     }
 

@@ -12,6 +12,7 @@ use keygate_core::clock::Clock;
 use keygate_core::event::{self, Actor, EventKind, NewEvent};
 use keygate_core::grant;
 use keygate_core::key::{KeyChanges, KeyRecord, KeyState, Mode, Tier};
+use keygate_core::limits::Allowance;
 use keygate_core::scope::{Scope, ScopeSet};
 use keygate_core::token::{self, Brand, NewToken};
 use uuid::Uuid;
@@ -46,6 +47,8 @@ pub struct NewKeySpec {
     pub allowed_cidrs: Vec<IpNet>,
     /// Requests per minute; 0: the server default.
     pub rate_limit_per_minute: u32,
+    /// Never counted against a rate limit; only a SYSTEM caller may ask.
+    pub unlimited: bool,
     /// When the key stops working, in the future; `None`: the caller's own
     /// expiry (never when the caller has none).
     pub expires_at: Option<DateTime<Utc>>,
@@ -93,7 +96,7 @@ pub struct KeyService {
     pub(super) pages: PageTokens,
     pub(super) scopes: Scopes,
     /// What a key's rate limit of 0 means, to compare limits with the caller's.
-    default_rate_limit: u32,
+    default_rate_limit: Allowance,
 }
 
 impl KeyService {
@@ -123,13 +126,13 @@ impl KeyService {
                 update: scope("api_key:update"),
                 delete: scope("api_key:delete"),
             },
-            default_rate_limit: keygate_core::limits::DEFAULT_RATE_LIMIT.get(),
+            default_rate_limit: Allowance::DEFAULT,
         }
     }
 
     /// Sets what a rate limit of 0 means (the server's `--default-rate-limit`).
-    pub fn with_default_rate_limit(mut self, per_minute: u32) -> Self {
-        self.default_rate_limit = per_minute;
+    pub fn with_default_rate_limit(mut self, default: Allowance) -> Self {
+        self.default_rate_limit = default;
         self
     }
 
@@ -187,6 +190,7 @@ impl KeyService {
             scopes: spec.scopes,
             allowed_cidrs: spec.allowed_cidrs,
             rate_limit_per_minute: spec.rate_limit_per_minute,
+            unlimited: spec.unlimited,
             state: KeyState::Active,
             created_at: now,
             last_used_at: None,
@@ -393,7 +397,8 @@ impl KeyService {
         caller.require(&self.scopes.update)?;
         self.change(caller, id, EventKind::Enabled, |key, _| {
             caller.require_covers(key, "enable")?;
-            caller.require_within(None, key, self.default_rate_limit)?;
+            // Enabling changes no setting: the key as stored is `before`.
+            caller.require_within(Some(key), key, self.default_rate_limit)?;
             Ok(key.enable().map(|()| String::new())?)
         })
         .await
@@ -450,6 +455,7 @@ impl KeyService {
             scopes,
             allowed_cidrs: Vec::new(),
             rate_limit_per_minute: 0,
+            unlimited: false,
             state: KeyState::Active,
             created_at: now,
             last_used_at: None,

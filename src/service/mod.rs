@@ -5,8 +5,11 @@ pub mod audit;
 pub mod authorize;
 pub mod caller;
 pub mod keys;
+pub mod limits;
+pub mod organizations;
 mod page;
 pub mod replicas;
+pub mod shared_limits;
 pub mod usage;
 pub mod watch;
 

@@ -7,6 +7,7 @@
 
 mod changes;
 mod events;
+mod organizations;
 mod postgres;
 mod row;
 mod sql;
@@ -20,6 +21,7 @@ pub use changes::Changes;
 use chrono::{DateTime, Utc};
 use keygate_core::event::{Event, NewEvent};
 use keygate_core::key::{KeyRecord, Mode};
+use keygate_core::organization::OrganizationLimit;
 use keygate_core::usage::UsageRecord;
 pub use sql::SqlStore;
 pub use url::redact as sql_redact;
@@ -104,6 +106,24 @@ pub trait UsageStore: Send + Sync + 'static {
     /// Writes a batch of usage: last-used times only move forward, and
     /// previous-secret counts only add to the rotation they belong to.
     async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
+}
+
+/// Organizations' shared rate limits: written by SetOrganizationLimits, read
+/// whole by every replica into memory (Authorize never reads them here).
+#[async_trait]
+pub trait OrganizationLimitStore: Send + Sync + 'static {
+    /// Records `limit` as the organization's, replacing what it had; a
+    /// `per_minute` of `None` clears it (the row stays, saying who cleared it).
+    async fn set_organization_limit(&self, limit: &OrganizationLimit) -> Result<(), StoreError>;
+
+    /// The organization's limit as last set or cleared; `None` when it never was.
+    async fn organization_limit(
+        &self,
+        organization_id: &str,
+    ) -> Result<Option<OrganizationLimit>, StoreError>;
+
+    /// Every organization with a limit in force, by organization id.
+    async fn organization_limits(&self) -> Result<Vec<OrganizationLimit>, StoreError>;
 }
 
 /// Where each replica says how far it has applied the log.

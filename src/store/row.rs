@@ -85,7 +85,7 @@ fn revoked(key: &KeyRecord) -> Option<(&DateTime<Utc>, &str)> {
 /// Every column of `api_keys`, in the order of the statements' parameters
 /// (`$1` is the first): the one definition the column list, the INSERT, the
 /// UPDATE and the binds are all built from.
-pub const KEY_COLUMNS: [KeyColumn; 24] = {
+pub const KEY_COLUMNS: [KeyColumn; 25] = {
     use OnUpdate::*;
     [
         column("id", Identity, |k| Value::text(k.id.to_string())),
@@ -150,6 +150,9 @@ pub const KEY_COLUMNS: [KeyColumn; 24] = {
                     .as_ref()
                     .map_or(0, |p| i64::try_from(p.uses).unwrap_or(i64::MAX)),
             ))
+        }),
+        column("unlimited", Set, |k| {
+            Value::Int(Some(i64::from(k.unlimited)))
         }),
     ]
 };
@@ -235,7 +238,7 @@ pub fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }
 
-fn time(us: i64) -> Result<DateTime<Utc>, String> {
+pub fn time(us: i64) -> Result<DateTime<Utc>, String> {
     DateTime::from_timestamp_micros(us).ok_or_else(|| format!("time {us} out of range"))
 }
 
@@ -330,6 +333,11 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
         scopes: ScopeSet::parse(&scopes).map_err(|e| e.to_string())?,
         allowed_cidrs: cidrs,
         rate_limit_per_minute: u32::try_from(rate).map_err(|e| e.to_string())?,
+        unlimited: match row.try_get::<i64, _>("unlimited").map_err(get_err)? {
+            0 => false,
+            1 => true,
+            other => return Err(format!("unlimited is {other}, not 0 or 1")),
+        },
         state,
         created_at: time(row.try_get("created_at").map_err(get_err)?)?,
         last_used_at: opt_time(opt_i64("last_used_at")?)?,
@@ -489,6 +497,7 @@ mod tests {
             scopes: ScopeSet::parse(&["checkout:create"]).expect("valid scopes"),
             allowed_cidrs: vec![],
             rate_limit_per_minute: 0,
+            unlimited: false,
             state: KeyState::Active,
             created_at: at,
             last_used_at: None,
@@ -508,8 +517,9 @@ mod tests {
             "INSERT INTO api_keys (id, name, organization_id, tier, mode, prefix, secret_digest, "
         ));
         assert!(INSERT_KEY.ends_with(
-            "previous_secret_last_used_at, previous_secret_uses) VALUES ($1, $2, $3, $4, $5, $6, \
-             $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+            "previous_secret_last_used_at, previous_secret_uses, unlimited) VALUES ($1, $2, $3, $4, \
+             $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
+             $23, $24, $25)"
         ));
     }
 
@@ -525,8 +535,9 @@ mod tests {
              expires_at = $16, revoked_at = $17, revoked_reason = $18, rotated_at = $19, \
              created_by = $20, version = $21, previous_secret_announced = $22, \
              previous_secret_last_used_at = CASE WHEN rotated_at = $19 THEN previous_secret_last_used_at ELSE $23 END, \
-             previous_secret_uses = CASE WHEN rotated_at = $19 THEN previous_secret_uses ELSE $24 END \
-             WHERE id = $1 AND version = $25"
+             previous_secret_uses = CASE WHEN rotated_at = $19 THEN previous_secret_uses ELSE $24 END, \
+             unlimited = $25 \
+             WHERE id = $1 AND version = $26"
         );
         // update_key binds the new record, then the expected version.
         let binds = bound(bind_key(sqlx::query(UPDATE_KEY.as_str()), &sample_key()).bind(1i64));

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use super::sql::Dialect;
 use super::{
-    EventLog, EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaRegistry, ReplicaStatus, SqlStore,
-    StoreError, UsageStore,
+    EventLog, EventQuery, KeyQuery, KeyReader, KeyStore, OrganizationLimitStore, ReplicaRegistry,
+    ReplicaStatus, SqlStore, StoreError, UsageStore,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +67,8 @@ store_test_suite!(
     shared_secret_is_stable,
     ping_answers_until_closed,
     undecodable_rows_are_corrupt,
+    unlimited_is_stored_updated_and_off_for_older_rows,
+    organization_limits_are_set_replaced_cleared_and_listed,
 );
 
 type TestFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
@@ -196,6 +198,7 @@ fn key(org: &str, created: i64) -> KeyRecord {
         scopes: ScopeSet::parse(&["checkout:create"]).expect("scopes"),
         allowed_cidrs: vec![],
         rate_limit_per_minute: 0,
+        unlimited: false,
         state: KeyState::Active,
         created_at: at(created),
         last_used_at: None,
@@ -226,6 +229,7 @@ fn full_key() -> KeyRecord {
             "2001:db8::/32".parse().expect("cidr"),
         ],
         rate_limit_per_minute: 600,
+        unlimited: true,
         state: KeyState::Revoked {
             at: at(600),
             reason: "leaked in a log".into(),
@@ -790,6 +794,121 @@ async fn ping_answers_until_closed(f: &Fixture) {
         .await
         .expect_err("closed store");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+async fn unlimited_is_stored_updated_and_off_for_older_rows(f: &Fixture) {
+    let stored = key("acme", 1);
+    insert(&f.store, &stored).await;
+    let unlimited = KeyRecord {
+        unlimited: true,
+        ..stored.clone()
+    };
+    let (next, _) = f
+        .store
+        .update_key(&unlimited, &event(EventKind::Updated, &unlimited, 2))
+        .await
+        .expect("update")
+        .expect("current version");
+    assert!(next.unlimited);
+    let got = f.store.get_key(stored.id).await.expect("get").expect("key");
+    assert_eq!(got, next);
+
+    // A row written before the column existed, i.e. without it, is counted:
+    // copied here from the unlimited one with every column but `unlimited`.
+    let older = Uuid::new_v4();
+    let columns: Vec<&str> = super::row::KEY_COLUMNS
+        .iter()
+        .map(|c| c.name)
+        .filter(|c| *c != "unlimited")
+        .collect();
+    let values: Vec<String> = columns
+        .iter()
+        .map(|c| match *c {
+            "id" => format!("'{older}'"),
+            other => other.to_owned(),
+        })
+        .collect();
+    f.raw(&format!(
+        "INSERT INTO api_keys ({}) SELECT {} FROM api_keys WHERE id = '{}'",
+        columns.join(", "),
+        values.join(", "),
+        stored.id
+    ))
+    .await;
+    let copy = f.store.get_key(older).await.expect("get").expect("copied");
+    assert_eq!(
+        copy,
+        KeyRecord {
+            id: older,
+            unlimited: false,
+            ..next
+        }
+    );
+
+    // Anything but 0 or 1 is damage, not a guess.
+    f.raw(&format!(
+        "UPDATE api_keys SET unlimited = 2 WHERE id = '{older}'"
+    ))
+    .await;
+    assert_corrupt(f.store.get_key(older).await);
+}
+
+async fn organization_limits_are_set_replaced_cleared_and_listed(f: &Fixture) {
+    use keygate_core::organization::OrganizationLimit;
+    let limit = |org: &str, n: u32, at_s: i64| OrganizationLimit {
+        organization_id: org.into(),
+        per_minute: std::num::NonZeroU32::new(n),
+        updated_at: at(at_s),
+        updated_by: format!("key of {org}"),
+    };
+    let store = &f.store;
+    assert_eq!(store.organization_limit("acme").await.expect("get"), None);
+    assert_eq!(store.organization_limits().await.expect("list"), vec![]);
+    for l in [
+        limit("zeta", 5, 1),
+        limit("acme", 100, 2),
+        limit("beta", 7, 3),
+    ] {
+        store.set_organization_limit(&l).await.expect("set");
+    }
+    // Replaced whole, and cleared: the row stays, saying who cleared it.
+    store
+        .set_organization_limit(&limit("acme", 600, 4))
+        .await
+        .expect("replace");
+    store
+        .set_organization_limit(&limit("beta", 0, 5))
+        .await
+        .expect("clear");
+    assert_eq!(
+        store.organization_limit("acme").await.expect("get"),
+        Some(limit("acme", 600, 4))
+    );
+    assert_eq!(
+        store.organization_limit("beta").await.expect("get"),
+        Some(limit("beta", 0, 5))
+    );
+    assert_eq!(
+        store.organization_limits().await.expect("list"),
+        vec![limit("acme", 600, 4), limit("zeta", 5, 1)],
+        "only the limits in force, by organization"
+    );
+    // The largest limit the API takes fits.
+    store
+        .set_organization_limit(&limit("big", 100_000_000, 6))
+        .await
+        .expect("set");
+    assert_eq!(
+        store.organization_limit("big").await.expect("get"),
+        Some(limit("big", 100_000_000, 6))
+    );
+    // More than any limit keygate writes: damage, not a limit.
+    f.raw(
+        "UPDATE organization_limits SET rate_limit_per_minute = 1099511627776 \
+         WHERE organization_id = 'zeta'",
+    )
+    .await;
+    assert_corrupt(store.organization_limits().await);
 }
 
 fn assert_corrupt<T: std::fmt::Debug>(result: Result<T, StoreError>) {

@@ -364,7 +364,7 @@ async fn events_record_the_settings_they_leave_in_force(backend: Backend) {
         got[2].details,
         "name=\"checkout backend\" tier=organization mode=test \
          scopes=checkout:create,links:read allowed_cidrs=10.0.0.0/8 \
-         rate_limit_per_minute=50 expires_at=never"
+         rate_limit_per_minute=50 unlimited=false expires_at=never"
     );
     assert_eq!(got[1].reason, "scopes, rate_limit_per_minute");
     assert_eq!(got[1].details, "scopes=links:read rate_limit_per_minute=7");

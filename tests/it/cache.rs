@@ -35,6 +35,7 @@ fn large_key() -> KeyRecord {
             .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
             .collect(),
         rate_limit_per_minute: 0,
+        unlimited: false,
         state: KeyState::Active,
         created_at: chrono::Utc::now(),
         last_used_at: None,

@@ -5,7 +5,8 @@ use serde_json::Value;
 
 use crate::harness::{Backend, TestServer};
 
-async fn keys(s: &TestServer, args: &[&str]) -> (bool, String, String) {
+/// `keygate keys ARGS` as the bootstrap admin: (success, stdout, stderr).
+pub async fn keys(s: &TestServer, args: &[&str]) -> (bool, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
         .arg("keys")
         .args(["--server", &s.url()])

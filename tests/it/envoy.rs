@@ -16,6 +16,7 @@ on_both_backends!(
     refused_requests_get_the_seeds_json_errors,
     a_revoked_key_is_refused_on_the_very_next_request,
     over_the_limit_is_429_with_retry_after,
+    an_organization_limit_is_429_naming_it_and_unlimited_keys_get_no_headers,
 );
 
 async fn start(backend: Backend) -> Option<(TestServer, Gateway)> {
@@ -276,6 +277,86 @@ async fn over_the_limit_is_429_with_retry_after(backend: Backend) {
         gateway.send("POST", "/v1/checkouts", &headers).await.status,
         200
     );
+}
+
+async fn an_organization_limit_is_429_naming_it_and_unlimited_keys_get_no_headers(
+    backend: Backend,
+) {
+    let Some((server, gateway)) = start(backend).await else {
+        return;
+    };
+    let (_, one) = server.org_key("org_a", &["checkout:create"]).await;
+    let (_, two) = server.org_key("org_a", &["checkout:create"]).await;
+    server
+        .admin()
+        .await
+        .set_organization_limits(as_key(
+            &server.admin_token,
+            pb::SetOrganizationLimitsRequest {
+                organization_id: "org_a".into(),
+                rate_limit_per_minute: 2,
+            },
+        ))
+        .await
+        .unwrap();
+    for (token, remaining) in [(&one, "1"), (&two, "0")] {
+        let reply = gateway
+            .send("POST", "/v1/checkouts", &[("x-api-key", token)])
+            .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("x-ratelimit-limit"), Some("2"));
+        assert_eq!(reply.header("x-ratelimit-remaining"), Some(remaining));
+    }
+    let reply = gateway
+        .send("POST", "/v1/checkouts", &[("x-api-key", &one)])
+        .await;
+    assert_eq!(reply.status, 429, "{reply:?}");
+    let body = reply.json();
+    assert_eq!(
+        (body["code"].as_str(), body["limited_by"].as_str()),
+        (Some("RATE_LIMITED"), Some("ORGANIZATION"))
+    );
+    assert_eq!(reply.header("retry-after"), Some("60"));
+    assert_eq!(reply.header("x-ratelimit-limit"), Some("2"));
+
+    // A key's own limit says so too (in an organization without one).
+    let (_, limited) = server
+        .create_key(pb::CreateKeyRequest {
+            name: "limited".into(),
+            organization_id: "org_b".into(),
+            scopes: vec!["checkout:create".into()],
+            rate_limit_per_minute: 1,
+            ..Default::default()
+        })
+        .await;
+    let headers = [("x-api-key", limited.as_str())];
+    assert_eq!(
+        gateway.send("POST", "/v1/checkouts", &headers).await.status,
+        200
+    );
+    let reply = gateway.send("POST", "/v1/checkouts", &headers).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.json()["limited_by"], "KEY");
+
+    // An unlimited key (of the limited organization) is never counted: no
+    // x-ratelimit headers, never a 429.
+    let (_, unlimited) = server
+        .create_key(pb::CreateKeyRequest {
+            name: "internal".into(),
+            organization_id: "org_a".into(),
+            scopes: vec!["checkout:create".into()],
+            unlimited: true,
+            ..Default::default()
+        })
+        .await;
+    for _ in 0..5 {
+        let reply = gateway
+            .send("POST", "/v1/checkouts", &[("x-api-key", &unlimited)])
+            .await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.header("x-ratelimit-limit"), None);
+        assert_eq!(reply.header("x-ratelimit-remaining"), None);
+    }
 }
 
 /// When keygate can't reach its store for a key it has not cached, Envoy

@@ -375,7 +375,11 @@ async fn the_cached_authorizer_honours_rate_limits(backend: Backend) {
     );
 }
 
-async fn cached_authorizer(s: &TestServer, feed_token: &str, ttl: Duration) -> CachedAuthorizer {
+pub async fn cached_authorizer(
+    s: &TestServer,
+    feed_token: &str,
+    ttl: Duration,
+) -> CachedAuthorizer {
     let channel = Channel::from_shared(s.url())
         .unwrap()
         .connect()

@@ -426,7 +426,8 @@ async fn a_flood_of_uncached_keys_never_disturbs_cached_ones(backend: Backend) {
     let Some(s) = TestServer::start_with(backend, |s| {
         s.cache.store_reads = 1;
         s.cache.store_read_wait = Duration::ZERO;
-        s.default_rate_limit = std::num::NonZeroU32::new(10_000).unwrap();
+        s.default_rate_limit =
+            keygate_core::limits::Allowance::PerMinute(std::num::NonZeroU32::new(10_000).unwrap());
     })
     .await
     else {

@@ -77,6 +77,8 @@ pub struct TestServer {
     pub keys: Arc<keygate::service::KeyService>,
     pub feed: Arc<keygate::feed::Feed>,
     pub replicas: Arc<keygate::service::replicas::Replicas>,
+    /// The Redis-shared limits, when the settings named a rate-limit store.
+    pub shared_limits: Option<Arc<keygate::service::shared_limits::SharedLimits>>,
     pub cache: Arc<keygate::cache::KeyCache>,
     pub database_url: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -166,6 +168,23 @@ impl TestServer {
             .expect("restart")
     }
 
+    /// Another replica on the same database and the same clock (advancing
+    /// one advances every replica), with its own settings changes. The
+    /// database belongs to `self`: it is dropped with `self`.
+    pub async fn join(&self, configure: impl Fn(&mut Settings)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let configure: &dyn Fn(&mut Settings) = &configure;
+        Self::start_with_clock(
+            self.database_url.clone(),
+            dir,
+            PostgresDb::None,
+            self.clock.clone(),
+            configure,
+        )
+        .await
+        .expect("join")
+    }
+
     /// Graceful shutdown: in-flight calls finish, usage is written.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -210,6 +229,7 @@ impl TestServer {
         let keys = keygate.keys.clone();
         let feed = keygate.feed.clone();
         let replicas = keygate.replicas.clone();
+        let shared_limits = keygate.shared_limits.clone();
         let cache = keygate.cache.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -228,6 +248,7 @@ impl TestServer {
             keys,
             feed,
             replicas,
+            shared_limits,
             cache,
             database_url,
             shutdown: Some(tx),
@@ -469,7 +490,12 @@ pub async fn dump_database(s: &TestServer) -> String {
         .await
         .expect("connect");
     let mut out = String::new();
-    for table in ["api_keys", "key_events", "keygate_settings"] {
+    for table in [
+        "api_keys",
+        "key_events",
+        "keygate_settings",
+        "organization_limits",
+    ] {
         // In key order (each table's first column), so two dumps of the same
         // rows are equal however the database happens to return them.
         let sql = sqlx::AssertSqlSafe(format!("SELECT * FROM {table} ORDER BY 1"));

@@ -195,7 +195,7 @@ where
 /// Every KeyAdmin call, Watch and ListReplicas, each with a well-formed
 /// request that would change or reveal `target` if the credential passed;
 /// with no target, the empty (0-byte) request.
-const CREDENTIALED: [&str; 13] = [
+const CREDENTIALED: [&str; 15] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -209,6 +209,8 @@ const CREDENTIALED: [&str; 13] = [
     "ListKeyEvents",
     "Watch",
     "ListReplicas",
+    "SetOrganizationLimits",
+    "GetOrganizationLimits",
 ];
 
 fn credentialed(rpc: &'static str, metadata: MetadataMap, target: Option<String>) -> MakeCall {
@@ -336,6 +338,28 @@ fn credentialed(rpc: &'static str, metadata: MetadataMap, target: Option<String>
                 "Watch" => first_message(ch, metadata.clone(), 0).await,
                 "ListReplicas" => RevocationFeedClient::new(ch)
                     .list_replicas(with_metadata_or_empty(m, empty, pb::ListReplicasRequest {}))
+                    .await
+                    .map(ok),
+                // With a target: an organization; without, the 0-byte request.
+                "SetOrganizationLimits" => admin
+                    .set_organization_limits(with_metadata_or_empty(
+                        m,
+                        empty,
+                        pb::SetOrganizationLimitsRequest {
+                            organization_id: if empty { String::new() } else { "org_a".into() },
+                            rate_limit_per_minute: u32::from(!empty),
+                        },
+                    ))
+                    .await
+                    .map(ok),
+                "GetOrganizationLimits" => admin
+                    .get_organization_limits(with_metadata_or_empty(
+                        m,
+                        empty,
+                        pb::GetOrganizationLimitsRequest {
+                            organization_id: if empty { String::new() } else { "org_a".into() },
+                        },
+                    ))
                     .await
                     .map(ok),
                 other => unreachable!("no such rpc {other}"),
@@ -958,6 +982,14 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
         ("ListKeyEvents", Expect::Answer("OK")),
         ("Watch", Expect::Answer("FIRST HEARTBEAT")),
         ("ListReplicas", Expect::Answer("OK")),
+        (
+            "SetOrganizationLimits",
+            invalid(&["organization_id", "required"]),
+        ),
+        (
+            "GetOrganizationLimits",
+            invalid(&["organization_id", "required"]),
+        ),
     ] {
         row(
             format!("{rpc}: 0-byte request"),
@@ -1175,6 +1207,15 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             create(&|r| r.expires_at = ts(253_402_300_799, 0))
         ),
         refused(Code::PermissionDenied, &["expires_at"]),
+    );
+    row(
+        "CreateKey as a restricted key: unlimited".into(),
+        admin_call!(
+            restricted_token,
+            create_key,
+            create(&|r| r.unlimited = true)
+        ),
+        refused(Code::PermissionDenied, &["unlimited", "SYSTEM"]),
     );
 
     // Key ids.
@@ -1445,6 +1486,80 @@ async fn every_hostile_input_gets_its_documented_error_and_changes_nothing(backe
             }
         ),
         refused(Code::PermissionDenied, &["expires_at"]),
+    );
+    row(
+        "UpdateKey as a restricted key: make itself unlimited".into(),
+        admin_call!(
+            restricted_token,
+            update_key,
+            pb::UpdateKeyRequest {
+                key_id: restricted_id.clone(),
+                unlimited: true,
+                ..Default::default()
+            }
+        ),
+        refused(Code::PermissionDenied, &["unlimited", "SYSTEM"]),
+    );
+    // Organization limits: SYSTEM keys only, fields named.
+    for (what, org, limit, expect) in [
+        (
+            "as an ORGANIZATION admin",
+            "org_a",
+            10,
+            refused(Code::PermissionDenied, &["SYSTEM"]),
+        ),
+        (
+            "a malformed organization",
+            "org a; --",
+            10,
+            invalid(&["organization_id"]),
+        ),
+        (
+            "a 1 MiB organization",
+            "MIB",
+            10,
+            refused(Code::OutOfRange, &[]),
+        ),
+        (
+            "over the highest limit",
+            "org_a",
+            u32::MAX,
+            invalid(&["rate_limit_per_minute", "100000000"]),
+        ),
+    ] {
+        let token = if what.starts_with("as an ORGANIZATION") {
+            restricted_token.clone()
+        } else {
+            admin.clone()
+        };
+        let organization_id = if org == "MIB" {
+            "o".repeat(MIB)
+        } else {
+            org.to_owned()
+        };
+        row(
+            format!("SetOrganizationLimits: {what}"),
+            admin_call!(
+                token,
+                set_organization_limits,
+                pb::SetOrganizationLimitsRequest {
+                    organization_id,
+                    rate_limit_per_minute: limit,
+                }
+            ),
+            expect,
+        );
+    }
+    row(
+        "GetOrganizationLimits as an ORGANIZATION admin: its own organization".into(),
+        admin_call!(
+            restricted_token,
+            get_organization_limits,
+            pb::GetOrganizationLimitsRequest {
+                organization_id: "org_a".into(),
+            }
+        ),
+        refused(Code::PermissionDenied, &["SYSTEM"]),
     );
     row(
         "UpdateKey: 1 MiB update_mask path".into(),

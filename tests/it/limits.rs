@@ -21,7 +21,7 @@ pub async fn limited_key(s: &TestServer, per_minute: u32) -> (pb::ApiKey, String
     .await
 }
 
-async fn five_per_minute_then_429_until_old_requests_age_out(backend: Backend) {
+async fn five_per_minute_then_429_until_the_window_has_passed(backend: Backend) {
     let Some(s) = TestServer::start(backend).await else {
         return;
     };
@@ -37,37 +37,28 @@ async fn five_per_minute_then_429_until_old_requests_age_out(backend: Backend) {
         (r.decision(), r.reason(), r.http_status),
         (pb::Decision::Deny, pb::DenyReason::RateLimited, 429)
     );
+    // Every request was made at 0 s: they leave the window at 60 s.
     let retry = r.retry_after.unwrap();
-    assert!(
-        (1..=60).contains(&retry.seconds) && retry.nanos == 0,
-        "{retry:?}"
-    );
+    assert_eq!((retry.seconds, retry.nanos), (60, 0), "{retry:?}");
     assert_eq!((r.rate_limit, r.rate_limit_remaining), (5, 0));
     assert!(!r.key_id.is_empty(), "a 429 still names the key");
 
-    // Rolling: one request's allowance comes back every 12 s.
-    s.advance(Duration::seconds(11));
-    assert_eq!(
-        s.authorize(&token, ROUTE, "").await.reason(),
-        pb::DenyReason::RateLimited
-    );
+    // A rolling 60 s window: nothing comes back before the minute is over…
+    s.advance(Duration::seconds(59));
+    let r = s.authorize(&token, ROUTE, "").await;
+    assert_eq!(r.reason(), pb::DenyReason::RateLimited);
+    assert_eq!(r.retry_after.map(|d| d.seconds), Some(1));
+    // …and then exactly the limit, not a burst on top of a refill.
     s.advance(Duration::seconds(1));
-    assert_eq!(
-        s.authorize(&token, ROUTE, "").await.decision(),
-        pb::Decision::Allow
-    );
+    for remaining in (0..5).rev() {
+        let r = s.authorize(&token, ROUTE, "").await;
+        assert_eq!(r.decision(), pb::Decision::Allow);
+        assert_eq!(r.rate_limit_remaining, remaining);
+    }
     assert_eq!(
         s.authorize(&token, ROUTE, "").await.reason(),
         pb::DenyReason::RateLimited
     );
-    // A full minute later the whole allowance is back.
-    s.advance(Duration::seconds(60));
-    for _ in 0..5 {
-        assert_eq!(
-            s.authorize(&token, ROUTE, "").await.decision(),
-            pb::Decision::Allow
-        );
-    }
 }
 
 async fn two_hundred_concurrent_calls_on_a_limit_of_100_allow_exactly_100(backend: Backend) {
@@ -247,11 +238,15 @@ async fn a_wall_clock_stepped_back_an_hour_limits_no_further(backend: Backend) {
         after.retry_after, before.retry_after,
         "no longer than before"
     );
-    s.advance(Duration::seconds(12));
-    assert_eq!(
-        s.authorize(&token, ROUTE, "").await.decision(),
-        pb::Decision::Allow
-    );
+    // At 60 s every request made at 0 s has left the window: the whole
+    // allowance is back, and no more than it.
+    s.advance(Duration::seconds(60));
+    for _ in 0..5 {
+        assert_eq!(
+            s.authorize(&token, ROUTE, "").await.decision(),
+            pb::Decision::Allow
+        );
+    }
     assert_eq!(
         s.authorize(&token, ROUTE, "").await.reason(),
         pb::DenyReason::RateLimited
@@ -260,7 +255,7 @@ async fn a_wall_clock_stepped_back_an_hour_limits_no_further(backend: Backend) {
 
 on_both_backends!(
     a_wall_clock_stepped_back_an_hour_limits_no_further,
-    five_per_minute_then_429_until_old_requests_age_out,
+    five_per_minute_then_429_until_the_window_has_passed,
     two_hundred_concurrent_calls_on_a_limit_of_100_allow_exactly_100,
     update_key_changes_limits_and_scopes_at_once,
 );

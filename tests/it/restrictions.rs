@@ -48,6 +48,7 @@ impl Fields {
             allowed_cidrs: self.cidrs.iter().map(|c| c.to_string()).collect(),
             rate_limit_per_minute: self.rate,
             expires_at: self.expires_in_minutes.map(at),
+            unlimited: false,
         }
     }
 

@@ -24,10 +24,15 @@
 //! ORGANIZATION credential, that organization's keys (the client asks
 //! keygate once which one that is); with a SYSTEM credential, every key.
 //!
+//! Answers for keys whose organization has a shared rate limit are never
+//! cached (`organization_rate_limit` set): only keygate counts an
+//! organization's requests.
+//!
 //! Cached answers still honour the key's rate limit: the client counts every
-//! ALLOW it hands out per key (GCRA, the limit keygate reported) and answers
-//! RATE_LIMITED itself when the key is over, so a gateway lets through at
-//! most the key's limit per minute, as one keygate replica would. Last-used
+//! ALLOW it hands out per key (on a rolling 60 s window, at the limit keygate
+//! reported) and answers RATE_LIMITED itself when the key is over, so a
+//! gateway lets through at most the key's limit per minute, as one keygate
+//! replica would. Last-used
 //! times are refreshed whenever an entry is fetched again (at least every
 //! `ttl` for a key in use).
 
@@ -131,7 +136,11 @@ impl Shared {
     /// Whether an ALLOW for this key may be cached: the feed is alive and
     /// would tell us if the key changed.
     fn may_cache(&self, answer: &AuthorizeResponse) -> bool {
-        self.feed_alive() && self.scope.get().is_some_and(|s| s.covers(answer))
+        // An organization's shared limit is counted by keygate alone: a
+        // cached answer would let the organization's keys past it.
+        answer.organization_rate_limit == 0
+            && self.feed_alive()
+            && self.scope.get().is_some_and(|s| s.covers(answer))
     }
 
     /// Counts an ALLOW against the key's limit on this client; over it, the
@@ -140,10 +149,11 @@ impl Shared {
         let Ok(key_id) = uuid::Uuid::parse_str(&answer.key_id) else {
             return answer;
         };
-        if answer.rate_limit == 0 {
+        // 0: an unlimited key, never counted.
+        let Some(limit) = std::num::NonZeroU32::new(answer.rate_limit) else {
             return answer;
-        }
-        let rate = self.limits.check(key_id, answer.rate_limit);
+        };
+        let rate = self.limits.check(&key_id, limit);
         answer.rate_limit_remaining = rate.remaining.min(answer.rate_limit_remaining);
         answer.rate_limit_reset = Some(std_duration(rate.reset));
         if let Some(wait) = rate.retry_after {
@@ -200,7 +210,7 @@ impl CachedAuthorizer {
             contact: Contact::out_of_touch(settings.feed_timeout, Arc::new(SystemClock)),
             scope: std::sync::OnceLock::new(),
             // Every answer names its key's own limit; the default is unused.
-            limits: RateLimits::new(std::num::NonZeroU32::MIN, Arc::new(SystemClock)),
+            limits: RateLimits::new(Arc::new(SystemClock)),
         });
         let follower = tokio::spawn(follow(
             RevocationFeedClient::new(channel.clone()),

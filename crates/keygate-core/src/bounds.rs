@@ -14,6 +14,9 @@ pub const MAX_REASON_CHARS: usize = 500;
 pub const MAX_CIDRS: usize = 100;
 /// Highest per-key rate limit, in requests per minute.
 pub const MAX_RATE_LIMIT: u32 = 1_000_000;
+/// Highest organization-wide rate limit, in requests per minute: an
+/// organization's keys together may need far more than one key.
+pub const MAX_ORGANIZATION_RATE_LIMIT: u32 = 100_000_000;
 
 /// Most entries in `required_scopes`.
 pub const MAX_REQUIRED_SCOPES: usize = 32;

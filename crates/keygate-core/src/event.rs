@@ -133,7 +133,7 @@ pub struct Event {
 ///
 /// `name="checkout backend" tier=organization mode=live
 /// scopes=checkout:create,links:read allowed_cidrs=10.0.0.0/8
-/// rate_limit_per_minute=50 expires_at=2027-01-01T00:00:00Z`; an empty
+/// rate_limit_per_minute=50 unlimited=false expires_at=2027-01-01T00:00:00Z`; an empty
 /// scope list is `none`, an empty allow-list `any`, a rate limit of 0
 /// `default` and no expiry `never`.
 pub fn details(kind: EventKind, key: &KeyRecord, changed: &str) -> String {
@@ -175,6 +175,7 @@ pub fn details(kind: EventKind, key: &KeyRecord, changed: &str) -> String {
                 n => n.to_string(),
             },
         ),
+        ("unlimited", key.unlimited.to_string()),
         (
             "expires_at",
             key.expires_at.map_or("never".to_owned(), |at| {
@@ -212,7 +213,7 @@ mod tests {
             details(EventKind::Created, &key(), ""),
             "name=\"checkout \\\"backend\\\"\" tier=organization mode=live \
              scopes=checkout:create,links:read allowed_cidrs=10.0.0.0/8 \
-             rate_limit_per_minute=50 expires_at=2027-01-15T08:00:00Z"
+             rate_limit_per_minute=50 unlimited=false expires_at=2027-01-15T08:00:00Z"
         );
         let mut bare = key();
         bare.scopes = ScopeSet::parse::<&str>(&[]).unwrap();
@@ -222,7 +223,8 @@ mod tests {
         let d = details(EventKind::Created, &bare, "");
         assert!(
             d.ends_with(
-                "scopes=none allowed_cidrs=any rate_limit_per_minute=default expires_at=never"
+                "scopes=none allowed_cidrs=any rate_limit_per_minute=default unlimited=false \
+                 expires_at=never"
             ),
             "{d}"
         );

@@ -14,7 +14,15 @@
 //! - **expiry**: a caller that expires makes keys that expire no later;
 //! - **rate limit**: an ORGANIZATION caller makes keys limited to at most
 //!   its own limit (a SYSTEM key's limit throttles only its own calls: SYSTEM
-//!   operators set customers' limits).
+//!   operators set customers' limits). An unlimited key, and a key without a
+//!   limit of its own under an unlimited server default, count as an
+//!   infinite limit: above every limited caller, so such a caller can neither
+//!   make one nor rotate, update or re-enable one;
+//! - **unlimited**: only a SYSTEM caller makes a key unlimited, at creation
+//!   or by an update ([`may_make_unlimited`]): a platform's capacity is not
+//!   an organization's to give away. A key that already is one may keep the
+//!   flag through a change the rules above allow (an unlimited key renaming
+//!   itself).
 //!
 //! A key updating itself is the same check with its own stored record as the
 //! caller, so it may narrow itself but never widen itself.
@@ -28,6 +36,7 @@ use ipnet::IpNet;
 
 use super::cidr;
 use super::key::{KeyRecord, Mode, Tier};
+use super::limits::Allowance;
 
 /// A restriction of the caller that the target key would exceed. The
 /// message names the field and both sides, for PERMISSION_DENIED.
@@ -65,15 +74,23 @@ pub enum Exceeds {
         caller: Timestamp,
     },
     /// An ORGANIZATION caller asked for a higher rate limit than its own.
-    #[error(
-        "rate_limit_per_minute: {asked} per minute is above the caller's own limit of {caller}"
-    )]
+    #[error("rate_limit_per_minute: {asked} is above the caller's own limit of {caller}")]
     RateLimit {
-        /// The target's limit per minute, with 0 read as the default.
-        asked: u32,
-        /// The caller's limit per minute, with 0 read as the default.
-        caller: u32,
+        /// The target's allowance, with 0 read as the default.
+        asked: Allowance,
+        /// The caller's allowance, with 0 read as the default.
+        caller: Allowance,
     },
+    /// The target is an unlimited key and the caller, an ORGANIZATION key,
+    /// is limited.
+    #[error("unlimited: the key is unlimited, above the caller's own limit of {caller}")]
+    UnlimitedTarget {
+        /// The caller's allowance.
+        caller: Allowance,
+    },
+    /// A caller other than a SYSTEM key asked to make a key unlimited.
+    #[error("unlimited: only a SYSTEM key can make a key unlimited")]
+    Unlimited,
 }
 
 /// An allow-list, shown comma-separated.
@@ -104,11 +121,12 @@ impl fmt::Display for Timestamp {
 
 /// Fails with the first restriction of `caller` that `target` exceeds.
 /// `default_rate_limit` is what a limit of 0 means. Scopes and tier are
-/// checked by the caller of this function (their messages name the scope).
+/// checked by the caller of this function (their messages name the scope),
+/// the unlimited flag's change by [`may_make_unlimited`].
 pub fn within(
     caller: &KeyRecord,
     target: &KeyRecord,
-    default_rate_limit: u32,
+    default_rate_limit: Allowance,
 ) -> Result<(), Exceeds> {
     if caller.mode == Mode::Test && target.mode != Mode::Test {
         return Err(Exceeds::Mode);
@@ -146,20 +164,32 @@ pub fn within(
         }
     }
     if caller.tier == Tier::Organization {
-        let effective = |limit: u32| {
-            if limit == 0 {
-                default_rate_limit
-            } else {
-                limit
-            }
-        };
         let (asked, own) = (
-            effective(target.rate_limit_per_minute),
-            effective(caller.rate_limit_per_minute),
+            target.allowance(default_rate_limit),
+            caller.allowance(default_rate_limit),
         );
         if asked > own {
-            return Err(Exceeds::RateLimit { asked, caller: own });
+            return Err(if target.unlimited {
+                Exceeds::UnlimitedTarget { caller: own }
+            } else {
+                Exceeds::RateLimit { asked, caller: own }
+            });
         }
+    }
+    Ok(())
+}
+
+/// Fails unless `caller` may leave `target` unlimited: a SYSTEM caller
+/// always; any other only when the key was unlimited already (`before`, the
+/// key as stored; `None` for a key being created).
+pub fn may_make_unlimited(
+    caller: &KeyRecord,
+    before: Option<&KeyRecord>,
+    target: &KeyRecord,
+) -> Result<(), Exceeds> {
+    let made = target.unlimited && !before.is_some_and(|b| b.unlimited);
+    if made && caller.tier != Tier::System {
+        return Err(Exceeds::Unlimited);
     }
     Ok(())
 }
@@ -197,6 +227,12 @@ mod tests {
     use super::*;
     use crate::key::fixtures::key_with;
 
+    const D: Allowance = Allowance::DEFAULT;
+
+    fn per_minute(n: u32) -> Allowance {
+        Allowance::PerMinute(std::num::NonZeroU32::new(n).unwrap())
+    }
+
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|n| n.parse().unwrap()).collect()
     }
@@ -210,20 +246,20 @@ mod tests {
     #[test]
     fn an_unrestricted_live_caller_may_make_anything_within_its_limit() {
         let (caller, mut target) = pair();
-        assert_eq!(within(&caller, &target, 100), Ok(()));
+        assert_eq!(within(&caller, &target, D), Ok(()));
         target.mode = Mode::Test;
         target.allowed_cidrs = nets(&["0.0.0.0/0"]);
         target.expires_at = Some(caller.created_at + Duration::days(3650));
-        assert_eq!(within(&caller, &target, 100), Ok(()));
+        assert_eq!(within(&caller, &target, D), Ok(()));
     }
 
     #[test]
     fn a_test_caller_makes_only_test_keys() {
         let (mut caller, mut target) = pair();
         caller.mode = Mode::Test;
-        assert_eq!(within(&caller, &target, 100), Err(Exceeds::Mode));
+        assert_eq!(within(&caller, &target, D), Err(Exceeds::Mode));
         target.mode = Mode::Test;
-        assert_eq!(within(&caller, &target, 100), Ok(()));
+        assert_eq!(within(&caller, &target, D), Ok(()));
     }
 
     #[test]
@@ -231,7 +267,7 @@ mod tests {
         let (mut caller, mut target) = pair();
         caller.allowed_cidrs = nets(&["10.0.0.0/8", "2001:db8::/32"]);
         assert!(matches!(
-            within(&caller, &target, 100),
+            within(&caller, &target, D),
             Err(Exceeds::NoAllowList { .. })
         ));
         for ok in [
@@ -241,7 +277,7 @@ mod tests {
             &["::ffff:10.1.0.0/112"],
         ] {
             target.allowed_cidrs = nets(ok);
-            assert_eq!(within(&caller, &target, 100), Ok(()), "{ok:?}");
+            assert_eq!(within(&caller, &target, D), Ok(()), "{ok:?}");
         }
         for bad in [
             "0.0.0.0/0",
@@ -252,7 +288,7 @@ mod tests {
             "::ffff:0.0.0.0/96",
         ] {
             target.allowed_cidrs = nets(&["10.0.0.0/16", bad]);
-            let err = within(&caller, &target, 100).unwrap_err();
+            let err = within(&caller, &target, D).unwrap_err();
             assert!(
                 matches!(&err, Exceeds::OutsideAllowList { cidr, .. } if cidr.to_string() == bad),
                 "{bad}: {err:?}"
@@ -261,7 +297,7 @@ mod tests {
         target.allowed_cidrs = nets(&["0.0.0.0/0"]);
         caller.allowed_cidrs = nets(&["10.0.0.0/8"]);
         assert_eq!(
-            within(&caller, &target, 100).unwrap_err().to_string(),
+            within(&caller, &target, D).unwrap_err().to_string(),
             "allowed_cidrs: 0.0.0.0/0 is outside the caller's allow-list 10.0.0.0/8"
         );
     }
@@ -271,7 +307,7 @@ mod tests {
         let (mut caller, mut target) = pair();
         caller.allowed_cidrs = nets(&["::ffff:127.0.0.0/104"]);
         target.allowed_cidrs = nets(&["127.0.0.1/32"]);
-        assert_eq!(within(&caller, &target, 100), Ok(()));
+        assert_eq!(within(&caller, &target, D), Ok(()));
     }
 
     #[test]
@@ -280,16 +316,16 @@ mod tests {
         let at = caller.created_at + Duration::hours(1);
         caller.expires_at = Some(at);
         assert!(matches!(
-            within(&caller, &target, 100),
+            within(&caller, &target, D),
             Err(Exceeds::NoExpiry { .. })
         ));
         target.expires_at = Some(at + Duration::seconds(1));
         assert!(matches!(
-            within(&caller, &target, 100),
+            within(&caller, &target, D),
             Err(Exceeds::LaterExpiry { .. })
         ));
         target.expires_at = Some(at);
-        assert_eq!(within(&caller, &target, 100), Ok(()));
+        assert_eq!(within(&caller, &target, D), Ok(()));
     }
 
     #[test]
@@ -297,23 +333,92 @@ mod tests {
         let (mut caller, mut target) = pair();
         target.rate_limit_per_minute = 101;
         assert_eq!(
-            within(&caller, &target, 100),
+            within(&caller, &target, D),
             Err(Exceeds::RateLimit {
-                asked: 101,
-                caller: 100
+                asked: per_minute(101),
+                caller: per_minute(100)
             })
         );
         target.rate_limit_per_minute = 0;
-        assert_eq!(within(&caller, &target, 100), Ok(()));
+        assert_eq!(within(&caller, &target, D), Ok(()));
         caller.rate_limit_per_minute = 50;
-        assert!(
-            within(&caller, &target, 100).is_err(),
-            "0 means the default"
-        );
+        assert!(within(&caller, &target, D).is_err(), "0 means the default");
         caller.tier = Tier::System;
         caller.organization_id = None;
         target.rate_limit_per_minute = 1_000_000;
-        assert_eq!(within(&caller, &target, 100), Ok(()));
+        assert_eq!(within(&caller, &target, D), Ok(()));
+    }
+
+    #[test]
+    fn an_unlimited_key_is_above_every_limited_organization_caller() {
+        let (mut caller, mut target) = pair();
+        target.unlimited = true;
+        assert_eq!(
+            within(&caller, &target, D),
+            Err(Exceeds::UnlimitedTarget { caller: D })
+        );
+        assert_eq!(
+            within(&caller, &target, D).unwrap_err().to_string(),
+            "unlimited: the key is unlimited, above the caller's own limit of 100 per minute"
+        );
+        caller.rate_limit_per_minute = 1_000_000;
+        assert!(within(&caller, &target, D).is_err(), "any limit is below");
+        // An unlimited caller is not exceeded by an unlimited key: an
+        // unlimited key may rename itself.
+        caller.unlimited = true;
+        assert_eq!(within(&caller, &target, D), Ok(()));
+        // SYSTEM callers set limits, their own or none.
+        caller.unlimited = false;
+        caller.tier = Tier::System;
+        caller.organization_id = None;
+        assert_eq!(within(&caller, &target, D), Ok(()));
+    }
+
+    #[test]
+    fn an_unlimited_default_is_above_every_limited_organization_caller() {
+        let (mut caller, target) = pair();
+        let off = Allowance::Unlimited;
+        assert_eq!(within(&caller, &target, off), Ok(()), "both unlimited");
+        caller.rate_limit_per_minute = 50;
+        assert_eq!(
+            within(&caller, &target, off),
+            Err(Exceeds::RateLimit {
+                asked: Allowance::Unlimited,
+                caller: per_minute(50)
+            })
+        );
+        assert_eq!(
+            within(&caller, &target, off).unwrap_err().to_string(),
+            "rate_limit_per_minute: unlimited is above the caller's own limit of 50 per minute"
+        );
+    }
+
+    #[test]
+    fn only_system_callers_make_keys_unlimited() {
+        let (mut caller, mut target) = pair();
+        let before = target.clone();
+        assert_eq!(may_make_unlimited(&caller, None, &target), Ok(()));
+        target.unlimited = true;
+        for before in [None, Some(&before)] {
+            assert_eq!(
+                may_make_unlimited(&caller, before, &target),
+                Err(Exceeds::Unlimited)
+            );
+        }
+        // Even an unlimited ORGANIZATION caller cannot hand it out.
+        caller.unlimited = true;
+        assert_eq!(
+            may_make_unlimited(&caller, None, &target)
+                .unwrap_err()
+                .to_string(),
+            "unlimited: only a SYSTEM key can make a key unlimited"
+        );
+        // Keeping the flag is not making it.
+        assert_eq!(may_make_unlimited(&caller, Some(&target), &target), Ok(()));
+        caller.tier = Tier::System;
+        caller.organization_id = None;
+        assert_eq!(may_make_unlimited(&caller, None, &target), Ok(()));
+        assert_eq!(may_make_unlimited(&caller, Some(&before), &target), Ok(()));
     }
 
     #[test]
@@ -324,6 +429,6 @@ mod tests {
         inherit(&caller, &mut target);
         assert_eq!(target.allowed_cidrs, caller.allowed_cidrs);
         assert_eq!(target.expires_at, caller.expires_at);
-        assert_eq!(within(&caller, &target, 100), Ok(()));
+        assert_eq!(within(&caller, &target, D), Ok(()));
     }
 }

@@ -4,6 +4,7 @@ use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
 use uuid::Uuid;
 
+use super::limits::Allowance;
 use super::scope::ScopeSet;
 use super::token::SecretDigest;
 
@@ -120,9 +121,12 @@ pub struct PreviousSecret {
     pub uses: u64,
 }
 
+/// Longest organization id, in bytes (every allowed character is one byte).
+pub const MAX_ORGANIZATION_ID_BYTES: usize = 128;
+
 /// An organization id: 1–128 characters of letters, digits, `_`, `-`, `.` and `:`.
 pub fn is_valid_organization_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
+    (1..=MAX_ORGANIZATION_ID_BYTES).contains(&id.len())
         && id
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"_-.:".contains(&c))
@@ -158,6 +162,10 @@ pub struct KeyRecord {
     pub allowed_cidrs: Vec<IpNet>,
     /// 0 means the server default.
     pub rate_limit_per_minute: u32,
+    /// Never counted against any rate limit (its own, its organization's);
+    /// `rate_limit_per_minute` is then kept but not applied. Only a SYSTEM
+    /// key may make a key unlimited (see `grant`).
+    pub unlimited: bool,
     /// Active, disabled or revoked.
     pub state: KeyState,
     /// When the key was made.
@@ -203,6 +211,8 @@ pub struct KeyChanges {
     pub allowed_cidrs: Option<Vec<IpNet>>,
     /// A new limit per minute (0: the server default).
     pub rate_limit_per_minute: Option<u32>,
+    /// Whether the key is never counted from now on.
+    pub unlimited: Option<bool>,
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<DateTime<Utc>>>,
 }
@@ -219,6 +229,7 @@ impl KeyChanges {
                 "rate_limit_per_minute",
                 self.rate_limit_per_minute.is_some(),
             ),
+            ("unlimited", self.unlimited.is_some()),
             ("expires_at", self.expires_at.is_some()),
         ]
         .iter()
@@ -238,6 +249,15 @@ impl KeyRecord {
             KeyState::Active if self.expires_at.is_some_and(|at| at <= now) => KeyStatus::Expired,
             KeyState::Active => KeyStatus::Active,
         }
+    }
+
+    /// How much the key may do on its own: unlimited when it is, else its
+    /// own limit, else `default` (the server's, which may be unlimited too).
+    pub fn allowance(&self, default: Allowance) -> Allowance {
+        if self.unlimited {
+            return Allowance::Unlimited;
+        }
+        std::num::NonZeroU32::new(self.rate_limit_per_minute).map_or(default, Allowance::PerMinute)
     }
 
     /// The previous secret, only while its grace period runs.
@@ -296,6 +316,9 @@ impl KeyRecord {
         }
         if let Some(limit) = c.rate_limit_per_minute {
             self.rate_limit_per_minute = limit;
+        }
+        if let Some(unlimited) = c.unlimited {
+            self.unlimited = unlimited;
         }
         if let Some(expires_at) = c.expires_at {
             self.expires_at = expires_at;
@@ -366,6 +389,7 @@ pub(crate) mod fixtures {
             scopes: ScopeSet::parse(scopes).unwrap(),
             allowed_cidrs: vec![],
             rate_limit_per_minute: 0,
+            unlimited: false,
             state: KeyState::Active,
             created_at: now,
             last_used_at: None,
@@ -422,6 +446,25 @@ mod tests {
         assert_ne!(prev.digest, first);
         assert!(k.live_previous_secret(now).is_some());
         assert!(k.live_previous_secret(now + Duration::hours(1)).is_none());
+    }
+
+    #[test]
+    fn allowance_is_unlimited_then_own_then_the_default() {
+        let (mut k, _) = key_with(&[]);
+        let n = |n| Allowance::PerMinute(std::num::NonZeroU32::new(n).unwrap());
+        assert_eq!(k.allowance(n(100)), n(100));
+        assert_eq!(k.allowance(Allowance::Unlimited), Allowance::Unlimited);
+        k.rate_limit_per_minute = 5;
+        assert_eq!(k.allowance(Allowance::Unlimited), n(5));
+        k.unlimited = true;
+        assert_eq!(k.allowance(n(100)), Allowance::Unlimited);
+        let changes = KeyChanges {
+            unlimited: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(changes.describe(), "unlimited");
+        k.update(&changes).unwrap();
+        assert_eq!(k.allowance(n(100)), n(5));
     }
 
     #[test]

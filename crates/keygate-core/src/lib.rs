@@ -13,6 +13,7 @@ pub mod freshness;
 pub mod grant;
 pub mod key;
 pub mod limits;
+pub mod organization;
 pub mod policy;
 pub mod scope;
 pub mod token;

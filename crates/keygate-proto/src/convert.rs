@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use keygate_core::decision::DenyReason;
 use keygate_core::event::EventKind;
 use keygate_core::key::{KeyStatus, Mode, Tier};
+use keygate_core::limits::LimitedBy;
 
 use crate::v1 as pb;
 
@@ -54,6 +55,15 @@ impl TryFrom<pb::KeyTier> for Tier {
             pb::KeyTier::Unspecified => Err(Unspecified),
             pb::KeyTier::Organization => Ok(Tier::Organization),
             pb::KeyTier::System => Ok(Tier::System),
+        }
+    }
+}
+
+impl From<LimitedBy> for pb::authorize_response::LimitedBy {
+    fn from(l: LimitedBy) -> Self {
+        match l {
+            LimitedBy::Key => Self::Key,
+            LimitedBy::Organization => Self::Organization,
         }
     }
 }
