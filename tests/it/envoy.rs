@@ -452,3 +452,45 @@ fn flip_last(token: &str) -> String {
     t.push(if last == 'A' { 'B' } else { 'A' });
     t
 }
+
+/// Two replicas sharing their limits through Redis, each behind its own
+/// Envoy: the key's limit holds across both, and the 429 carries the shared
+/// window's headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_limits_hold_through_two_envoys() {
+    let redis = crate::shared_limits::Redis::start();
+    let Some(servers) = crate::shared_limits::replicas(&redis, 2).await else {
+        return;
+    };
+    let (Some(one), Some(two)) = (
+        Gateway::start(servers[0].addr).await,
+        Gateway::start(servers[1].addr).await,
+    ) else {
+        return;
+    };
+    let (_, token) = crate::limits::limited_key(&servers[0], 4).await;
+    servers[0].settle().await;
+    let headers = [("x-api-key", token.as_str())];
+    let mut allowed = 0;
+    let mut refused = None;
+    for i in 0..10 {
+        let gateway = if i % 2 == 0 { &one } else { &two };
+        let reply = gateway.send("POST", "/v1/checkouts", &headers).await;
+        match reply.status {
+            200 => allowed += 1,
+            429 => refused = Some(reply),
+            other => panic!("unexpected {other}: {reply:?}"),
+        }
+    }
+    // share = 1 for a limit of 4 on two replicas: at most one over.
+    assert!(
+        (4..=5).contains(&allowed),
+        "{allowed} of 10 allowed through two Envoys"
+    );
+    let refused = refused.expect("a 429");
+    assert_eq!(refused.json()["code"], "RATE_LIMITED");
+    assert_eq!(refused.header("x-ratelimit-limit"), Some("4"));
+    assert_eq!(refused.header("x-ratelimit-remaining"), Some("0"));
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=61).contains(&retry), "retry-after {retry}");
+}

@@ -16,13 +16,13 @@ use crate::limits::limited_key;
 const ROUTE: &str = "POST /v1/checkouts";
 
 /// A redis-server on an ephemeral loopback port, stopped on drop.
-struct Redis {
+pub struct Redis {
     port: u16,
     child: Option<Child>,
 }
 
 impl Redis {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let mut redis = Self {
             port: free_port(),
             child: None,
@@ -80,7 +80,7 @@ fn shared(url: &str, failure: StoreFailure) -> impl Fn(&mut keygate::server::Set
 
 /// `n` replicas on one PostgreSQL database and one clock, sharing `redis`,
 /// each seeing Redis up and all `n` replicas live.
-async fn replicas(redis: &Redis, n: usize) -> Option<Vec<TestServer>> {
+pub async fn replicas(redis: &Redis, n: usize) -> Option<Vec<TestServer>> {
     let configure = shared(&redis.url(), StoreFailure::Local);
     let first = TestServer::start_with(Backend::Postgres, &configure).await?;
     let mut all = vec![first];
