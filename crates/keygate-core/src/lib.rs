@@ -11,6 +11,7 @@ pub mod freshness;
 pub mod grant;
 pub mod key;
 pub mod limits;
+pub mod page;
 pub mod policy;
 pub mod scope;
 pub mod token;
