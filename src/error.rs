@@ -3,6 +3,7 @@
 use keygate_core::decision::DenyReason;
 use keygate_core::grant::Exceeds;
 use keygate_core::key::LifecycleError;
+use keygate_core::page::BadPageToken;
 use keygate_proto::convert::deny_code;
 use tonic::{Code, Status};
 
@@ -78,6 +79,12 @@ impl Error {
     }
 }
 
+impl From<BadPageToken> for Error {
+    fn from(e: BadPageToken) -> Self {
+        Error::invalid("page_token", e.to_string())
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
@@ -141,6 +148,14 @@ mod tests {
         assert_eq!(
             (s.code(), s.message()),
             (Code::InvalidArgument, "name: must not be empty")
+        );
+        let s: Status = Error::from(BadPageToken).into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::InvalidArgument,
+                "page_token: malformed, tampered with, or from a different query"
+            )
         );
     }
 }

@@ -13,12 +13,13 @@ use keygate_core::event::{self, Actor, EventKind, NewEvent};
 use keygate_core::grant;
 use keygate_core::key::{KeyChanges, KeyRecord, KeyState, Mode, Tier};
 use keygate_core::limits::Allowance;
+use keygate_core::page::PageTokens;
 use keygate_core::scope::{Scope, ScopeSet};
 use keygate_core::token::{self, Brand, NewToken};
 use uuid::Uuid;
 
 use super::caller::Caller;
-use super::page::{PageTokens, last_of_page, page_size};
+use super::page::{last_of_page, page_size};
 use super::replicas::Replicas;
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;

@@ -14,6 +14,7 @@ pub mod grant;
 pub mod key;
 pub mod limits;
 pub mod organization;
+pub mod page;
 pub mod policy;
 pub mod scope;
 pub mod token;
