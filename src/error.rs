@@ -65,7 +65,9 @@ impl From<Error> for Status {
             Error::ReplicasLagging(_) => Code::DeadlineExceeded,
             Error::Store(store) => match store.root() {
                 StoreError::Conflict => Code::AlreadyExists,
-                StoreError::Unavailable(_) | StoreError::Busy => Code::Unavailable,
+                StoreError::Unavailable(_) | StoreError::TimedOut(_) | StoreError::Busy => {
+                    Code::Unavailable
+                }
                 _ => Code::Internal,
             },
             Error::Internal(_) => Code::Internal,

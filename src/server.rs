@@ -25,11 +25,13 @@ use crate::service::replicas::Replicas;
 use crate::service::usage::UsageTracker;
 use crate::service::watch::Watchers;
 use crate::service::{Authorizer, KeyService};
-use crate::store::{SqlStore, StoreError};
+use crate::store::{SqlStore, StoreError, StoreSettings};
 
 /// Everything `serve` needs besides the listener.
 pub struct Settings {
     pub database_url: String,
+    /// How long one store call may take.
+    pub store: StoreSettings,
     pub policy: RouteTable,
     pub brand: Brand,
     pub cache: CacheSettings,
@@ -132,6 +134,7 @@ impl Settings {
     pub fn new(database_url: impl Into<String>) -> Self {
         Self {
             database_url: database_url.into(),
+            store: StoreSettings::default(),
             policy: RouteTable::default(),
             brand: Brand::default(),
             cache: CacheSettings::default(),
@@ -170,7 +173,7 @@ pub struct Keygate {
 impl Keygate {
     /// Connects to the store (applying migrations) and builds the services.
     pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let store = Arc::new(SqlStore::connect(&settings.database_url).await?);
+        let store = Arc::new(SqlStore::connect_with(&settings.database_url, settings.store).await?);
         let page_key = store.shared_secret("page_token_key").await?;
         let freshness = Arc::new(Freshness::new(settings.max_staleness));
         let cache = Arc::new(KeyCache::new(

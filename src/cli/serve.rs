@@ -21,7 +21,7 @@ use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::feed::FeedSettings;
 use crate::server::{Keygate, ServerLimits, Settings, TlsSettings};
-use crate::store::sql_redact;
+use crate::store::{StoreSettings, sql_redact};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -88,6 +88,16 @@ pub struct ServeArgs {
         value_parser = parse_duration
     )]
     store_read_wait: Duration,
+    /// Longest one store call may take (waiting for a connection included)
+    /// before it fails with UNAVAILABLE: no call waits longer than this on a
+    /// database that is down or cut off.
+    #[arg(
+        long,
+        env = "KEYGATE_STORE_TIMEOUT",
+        default_value = duration_text(StoreSettings::default().timeout),
+        value_parser = parse_duration
+    )]
+    store_timeout: Duration,
     /// Longest this replica may go without reading the event log before it
     /// stops answering from its cache (a revoked key lives at most this long
     /// anywhere, even during a partition).
@@ -287,8 +297,14 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
     if args.request_timeout.is_zero() {
         return Err("--request-timeout must be more than 0s".into());
     }
+    if args.store_timeout.is_zero() {
+        return Err("--store-timeout must be more than 0s".into());
+    }
     Ok(Settings {
         database_url: args.store.url(),
+        store: StoreSettings {
+            timeout: args.store_timeout,
+        },
         policy,
         brand,
         cache: CacheSettings {
@@ -410,6 +426,7 @@ mod tests {
         let owner = Settings::new(parsed.database_url.clone());
         let Settings {
             database_url: _,
+            store,
             policy: _,
             brand,
             cache,
@@ -423,6 +440,7 @@ mod tests {
             ext_authz,
             limits,
         } = parsed;
+        assert_eq!(store, owner.store);
         assert_eq!(brand, owner.brand);
         assert_eq!(format!("{cache:?}"), format!("{:?}", owner.cache));
         assert_eq!(load_key_index, owner.load_key_index);

@@ -25,6 +25,30 @@ pub use sql::SqlStore;
 pub use url::redact as sql_redact;
 use uuid::Uuid;
 
+/// How long one store call may take by default: see [`StoreSettings::timeout`].
+pub const DEFAULT_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How the store talks to its database once it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// Longest one store call may take, waiting for a connection included;
+    /// past it the call fails with [`StoreError::TimedOut`] (UNAVAILABLE), so
+    /// no caller waits longer than this on a database that is down or cut
+    /// off. A write that times out is rolled back unless its commit had
+    /// already reached the database (then it stands, as after any lost
+    /// connection). Opening the store (connecting, migrations) is not bound
+    /// by it.
+    pub timeout: std::time::Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_STORE_TIMEOUT,
+        }
+    }
+}
+
 /// How long a silent replica stays in ListReplicas (shown as not live)
 /// before it is forgotten.
 pub const REPLICA_RETENTION: chrono::Duration = chrono::Duration::hours(1);
@@ -159,6 +183,9 @@ pub struct KeyQuery {
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// The call did not finish within [`StoreSettings::timeout`].
+    #[error("store did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
     #[error("a key with this id already exists")]
     Conflict,
     #[error("stored key {id} is unreadable: {why}")]
