@@ -14,6 +14,7 @@ mod sqlite;
 #[cfg(test)]
 mod testsuite;
 mod url;
+mod write;
 
 use async_trait::async_trait;
 pub use changes::Changes;

@@ -19,6 +19,7 @@ use super::row::{
     INSERT_KEY, KEY_COLUMN_LIST, UPDATE_KEY, bind_key, key_from_row, micros, replica_from_row,
 };
 use super::url::{redact, without_ignored_secrets};
+use super::write::WriteTx;
 use super::{
     Changes, EventLog, EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaRegistry, ReplicaStatus,
     StoreError, StoreSettings, UsageStore, postgres, sqlite,
@@ -228,17 +229,14 @@ impl SqlStore {
     }
 
     /// Commits a write that appended an event, then wakes the follower.
-    async fn commit_event(
-        &self,
-        tx: sqlx::Transaction<'static, sqlx::Any>,
-    ) -> Result<(), StoreError> {
+    async fn commit_event(&self, tx: WriteTx) -> Result<(), StoreError> {
         tx.commit().await?;
         self.changes.wake();
         Ok(())
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+    async fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        let mut tx = WriteTx::begin(&self.pool).await?;
         if self.dialect == Dialect::Postgres {
             postgres::serialize_writers(&mut tx).await?;
         }
@@ -355,7 +353,7 @@ impl KeyStore for SqlStore {
         self.observe("insert", async move {
             let mut tx = self.begin_write().await?;
             bind_key(sqlx::query(INSERT_KEY.as_str()), key)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             let seq = self.append_event(&mut tx, event).await?;
             self.commit_event(tx).await?;
@@ -376,9 +374,10 @@ impl KeyStore for SqlStore {
             next.version += 1;
             let done = bind_key(sqlx::query(UPDATE_KEY.as_str()), &next)
                 .bind(key.version)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             if done.rows_affected() == 0 {
+                tx.rollback().await?;
                 return Ok(None);
             }
             let seq = self.append_event(&mut tx, event).await?;
@@ -400,9 +399,10 @@ impl KeyStore for SqlStore {
             let done = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND version = $2")
                 .bind(id.to_string())
                 .bind(version)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             if done.rows_affected() == 0 {
+                tx.rollback().await?;
                 return Ok(None);
             }
             let seq = self.append_event(&mut tx, event).await?;
@@ -529,7 +529,7 @@ impl UsageStore for SqlStore {
             // partly committed one would count previous-secret uses twice.
             let mut sorted: Vec<&UsageRecord> = records.iter().collect();
             sorted.sort_by_key(|r| r.key_id);
-            let mut tx = self.pool.begin().await?;
+            let mut tx = WriteTx::begin(&self.pool).await?;
             if self.dialect == Dialect::Postgres {
                 postgres::serialize_usage_flushes(&mut tx).await?;
             }
@@ -544,7 +544,7 @@ impl UsageStore for SqlStore {
                         .bind(previous.map(|p| micros(p.last_used_at)))
                         .bind(previous.map(|p| micros(p.rotated_at)));
                 }
-                query.execute(&mut *tx).await?;
+                query.execute(tx.conn()).await?;
             }
             tx.commit().await?;
             Ok(())

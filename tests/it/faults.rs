@@ -12,6 +12,7 @@ mod ledger;
 mod load;
 mod postgres;
 mod replicas;
+mod sqlite;
 
 use std::time::Duration;
 
