@@ -1,9 +1,10 @@
 //! Faults under load: each test runs a bounded, mixed load (Authorize on
 //! cached, revoked and uncached keys, admin writes and revocations, Watch
-//! subscribers) while PostgreSQL stops, its connections are killed, a
-//! replica is SIGKILLed, or a replica is cut off from the database; then
-//! checks what every call got, how long it waited, and that the store and
-//! the subscribers lost nothing.
+//! subscribers) while PostgreSQL stops, its connections are killed or it
+//! turns read-only, a replica is SIGKILLed, a replica is cut off from the
+//! database, or the SQLite file cannot be written (read-only, disk full);
+//! then checks what every call got, how long it waited, and that the store
+//! and the subscribers lost nothing.
 //!
 //! Each prints what it measured (`cargo test -- faults --nocapture`).
 

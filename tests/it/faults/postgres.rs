@@ -1,5 +1,5 @@
-//! PostgreSQL under load: the server stops and starts, or kills keygate's
-//! connections.
+//! PostgreSQL under load: the server stops and starts, kills keygate's
+//! connections, or turns read-only.
 
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use super::{
     RATE_LIMIT, STALENESS, all_succeeding, assert_bounded_waits, assert_never_wrong,
     assert_recovered, make_keys, ms, print_figures, unavailable, within,
 };
-use crate::harness::{Backend, TestServer};
+use crate::harness::{Backend, TestServer, eventually};
 
 /// A connection to the server `s` runs on (not to its database), and the
 /// name of that database: only its connections are touched, other tests
@@ -223,5 +223,119 @@ async fn connections_killed_under_load() {
     }
     assert_recovered(&report, recovered);
     ledger.assert_whole();
+    ledger.assert_watched(&report.subscribers, after);
+}
+
+/// The database turns read-only under load (as a standby is, or with
+/// default_transaction_read_only), then writable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_read_only_under_load() {
+    let Some(s) = TestServer::start_with(Backend::Postgres, |settings| {
+        settings.default_rate_limit = RATE_LIMIT.try_into().unwrap();
+    })
+    .await
+    else {
+        return;
+    };
+    let target = Target {
+        url: s.url(),
+        admin_url: s.url(),
+        admin_token: s.admin_token.clone(),
+    };
+    let keys = make_keys(&target, 4, 100).await;
+    let after = Ledger::read(&s.database_url).await.head();
+    let mut load = Load::start(&target, &keys, 3, after).await;
+    all_succeeding(
+        &load,
+        load.started,
+        Duration::from_secs(10),
+        "the load to run",
+    )
+    .await;
+
+    let (server, database) = server_of(&s).await;
+    let set =
+        |on: bool| format!("ALTER DATABASE {database} SET default_transaction_read_only = {on}");
+    // Sessions read the setting when they start: end the ones keygate has.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(set(true)))
+        .execute(&server)
+        .await
+        .unwrap();
+    terminate(&server, &database).await;
+    let read_only = Instant::now();
+    let refused = |s: &super::load::Sample| {
+        matches!(&s.outcome, Outcome::Failed(tonic::Code::FailedPrecondition, m)
+            if m == "key store cannot write: the database is read-only")
+    };
+    // Until every connection keygate writes on has been opened read-only.
+    eventually(
+        Duration::from_secs(10),
+        "a write refused as read-only",
+        || {
+            let hit = load
+                .samples()
+                .iter()
+                .any(|s| s.started >= read_only && refused(s));
+            async move { hit.then_some(()) }
+        },
+    )
+    .await;
+    let first_refused = Instant::now();
+    tokio::time::sleep_until(first_refused + Duration::from_secs(1)).await;
+    let switching_back = Instant::now();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(set(false)))
+        .execute(&server)
+        .await
+        .unwrap();
+    terminate(&server, &database).await;
+    let writable = Instant::now();
+    server.close().await;
+    let recovered = all_succeeding(&load, writable, Duration::from_secs(20), "writes again").await;
+    tokio::time::sleep_until(recovered + Duration::from_secs(1)).await;
+
+    load.stop().await;
+    assert!(s.is_serving(), "the server is still running");
+    let ledger = Ledger::read(&s.database_url).await;
+    let report = load.finish(ledger.head()).await;
+    print_figures(
+        "postgres read-only",
+        &report,
+        &format!(
+            "first write refused {} ms after the switch; recovered {} ms after writable again",
+            ms(first_refused - read_only),
+            ms(recovered - writable)
+        ),
+    );
+    assert_bounded_waits(&report);
+    // Refused writes say why; everything else as under any fault.
+    let others = super::load::Report {
+        samples: report
+            .samples
+            .iter()
+            .filter(|s| !refused(s))
+            .cloned()
+            .collect(),
+        subscribers: Vec::new(),
+        created: Vec::new(),
+    };
+    assert_never_wrong(&others);
+    let writes = report.calls(|s| s.call.is_admin() && within(s, first_refused, switching_back));
+    assert!(!writes.is_empty());
+    for s in &writes {
+        assert!(refused(s), "an admin write on a read-only database: {s:?}");
+    }
+    // Reads go on: every Authorize while read-only is answered (the
+    // switch itself kills connections, so calls right then may fail).
+    let reads = report.calls(|s| !s.call.is_admin() && within(s, first_refused, switching_back));
+    assert!(reads.iter().any(|s| s.call.is_uncached()));
+    for s in &reads {
+        assert!(
+            matches!(s.outcome, Outcome::Allow | Outcome::Deny(_)),
+            "an Authorize on a read-only database: {s:?}"
+        );
+    }
+    assert_recovered(&report, recovered);
+    ledger.assert_whole();
+    ledger.assert_nothing_lost(&report);
     ledger.assert_watched(&report.subscribers, after);
 }
