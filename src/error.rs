@@ -98,7 +98,10 @@ impl From<Error> for Status {
             Error::ReplicasLagging(_) => Code::DeadlineExceeded,
             Error::Store(store) => match store.root() {
                 StoreError::Conflict => Code::AlreadyExists,
-                StoreError::Unavailable(_) | StoreError::Busy => Code::Unavailable,
+                StoreError::CannotWrite(_) => Code::FailedPrecondition,
+                StoreError::Unavailable(_) | StoreError::TimedOut(_) | StoreError::Busy => {
+                    Code::Unavailable
+                }
                 _ => Code::Internal,
             },
             Error::Internal(_) => Code::Internal,
@@ -122,7 +125,13 @@ impl From<Error> for Status {
                 };
                 Status::new(code, message)
             }
-            _ => Status::new(code, e.to_string()),
+            _ => {
+                if matches!(&e, Error::Store(s) if matches!(s.root(), StoreError::CannotWrite(_))) {
+                    // Nothing the caller can fix: the operator must.
+                    tracing::error!(error = %e, "write refused by the store");
+                }
+                Status::new(code, e.to_string())
+            }
         }
     }
 }
@@ -143,6 +152,14 @@ mod tests {
         assert_eq!(
             (s.code(), s.message()),
             (Code::Unavailable, "key store busy")
+        );
+        let s: Status = Error::Store(StoreError::CannotWrite("the disk is full")).into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::FailedPrecondition,
+                "key store cannot write: the disk is full"
+            )
         );
         let s: Status = Error::invalid("name", "must not be empty").into();
         assert_eq!(

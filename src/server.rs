@@ -28,13 +28,15 @@ use crate::service::shared_limits::{BadStoreUrl, SharedLimits, StoreFailure};
 use crate::service::usage::UsageTracker;
 use crate::service::watch::Watchers;
 use crate::service::{Authorizer, KeyService};
-use crate::store::{SqlStore, StoreError};
+use crate::store::{SqlStore, StoreError, StoreSettings};
 
 /// Everything `serve` needs besides the listener.
 pub struct Settings {
     /// `sqlite://PATH` or `postgres://…`; may carry a password, so never
     /// printed except through `store::sql_redact`.
     pub database_url: String,
+    /// How long one store call may take.
+    pub store: StoreSettings,
     /// Which scope each route needs.
     pub policy: RouteTable,
     /// The token prefix keys are minted with (`kg` → `kg_live_…`).
@@ -178,6 +180,7 @@ impl Settings {
     pub fn new(database_url: impl Into<String>) -> Self {
         Self {
             database_url: database_url.into(),
+            store: StoreSettings::default(),
             policy: RouteTable::default(),
             brand: Brand::default(),
             cache: CacheSettings::default(),
@@ -230,7 +233,7 @@ pub struct Keygate {
 impl Keygate {
     /// Connects to the store (applying migrations) and builds the services.
     pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
-        let store = Arc::new(SqlStore::connect(&settings.database_url).await?);
+        let store = Arc::new(SqlStore::connect_with(&settings.database_url, settings.store).await?);
         let page_key = store.shared_secret("page_token_key").await?;
         let freshness = Arc::new(Freshness::new(settings.max_staleness));
         let cache = Arc::new(KeyCache::new(

@@ -22,7 +22,7 @@ use crate::cache::CacheSettings;
 use crate::feed::FeedSettings;
 use crate::server::{Keygate, RateLimitStore, ServerLimits, Settings, TlsSettings};
 use crate::service::shared_limits::StoreFailure;
-use crate::store::sql_redact;
+use crate::store::{StoreSettings, sql_redact};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -89,6 +89,16 @@ pub struct ServeArgs {
         value_parser = parse_duration
     )]
     store_read_wait: Duration,
+    /// Longest one store call may take (waiting for a connection included)
+    /// before it fails with UNAVAILABLE: no call waits longer than this on a
+    /// database that is down or cut off.
+    #[arg(
+        long,
+        env = "KEYGATE_STORE_TIMEOUT",
+        default_value = duration_text(StoreSettings::default().timeout),
+        value_parser = parse_duration
+    )]
+    store_timeout: Duration,
     /// Longest this replica may go without reading the event log before it
     /// stops answering from its cache (a revoked key lives at most this long
     /// anywhere, even during a partition).
@@ -334,8 +344,14 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
     if args.request_timeout.is_zero() {
         return Err("--request-timeout must be more than 0s".into());
     }
+    if args.store_timeout.is_zero() {
+        return Err("--store-timeout must be more than 0s".into());
+    }
     Ok(Settings {
         database_url: args.store.url(),
+        store: StoreSettings {
+            timeout: args.store_timeout,
+        },
         policy,
         brand,
         cache: CacheSettings {
@@ -461,6 +477,7 @@ mod tests {
         let owner = Settings::new(parsed.database_url.clone());
         let Settings {
             database_url: _,
+            store,
             policy: _,
             brand,
             cache,
@@ -476,6 +493,7 @@ mod tests {
             rate_limit_store,
         } = parsed;
         assert!(rate_limit_store.is_none() && owner.rate_limit_store.is_none());
+        assert_eq!(store, owner.store);
         assert_eq!(brand, owner.brand);
         assert_eq!(format!("{cache:?}"), format!("{:?}", owner.cache));
         assert_eq!(load_key_index, owner.load_key_index);

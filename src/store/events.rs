@@ -9,9 +9,8 @@ use sqlx::Row;
 
 use super::row::{EVENT_COLUMN_LIST, INSERT_EVENT, bind_event, event_from_row};
 use super::sql::{Dialect, SqlStore};
+use super::write::WriteTx;
 use super::{EventQuery, StoreError, postgres};
-
-type Tx = sqlx::Transaction<'static, sqlx::Any>;
 
 /// Binds: after (a sequence), limit.
 static EVENTS_AFTER: LazyLock<String> = LazyLock::new(|| {
@@ -51,11 +50,11 @@ impl SqlStore {
     /// commit, so nobody reads ahead of it). Callers hold the write turn.
     pub(super) async fn append_event(
         &self,
-        tx: &mut Tx,
+        tx: &mut WriteTx,
         event: &NewEvent,
     ) -> Result<i64, StoreError> {
         let last = sqlx::query("SELECT seq, hash FROM key_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut **tx)
+            .fetch_optional(tx.conn())
             .await?;
         let (sequence, previous) = match last {
             None => (1, GENESIS),
@@ -90,7 +89,7 @@ impl SqlStore {
         };
         stored.hash = Some(chain_hash(&previous, &stored));
         bind_event(sqlx::query(INSERT_EVENT.as_str()), &stored)
-            .execute(&mut **tx)
+            .execute(tx.conn())
             .await?;
         if self.dialect() == Dialect::Postgres {
             postgres::notify_event(tx).await?;

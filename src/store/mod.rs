@@ -15,6 +15,7 @@ mod sqlite;
 #[cfg(test)]
 mod testsuite;
 mod url;
+mod write;
 
 use async_trait::async_trait;
 pub use changes::Changes;
@@ -26,6 +27,30 @@ use keygate_core::usage::UsageRecord;
 pub use sql::SqlStore;
 pub use url::redact as sql_redact;
 use uuid::Uuid;
+
+/// How long one store call may take by default: see [`StoreSettings::timeout`].
+pub const DEFAULT_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How the store talks to its database once it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// Longest one store call may take, waiting for a connection included;
+    /// past it the call fails with [`StoreError::TimedOut`] (UNAVAILABLE), so
+    /// no caller waits longer than this on a database that is down or cut
+    /// off. A write that times out is rolled back unless its commit had
+    /// already reached the database (then it stands, as after any lost
+    /// connection). Opening the store (connecting, migrations) is not bound
+    /// by it.
+    pub timeout: std::time::Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_STORE_TIMEOUT,
+        }
+    }
+}
 
 /// How long a silent replica stays in ListReplicas (shown as not live)
 /// before it is forgotten.
@@ -193,6 +218,14 @@ pub enum StoreError {
     /// (connections, the pool, I/O); retrying may help (UNAVAILABLE).
     #[error("store unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// The call did not finish within [`StoreSettings::timeout`].
+    #[error("store did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
+    /// The database refuses to write (its disk is full, it or its file is
+    /// read-only) while reads go on: the reason says which. Retrying cannot
+    /// help until an operator has fixed it.
+    #[error("key store cannot write: {0}")]
+    CannotWrite(&'static str),
     /// An insert hit a unique constraint: a key with this id already
     /// exists (ALREADY_EXISTS).
     #[error("a key with this id already exists")]
@@ -235,17 +268,24 @@ impl StoreError {
     }
 }
 
-/// Classified by variant, never by message text: a unique violation is a
-/// [`StoreError::Conflict`]; a value that does not decode into what keygate
-/// wrote (a wrong type, a missing column) is [`StoreError::Corrupt`], since
-/// retrying cannot help; everything else (connections, the pool, I/O, the
-/// database refusing a statement) is [`StoreError::Unavailable`].
+/// Classified by variant and error code, never by message text: a unique
+/// violation is a [`StoreError::Conflict`]; a database that cannot write
+/// (see [`write_refused`]) is [`StoreError::CannotWrite`]; a value that does
+/// not decode into what keygate wrote (a wrong type, a missing column) is
+/// [`StoreError::Corrupt`], since retrying cannot help; everything else
+/// (connections, the pool, I/O, the database refusing a statement) is
+/// [`StoreError::Unavailable`].
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation => {
-                StoreError::Conflict
+        if let sqlx::Error::Database(db) = &e {
+            if db.kind() == sqlx::error::ErrorKind::UniqueViolation {
+                return StoreError::Conflict;
             }
+            if let Some(why) = write_refused(db.as_ref()) {
+                return StoreError::CannotWrite(why);
+            }
+        }
+        match &e {
             sqlx::Error::ColumnDecode { .. }
             | sqlx::Error::Decode(_)
             | sqlx::Error::ColumnNotFound(_)
@@ -258,3 +298,34 @@ impl From<sqlx::Error> for StoreError {
         }
     }
 }
+
+/// Why the database refused a write, when that is what the error says: by
+/// SQLite result code (SQLITE_FULL; SQLITE_READONLY; SQLITE_IOERR_WRITE,
+/// _FSYNC and _TRUNCATE, what writing to a file on a file system remounted
+/// read-only, or made immutable, gives) or PostgreSQL SQLSTATE (53100
+/// disk_full, 25006 read_only_sql_transaction: a standby, or
+/// default_transaction_read_only).
+fn write_refused(db: &dyn sqlx::error::DatabaseError) -> Option<&'static str> {
+    let code = db.code()?;
+    if db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        return match code.as_ref() {
+            "53100" => Some(DISK_FULL),
+            "25006" => Some("the database is read-only"),
+            _ => None,
+        };
+    }
+    db.try_downcast_ref::<sqlx::sqlite::SqliteError>()?;
+    let extended: i32 = code.parse().ok()?;
+    match (extended & 0xff, extended) {
+        (13, _) => Some(DISK_FULL),
+        // A connection opened after the file turned read-only opens it
+        // read-only (READONLY); one opened before fails to write (IOERR).
+        (8, _) | (10, 778 | 1034 | 1546) => Some("its file is read-only or cannot be written"),
+        _ => None,
+    }
+}
+
+const DISK_FULL: &str = "the disk is full";

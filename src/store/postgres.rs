@@ -5,6 +5,7 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
+use super::write::WriteTx;
 use super::{Changes, StoreError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/store/migrations/postgres");
@@ -23,12 +24,10 @@ const WRITE_LOCK: i64 = 0x006b_6579_6761_7465;
 /// Makes writers take turns until commit, so event sequences are assigned in
 /// commit order with no gaps (a plain SEQUENCE can commit 5 before 4).
 /// Writes are admin changes: rare enough that one lane costs nothing.
-pub(super) async fn serialize_writers(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-) -> Result<(), StoreError> {
+pub(super) async fn serialize_writers(tx: &mut WriteTx) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(WRITE_LOCK)
-        .execute(&mut **tx)
+        .execute(tx.conn())
         .await?;
     Ok(())
 }
@@ -39,12 +38,10 @@ const USAGE_LOCK: i64 = 0x006b_6775_7361_6765;
 
 /// Makes usage flushes from every replica take turns until commit: each
 /// locks many rows, and two doing so at once could deadlock.
-pub(super) async fn serialize_usage_flushes(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-) -> Result<(), StoreError> {
+pub(super) async fn serialize_usage_flushes(tx: &mut WriteTx) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(USAGE_LOCK)
-        .execute(&mut **tx)
+        .execute(tx.conn())
         .await?;
     Ok(())
 }
@@ -53,12 +50,10 @@ pub(super) async fn serialize_usage_flushes(
 /// replicas read the events themselves by sequence.
 const EVENTS_CHANNEL: &str = "keygate_events";
 
-pub(super) async fn notify_event(
-    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-) -> Result<(), StoreError> {
+pub(super) async fn notify_event(tx: &mut WriteTx) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(EVENTS_CHANNEL)
-        .execute(&mut **tx)
+        .execute(tx.conn())
         .await?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -18,9 +19,10 @@ use super::row::{
     INSERT_KEY, KEY_COLUMN_LIST, UPDATE_KEY, bind_key, key_from_row, micros, replica_from_row,
 };
 use super::url::{redact, without_ignored_secrets};
+use super::write::WriteTx;
 use super::{
     Changes, EventLog, EventQuery, KeyQuery, KeyReader, KeyStore, ReplicaRegistry, ReplicaStatus,
-    StoreError, UsageStore, postgres, sqlite,
+    StoreError, StoreSettings, UsageStore, postgres, sqlite,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +43,8 @@ pub struct SqlStore {
     key_reads: Arc<AtomicU64>,
     /// Shared with the follower handle: a write on either wakes the follower.
     changes: Changes,
+    /// Longest one call may take ([`StoreSettings::timeout`]).
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -48,15 +52,21 @@ impl std::fmt::Debug for SqlStore {
         f.debug_struct("SqlStore")
             .field("dialect", &self.dialect)
             .field("url", &redact(&self.url))
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
 
 impl SqlStore {
     /// Connects to `sqlite://…` (created when missing) or `postgres://…` and
-    /// applies the embedded migrations.
+    /// applies the embedded migrations, with the default [`StoreSettings`].
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let store = Self::pool_for(url, sqlite::connect_url(url)).await?;
+        Self::connect_with(url, StoreSettings::default()).await
+    }
+
+    /// [`SqlStore::connect`] with these settings.
+    pub async fn connect_with(url: &str, settings: StoreSettings) -> Result<Self, StoreError> {
+        let store = Self::pool_for(url, sqlite::connect_url(url), settings).await?;
         match store.dialect {
             Dialect::Sqlite => {
                 sqlite::prepare(&store.pool).await?;
@@ -72,10 +82,14 @@ impl SqlStore {
     /// migrations, no hash backfill, and a SQLite file is opened read-only
     /// (a mistyped path is an error, not a new empty database).
     pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
-        Self::pool_for(url, sqlite::read_only_url(url)).await
+        Self::pool_for(url, sqlite::read_only_url(url), StoreSettings::default()).await
     }
 
-    async fn pool_for(url: &str, sqlite_url: String) -> Result<Self, StoreError> {
+    async fn pool_for(
+        url: &str,
+        sqlite_url: String,
+        settings: StoreSettings,
+    ) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let (dialect, url) = if sqlite::handles(url) {
             (Dialect::Sqlite, sqlite_url)
@@ -89,7 +103,9 @@ impl SqlStore {
                 Dialect::Postgres => 16,
                 Dialect::Sqlite => 8,
             })
-            .acquire_timeout(std::time::Duration::from_secs(5))
+            // Opening (migrations included) may wait for a database that is
+            // still starting; every later call is bound by `settings.timeout`.
+            .acquire_timeout(OPEN_TIMEOUT)
             .connect(&url)
             .await?;
         let feed_pool = if sqlite::in_memory(&url) {
@@ -99,7 +115,7 @@ impl SqlStore {
             // Lazy: opened on the feed's first read, after migrations have run.
             AnyPoolOptions::new()
                 .max_connections(FEED_CONNECTIONS)
-                .acquire_timeout(std::time::Duration::from_secs(5))
+                .acquire_timeout(OPEN_TIMEOUT)
                 .connect_lazy(&url)?
         };
         Ok(Self {
@@ -109,6 +125,7 @@ impl SqlStore {
             url,
             key_reads: Arc::default(),
             changes: Changes::default(),
+            timeout: settings.timeout,
         })
     }
 
@@ -180,22 +197,46 @@ impl SqlStore {
 
     /// Answers when the store is reachable.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        within(self.timeout, async {
+            sqlx::query("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Times a store call, counts its failures, and gives up on it after the
+    /// store timeout.
+    async fn observe<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.observe_for(operation, self.timeout, call).await
+    }
+
+    /// [`SqlStore::observe`] with a budget of its own, for a call that runs
+    /// several statements each entitled to the store timeout.
+    async fn observe_for<T>(
+        &self,
+        operation: &'static str,
+        budget: Duration,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = within(budget, call).await;
+        crate::telemetry::store_query(operation, started.elapsed(), result.is_ok());
+        result
     }
 
     /// Commits a write that appended an event, then wakes the follower.
-    async fn commit_event(
-        &self,
-        tx: sqlx::Transaction<'static, sqlx::Any>,
-    ) -> Result<(), StoreError> {
+    async fn commit_event(&self, tx: WriteTx) -> Result<(), StoreError> {
         tx.commit().await?;
         self.changes.wake();
         Ok(())
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+    async fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        let mut tx = WriteTx::begin(&self.pool).await?;
         if self.dialect == Dialect::Postgres {
             postgres::serialize_writers(&mut tx).await?;
         }
@@ -274,15 +315,19 @@ fn usage_statement(keys: usize) -> String {
 /// record this replica's heartbeat, one spare for a read that overlaps it.
 pub const FEED_CONNECTIONS: u32 = 2;
 
-/// Times a store call and counts its failures.
-async fn observe<T>(
-    operation: &'static str,
+/// How long opening the store may wait for a connection: a database that is
+/// still starting gets a few seconds, not the store timeout.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `call`, or [`StoreError::TimedOut`] once `budget` has passed. Dropping the
+/// call drops its connection and rolls back its open transaction, if any.
+async fn within<T>(
+    budget: Duration,
     call: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    let started = std::time::Instant::now();
-    let result = call.await;
-    crate::telemetry::store_query(operation, started.elapsed(), result.is_ok());
-    result
+    tokio::time::timeout(budget, call)
+        .await
+        .unwrap_or(Err(StoreError::TimedOut(budget)))
 }
 
 #[async_trait]
@@ -290,7 +335,7 @@ impl KeyReader for SqlStore {
     #[instrument(name = "keystore.get", skip(self), err)]
     async fn get_key(&self, id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
         self.key_reads.fetch_add(1, Ordering::Relaxed);
-        observe("get", async move {
+        self.observe("get", async move {
             let row = sqlx::query(SELECT_KEY.as_str())
                 .bind(id.to_string())
                 .fetch_optional(&self.pool)
@@ -305,10 +350,10 @@ impl KeyReader for SqlStore {
 impl KeyStore for SqlStore {
     #[instrument(name = "keystore.insert", skip_all, fields(key_id = %key.id), err)]
     async fn insert_key(&self, key: &KeyRecord, event: &NewEvent) -> Result<i64, StoreError> {
-        observe("insert", async move {
+        self.observe("insert", async move {
             let mut tx = self.begin_write().await?;
             bind_key(sqlx::query(INSERT_KEY.as_str()), key)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             let seq = self.append_event(&mut tx, event).await?;
             self.commit_event(tx).await?;
@@ -323,15 +368,16 @@ impl KeyStore for SqlStore {
         key: &KeyRecord,
         event: &NewEvent,
     ) -> Result<Option<(KeyRecord, i64)>, StoreError> {
-        observe("update", async move {
+        self.observe("update", async move {
             let mut tx = self.begin_write().await?;
             let mut next = key.clone();
             next.version += 1;
             let done = bind_key(sqlx::query(UPDATE_KEY.as_str()), &next)
                 .bind(key.version)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             if done.rows_affected() == 0 {
+                tx.rollback().await?;
                 return Ok(None);
             }
             let seq = self.append_event(&mut tx, event).await?;
@@ -348,14 +394,15 @@ impl KeyStore for SqlStore {
         version: i64,
         event: &NewEvent,
     ) -> Result<Option<i64>, StoreError> {
-        observe("delete", async move {
+        self.observe("delete", async move {
             let mut tx = self.begin_write().await?;
             let done = sqlx::query("DELETE FROM api_keys WHERE id = $1 AND version = $2")
                 .bind(id.to_string())
                 .bind(version)
-                .execute(&mut *tx)
+                .execute(tx.conn())
                 .await?;
             if done.rows_affected() == 0 {
+                tx.rollback().await?;
                 return Ok(None);
             }
             let seq = self.append_event(&mut tx, event).await?;
@@ -367,7 +414,7 @@ impl KeyStore for SqlStore {
 
     #[instrument(name = "keystore.list", skip(self), err)]
     async fn list_keys(&self, q: &KeyQuery) -> Result<Vec<KeyRecord>, StoreError> {
-        observe("list", async move {
+        self.observe("list", async move {
             let (after_at, after_id) = match q.after {
                 Some((at, id)) => (Some(micros(at)), id.to_string()),
                 None => (None, String::new()),
@@ -392,7 +439,7 @@ impl KeyStore for SqlStore {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<Uuid>, StoreError> {
-        observe("key_ids_after", async move {
+        self.observe("key_ids_after", async move {
             // Text order is the primary key's order, so each page is an index range scan.
             let rows = sqlx::query("SELECT id FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2")
                 .bind(after.map(|id| id.to_string()).unwrap_or_default())
@@ -417,12 +464,15 @@ impl KeyStore for SqlStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows = sqlx::query(UNANNOUNCED_SECRET_EXPIRIES.as_str())
-            .bind(micros(now))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(key_from_row).collect()
+        self.observe("unannounced_secret_expiries", async move {
+            let rows = sqlx::query(UNANNOUNCED_SECRET_EXPIRIES.as_str())
+                .bind(micros(now))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(key_from_row).collect()
+        })
+        .await
     }
 }
 
@@ -430,7 +480,7 @@ impl KeyStore for SqlStore {
 impl EventLog for SqlStore {
     #[instrument(name = "keystore.events_after", skip(self), err)]
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
-        observe("events_after", async move {
+        self.observe("events_after", async move {
             self.select_events_after(after, limit).await
         })
         .await
@@ -438,14 +488,17 @@ impl EventLog for SqlStore {
 
     #[instrument(name = "keystore.list_events", skip(self), err)]
     async fn list_events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError> {
-        self.select_events(query).await
+        self.observe("list_events", self.select_events(query)).await
     }
 
     async fn head_sequence(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM key_events")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get(0)?)
+        self.observe("head_sequence", async move {
+            let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM key_events")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(row.try_get(0)?)
+        })
+        .await
     }
 
     fn changes(&self) -> Changes {
@@ -457,7 +510,12 @@ impl EventLog for SqlStore {
 impl UsageStore for SqlStore {
     #[instrument(name = "keystore.record_usage", skip_all, fields(keys = records.len()), err)]
     async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
-        observe("record_usage", async move {
+        // Every statement gets the store timeout: a large flush is many.
+        let statements = records.len().div_ceil(USAGE_BATCH) + 1;
+        let budget = self
+            .timeout
+            .saturating_mul(u32::try_from(statements).unwrap_or(u32::MAX));
+        self.observe_for("record_usage", budget, async move {
             if records.is_empty() {
                 return Ok(());
             }
@@ -471,7 +529,7 @@ impl UsageStore for SqlStore {
             // partly committed one would count previous-secret uses twice.
             let mut sorted: Vec<&UsageRecord> = records.iter().collect();
             sorted.sort_by_key(|r| r.key_id);
-            let mut tx = self.pool.begin().await?;
+            let mut tx = WriteTx::begin(&self.pool).await?;
             if self.dialect == Dialect::Postgres {
                 postgres::serialize_usage_flushes(&mut tx).await?;
             }
@@ -486,7 +544,7 @@ impl UsageStore for SqlStore {
                         .bind(previous.map(|p| micros(p.last_used_at)))
                         .bind(previous.map(|p| micros(p.rotated_at)));
                 }
-                query.execute(&mut *tx).await?;
+                query.execute(tx.conn()).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -498,27 +556,33 @@ impl UsageStore for SqlStore {
 #[async_trait]
 impl ReplicaRegistry for SqlStore {
     async fn record_replica(&self, r: &ReplicaStatus) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO replicas (replica_id, name, applied_sequence, heartbeat_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (replica_id) DO UPDATE SET name = $2, applied_sequence = $3, heartbeat_at = $4",
-        )
-        .bind(r.replica_id.to_string())
-        .bind(r.name.as_str())
-        .bind(r.applied_sequence)
-        .bind(micros(r.heartbeat_at))
-        .execute(&self.pool)
-        .await?;
-        sqlx::query("DELETE FROM replicas WHERE heartbeat_at < $1")
-            .bind(micros(r.heartbeat_at - super::REPLICA_RETENTION))
+        self.observe("record_replica", async move {
+            sqlx::query(
+                "INSERT INTO replicas (replica_id, name, applied_sequence, heartbeat_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (replica_id) DO UPDATE SET name = $2, applied_sequence = $3, heartbeat_at = $4",
+            )
+            .bind(r.replica_id.to_string())
+            .bind(r.name.as_str())
+            .bind(r.applied_sequence)
+            .bind(micros(r.heartbeat_at))
             .execute(&self.pool)
             .await?;
-        Ok(())
+            sqlx::query("DELETE FROM replicas WHERE heartbeat_at < $1")
+                .bind(micros(r.heartbeat_at - super::REPLICA_RETENTION))
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn list_replicas(&self) -> Result<Vec<ReplicaStatus>, StoreError> {
-        let rows = sqlx::query("SELECT replica_id, name, applied_sequence, heartbeat_at FROM replicas ORDER BY name, replica_id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(replica_from_row).collect()
+        self.observe("list_replicas", async move {
+            let rows = sqlx::query("SELECT replica_id, name, applied_sequence, heartbeat_at FROM replicas ORDER BY name, replica_id")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(replica_from_row).collect()
+        })
+        .await
     }
 }

@@ -156,6 +156,22 @@ impl TestServer {
         Self::start_on(database_url, dir, postgres_db, configure).await
     }
 
+    /// Like `start_with`, on a database the test owns (and cleans up).
+    pub async fn start_on_database(
+        database_url: String,
+        configure: impl Fn(&mut Settings),
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_on(database_url, dir, PostgresDb::None, &configure)
+            .await
+            .expect("start on the given database")
+    }
+
+    /// Whether the server task is still running (it has not panicked or stopped).
+    pub fn is_serving(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops the server gracefully (which writes pending usage) and starts a
     /// new one on the same database, with the same clock.
     pub async fn restart(mut self) -> Self {

@@ -15,6 +15,7 @@ mod cli;
 mod concurrency;
 mod deny_map;
 mod envoy;
+mod faults;
 mod feed;
 mod forged;
 mod gateway;

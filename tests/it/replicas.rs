@@ -22,15 +22,53 @@ pub struct Replica {
     pub port: u16,
     pub name: String,
     child: Child,
+    /// How it was started, to start it again on the same port.
+    database_url: String,
+    extra: Vec<String>,
 }
 
 impl Replica {
     pub async fn start(database_url: &str, name: &str, extra: &[&str]) -> Self {
+        Self::start_on(free_port(), database_url, name, extra).await
+    }
+
+    /// Like `start`, listening on `port`.
+    pub async fn start_on(port: u16, database_url: &str, name: &str, extra: &[&str]) -> Self {
+        let child = Self::spawn(port, database_url, name, extra);
+        wait_serving(port).await;
+        Self {
+            port,
+            name: name.into(),
+            child,
+            database_url: database_url.into(),
+            extra: extra.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    /// SIGKILL: the process dies at once, with no shutdown of any kind.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the process again, with the same settings on the same port
+    /// (after `kill`; a new process is a new replica).
+    pub async fn restart(&mut self) {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Self::spawn(self.port, &self.database_url, &self.name, &extra);
+        wait_serving(self.port).await;
+    }
+
+    /// Whether the process is still running (it has not crashed or exited).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    fn spawn(port: u16, database_url: &str, name: &str, extra: &[&str]) -> Child {
         let dir = std::env::temp_dir();
         let policy = dir.join(format!("keygate-test-policy-{}.toml", uuid::Uuid::new_v4()));
         std::fs::write(&policy, crate::harness::POLICY).unwrap();
-        let port = free_port();
-        let child = keygate(&dir)
+        keygate(&dir)
             .args([
                 "serve",
                 "--listen",
@@ -55,15 +93,14 @@ impl Replica {
             })
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // KEYGATE_TEST_REPLICA_LOGS=1 shows the replicas' logs.
+            .stderr(if std::env::var_os("KEYGATE_TEST_REPLICA_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
-            .expect("spawn keygate");
-        wait_serving(port).await;
-        Self {
-            port,
-            name: name.into(),
-            child,
-        }
+            .expect("spawn keygate")
     }
 
     pub fn url(&self) -> String {
@@ -130,11 +167,14 @@ pub async fn authorize(
     client.authorize(req).await.map(|r| r.into_inner())
 }
 
-/// A TCP forwarder on loopback whose link can be cut and restored: a
-/// network partition between one replica and PostgreSQL.
+/// A TCP forwarder on loopback whose link can be cut and restored, or
+/// stalled: a network partition between one replica and PostgreSQL.
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// While true, nothing is forwarded either way, but every connection
+    /// stays open (and new ones are accepted): packets that go nowhere.
+    stalled: tokio::sync::watch::Sender<bool>,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
@@ -144,23 +184,30 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let stalled = tokio::sync::watch::Sender::new(false);
         let connections = Arc::new(Mutex::new(Vec::new()));
         let accept = tokio::spawn({
             let cut = cut.clone();
             let connections = connections.clone();
+            let stalled = stalled.clone();
             async move {
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
+                    let Ok((inbound, _)) = listener.accept().await else {
                         return;
                     };
                     if cut.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
                     }
+                    let stalled = stalled.clone();
                     let task = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(target).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        if let Ok(outbound) = TcpStream::connect(target).await {
+                            let (from_client, to_client) = inbound.into_split();
+                            let (from_server, to_server) = outbound.into_split();
+                            tokio::select! {
+                                () = forward(from_client, to_server, stalled.subscribe()) => {}
+                                () = forward(from_server, to_client, stalled.subscribe()) => {}
+                            }
                         }
                     });
                     connections.lock().unwrap().push(task.abort_handle());
@@ -171,6 +218,7 @@ impl Proxy {
         Self {
             addr,
             cut,
+            stalled,
             connections,
             accept,
         }
@@ -186,6 +234,44 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops forwarding without closing anything: calls on open connections
+    /// and new connections alike hang, as behind a silent network.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Forwards again on every connection, what was held back first: the
+    /// network heals.
+    pub fn resume(&self) {
+        self.stalled.send_replace(false);
+    }
+}
+
+/// Copies `from` to `to` until either closes, holding bytes back while stalled.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // What was read before a stall began is held back too.
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -244,4 +330,34 @@ fn urls_are_rerouted_through_the_proxy() {
         postgres_addr("postgres://u@localhost/db"),
         "127.0.0.1:5432".parse().unwrap()
     );
+}
+
+#[tokio::test]
+async fn the_proxy_forwards_stalls_and_resumes() {
+    use sqlx::Connection;
+    let Ok(server) = std::env::var("KEYGATE_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let proxy = Proxy::start(postgres_addr(&server)).await;
+    let mut conn = sqlx::PgConnection::connect(&via(&server, proxy.addr))
+        .await
+        .unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    proxy.stall();
+    let stalled = tokio::time::timeout(
+        Duration::from_millis(300),
+        sqlx::query_scalar::<_, i32>("SELECT 2").fetch_one(&mut conn),
+    )
+    .await;
+    assert!(stalled.is_err(), "nothing gets through a stalled link");
+    proxy.resume();
+    let three: i32 = sqlx::query_scalar("SELECT 3")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(three, 3);
 }
