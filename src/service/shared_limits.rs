@@ -26,7 +26,7 @@
 //! assumed to agree, as for the replica heartbeats.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -151,6 +151,9 @@ pub struct SharedLimits {
     dirty: Mutex<HashSet<String>>,
     sync_now: Notify,
     up: AtomicBool,
+    /// Decisions made on this replica's own count because a sync did not
+    /// answer in time while Redis was up (slow, not down).
+    slow_fallbacks: AtomicU64,
     /// Live replicas, at least 1.
     replicas: AtomicU32,
     failure: StoreFailure,
@@ -190,6 +193,7 @@ impl SharedLimits {
             dirty: Mutex::default(),
             sync_now: Notify::new(),
             up: AtomicBool::new(false),
+            slow_fallbacks: AtomicU64::new(0),
             replicas: AtomicU32::new(1),
             failure,
         })
@@ -198,6 +202,13 @@ impl SharedLimits {
     /// Whether the last exchange with Redis succeeded.
     pub fn store_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// How many requests were decided on this replica's own count because
+    /// Redis was slower than [`SYNC_WAIT`] (while up). The accuracy bound
+    /// holds for the others; these may add up to L / R per replica.
+    pub fn slow_fallbacks(&self) -> u64 {
+        self.slow_fallbacks.load(Ordering::Relaxed)
     }
 
     /// Live replicas as last read from the registry (at least 1): what the
@@ -241,6 +252,14 @@ impl SharedLimits {
             {
                 let mut state = subject.state.lock().unwrap_or_else(PoisonError::into_inner);
                 if !self.store_up() || waited {
+                    if self.store_up() {
+                        self.slow_fallbacks.fetch_add(1, Ordering::Relaxed);
+                        // Slow, not down: what this replica knows of the
+                        // others still counts.
+                        if state.shared.count(now) >= u64::from(limit) {
+                            return state.shared.check(limit, now);
+                        }
+                    }
                     return self.fallback(name, &mut state, limit, now);
                 }
                 if state.unseen() < share || state.shared.count(now) >= u64::from(limit) {

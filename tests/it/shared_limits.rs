@@ -150,6 +150,23 @@ fn bound(limit: usize, replicas: usize) -> usize {
     limit + others * share
 }
 
+/// The bound, widened by what the README allows while Redis answers slower
+/// than the sync wait (each replica may then decide on its own count, up to
+/// L / R): only when that happened, which a loaded test machine can cause.
+fn bound_seen(servers: &[TestServer], limit: usize) -> usize {
+    let slow: u64 = servers
+        .iter()
+        .filter_map(|s| s.shared_limits.as_ref())
+        .map(|l| l.slow_fallbacks())
+        .sum();
+    let strict = bound(limit, servers.len());
+    if slow == 0 {
+        strict
+    } else {
+        strict + limit / servers.len()
+    }
+}
+
 async fn a_shared_limit_holds_across(n: usize) {
     let redis = Redis::start();
     let Some(servers) = replicas(&redis, n).await else {
@@ -159,14 +176,14 @@ async fn a_shared_limit_holds_across(n: usize) {
     servers[0].settle().await;
     let allowed: usize = burst(&servers, &token, 200).await.iter().sum();
     assert!(
-        (60..=bound(60, n)).contains(&allowed),
+        (60..=bound_seen(&servers, 60)).contains(&allowed),
         "{allowed} of 200 allowed on {n} replicas sharing a limit of 60"
     );
     // A minute later the window has passed on every replica at once.
     servers[0].advance(ChronoDuration::seconds(61));
     let again: usize = burst(&servers, &token, 200).await.iter().sum();
     assert!(
-        (60..=bound(60, n)).contains(&again),
+        (60..=bound_seen(&servers, 60)).contains(&again),
         "second burst: {again} allowed"
     );
 }
@@ -203,7 +220,7 @@ async fn no_sixty_seconds_exceed_the_limit_across_replicas() {
             .filter(|t| **t + 60_000 > *end)
             .count();
         assert!(
-            in_span <= bound(60, 2),
+            in_span <= bound_seen(&servers, 60),
             "{in_span} allowed in the 60 s up to {end} ms"
         );
     }
@@ -248,7 +265,7 @@ async fn redis_down_falls_back_to_a_share_per_replica_and_recovers() {
     servers[0].settle().await;
     let allowed: usize = burst(&servers, &after, 200).await.iter().sum();
     assert!(
-        (60..=bound(60, 3)).contains(&allowed),
+        (60..=bound_seen(&servers, 60)).contains(&allowed),
         "{allowed} after recovery"
     );
 }
@@ -306,7 +323,7 @@ async fn an_organization_limit_is_shared_across_replicas_and_keys() {
     let (a, b) = tokio::join!(a, b);
     let allowed: usize = a.iter().chain(&b).sum();
     assert!(
-        (60..=bound(60, 3)).contains(&allowed),
+        (60..=bound_seen(&servers, 60)).contains(&allowed),
         "{allowed} of 200 allowed for an organization limited to 60 on 3 replicas"
     );
 }
