@@ -48,13 +48,30 @@ pub fn authorize_call(channels: &[Channel], tokens: &[String], want: pb::Decisio
     })
 }
 
-/// Authorize each token once (concurrently, 64 at a time), so it is cached.
+/// Authorize each token once (8 at a time), so it is cached. A call that
+/// answers UNAVAILABLE is retried (up to 5 times, 50 ms apart): right after
+/// start, keygate's store pool is still opening connections, and misses
+/// beyond its concurrent-read cap then wait past `--store-read-wait`.
 pub async fn warm(channels: &[Channel], tokens: &[String]) -> Result<(), String> {
     use futures_util::StreamExt;
     let call = authorize_call(channels, tokens, pb::Decision::Allow);
     let results: Vec<Result<(), String>> = futures_util::stream::iter(0..tokens.len() as u64)
-        .map(|n| call(n))
-        .buffer_unordered(64)
+        .map(|n| {
+            let call = Arc::clone(&call);
+            async move {
+                let mut tries = 0;
+                loop {
+                    match call(n).await {
+                        Err(e) if e.starts_with("Unavailable") && tries < 5 => {
+                            tries += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                        other => return other,
+                    }
+                }
+            }
+        })
+        .buffer_unordered(8)
         .collect()
         .await;
     results.into_iter().collect()
