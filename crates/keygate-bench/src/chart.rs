@@ -45,11 +45,12 @@ fn font() -> Result<(), String> {
 pub fn draw(chart: &Chart, path: &Path) -> Result<(), String> {
     font()?;
     let points = chart.series.iter().flat_map(|s| s.points.iter());
-    let (mut x_max, mut y_max, mut x_min) = (0f64, 0f64, f64::MAX);
+    let (mut x_max, mut y_max, mut x_min, mut y_min) = (0f64, 0f64, f64::MAX, f64::MAX);
     for &(x, y) in points {
         x_max = x_max.max(x);
         x_min = x_min.min(x);
         y_max = y_max.max(y);
+        y_min = y_min.min(y);
     }
     if x_min == f64::MAX {
         return Err(format!("{}: no points", chart.file));
@@ -90,11 +91,14 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<(), String> {
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60);
-    if chart.log_x {
-        let lo = x_min.max(1e-9) / 1.5;
+    if chart.log {
+        let (x_lo, y_lo) = (x_min.max(1e-9) / 1.5, y_min.max(1e-6) / 1.5);
         body!(
             builder
-                .build_cartesian_2d((lo..x_max * 1.5).log_scale(), 0f64..y_max)
+                .build_cartesian_2d(
+                    (x_lo..x_max * 1.5).log_scale(),
+                    (y_lo..y_max * 1.5).log_scale()
+                )
                 .map_err(e)?
         );
     } else {

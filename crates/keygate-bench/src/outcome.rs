@@ -135,7 +135,8 @@ pub struct Chart {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
-    pub log_x: bool,
+    /// Both axes logarithmic.
+    pub log: bool,
     pub series: Vec<Series>,
 }
 

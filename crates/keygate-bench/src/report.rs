@@ -157,7 +157,7 @@ pub async fn write(results: &Path, out: &Path, charts: &Path, note: &str) -> Res
     let dirty = status != "unknown" && status != "not found";
     let postgres = postgres_version().await;
     let envoy = crate::scenario::envoy::envoy_bin()
-        .map(|b| first_line(&b.display().to_string(), &["--version"]))
+        .map(|b| envoy_version(&b.display().to_string()))
         .unwrap_or_else(|_| "not found".to_owned());
     let mut s = String::from(
         "# keygate benchmarks\n\n\
@@ -213,6 +213,14 @@ pub async fn write(results: &Path, out: &Path, charts: &Path, note: &str) -> Res
             );
         }
     }
+    for n in 1..=7u8 {
+        if !all.iter().any(|o| o.number == n) {
+            let _ = writeln!(
+                s,
+                "| {n}. | no result: the scenario failed or was not run | | | **not measured** |"
+            );
+        }
+    }
     s.push('\n');
     for o in &all {
         s.push_str(&scenario_markdown(o, Some(&rel)));
@@ -220,6 +228,18 @@ pub async fn write(results: &Path, out: &Path, charts: &Path, note: &str) -> Res
     std::fs::write(out, s).map_err(|e| format!("{}: {e}", out.display()))?;
     println!("wrote {} and charts in {}", out.display(), charts.display());
     Ok(())
+}
+
+/// "1.39.3/Clean/RELEASE/BoringSSL (6eb0d2d…)" from `envoy --version`.
+pub fn envoy_version(bin: &str) -> String {
+    let line = first_line(bin, &["--version"]);
+    let Some((_, v)) = line.split_once("version: ") else {
+        return line;
+    };
+    match v.split_once('/') {
+        Some((commit, rest)) => format!("{rest} ({})", &commit[..commit.len().min(12)]),
+        None => v.to_owned(),
+    }
 }
 
 /// `charts` relative to the directory `out` is in (both under the repo).

@@ -387,7 +387,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
              own process; wrk, the Envoys and both servers share the machine's cores. Peak from \
              wrk (closed loop); latency at a fixed rate from the bench's own HTTP/1.1 client, \
              measured from each request's due time.",
-            crate::report::first_line(&envoy_bin()?.display().to_string(), &["--version"])
+            crate::report::envoy_version(&envoy_bin()?.display().to_string())
         ),
         quick: ctx.quick,
         tables: vec![peak, open],

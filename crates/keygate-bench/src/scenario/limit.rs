@@ -119,7 +119,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             title: "Scenario 1: latency against offered load (open loop)".into(),
             x_label: "offered load, calls/s".into(),
             y_label: "latency, ms".into(),
-            log_x: false,
+            log: false,
             series,
         }],
         notes: vec![format!(

@@ -66,8 +66,8 @@ async fn measure(ctx: &Ctx, db: &Database, keys: usize, cache_all: bool) -> Resu
     let tokens: Vec<String> = loaded.keys.iter().map(|(_, t)| t.clone()).collect();
     let cold_tokens = &tokens[..cold_calls.min(tokens.len())];
     let cold = authorize_call(&channels, cold_tokens, pb::Decision::Allow);
+    // Failed calls are a finding (counted in the table), not a bench error.
     let cold = load::open(&cold, RATE, ctx.phases, MAX_IN_FLIGHT).await;
-    cold.expect_no_errors("cold authorize")?;
 
     let list = {
         let channel = channels[0].clone();
@@ -138,6 +138,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             "RSS after start MB",
             "cold Authorize p50 µs",
             "cold Authorize p99 µs",
+            "cold calls failed",
             "ListKeys first page p50 ms",
             "ListKeys first page p99 ms",
         ],
@@ -154,6 +155,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             r.rss_before.map_or("?".into(), |b| format!("{:.1}", mb(b))),
             format!("{:.0}", r.cold.us(0.5)),
             format!("{:.0}", r.cold.us(0.99)),
+            r.cold.errors.to_string(),
             format!("{:.2}", r.list.ms(0.5)),
             format!("{:.2}", r.list.ms(0.99)),
         ]);
