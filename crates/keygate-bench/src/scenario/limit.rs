@@ -58,13 +58,18 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     // Latency against offered load, from the intended send time.
     let fractions: &[f64] = ctx.pick(&[0.1, 0.25, 0.5, 0.75, 0.9], &[0.25, 0.5]);
     let mut open = Table::latency("Open loop at fractions of Authorize's peak, alternating");
-    let mut series: Vec<Series> = ["Authorize p99", "health Check p99", "Authorize p50"]
-        .iter()
-        .map(|n| Series {
-            name: (*n).to_owned(),
-            points: Vec::new(),
-        })
-        .collect();
+    let mut series: Vec<Series> = [
+        "Authorize p99",
+        "health Check p99",
+        "Authorize p50",
+        "health Check p50",
+    ]
+    .iter()
+    .map(|n| Series {
+        name: (*n).to_owned(),
+        points: Vec::new(),
+    })
+    .collect();
     let mut at_half: Option<Stats> = None;
     for &f in fractions {
         let rate = authorize_rps * f;
@@ -75,6 +80,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         series[0].points.push((rate, a.ms(0.99)));
         series[1].points.push((rate, h.ms(0.99)));
         series[2].points.push((rate, a.ms(0.5)));
+        series[3].points.push((rate, h.ms(0.5)));
         if (f - 0.5).abs() < 1e-9 {
             at_half = Some(a);
         }
@@ -117,9 +123,9 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         charts: vec![Chart {
             file: "limit-latency.png".into(),
             title: "Scenario 1: latency against offered load (open loop)".into(),
-            x_label: "offered load, calls/s".into(),
-            y_label: "latency, ms".into(),
-            log: false,
+            x_label: "offered load, calls/s (log)".into(),
+            y_label: "latency, ms (log)".into(),
+            log: true,
             series,
         }],
         notes: vec![format!(

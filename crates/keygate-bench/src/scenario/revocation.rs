@@ -404,8 +404,8 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
         charts: vec![Chart {
             file: "revocation-fanout.png".into(),
             title: "Scenario 4: RevokeKey's return → event at every Watch subscriber".into(),
-            x_label: "subscribers on one replica".into(),
-            y_label: "ms".into(),
+            x_label: "subscribers on one replica (log)".into(),
+            y_label: "ms (log)".into(),
             log: true,
             series,
         }],

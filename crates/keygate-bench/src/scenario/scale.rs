@@ -30,7 +30,8 @@ struct Size {
     cold: load::Stats,
     list: load::Stats,
     rss_before: Option<u64>,
-    rss_cached: Option<(u64, f64)>,
+    /// RSS, cache entries, the cache's own estimate of its bytes.
+    rss_cached: Option<(u64, f64, f64)>,
 }
 
 async fn size(ctx: &Ctx, keys: usize, cache_all: bool) -> Result<Size, String> {
@@ -97,7 +98,8 @@ async fn measure(ctx: &Ctx, db: &Database, keys: usize, cache_all: bool) -> Resu
         // Let moka settle and the gauges be published.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let entries = server.metric_sum("keygate_cache_entries", &[]).await?;
-        server.rss_bytes().map(|rss| (rss, entries))
+        let estimate = server.metric_sum("keygate_cache_bytes", &[]).await?;
+        server.rss_bytes().map(|rss| (rss, entries, estimate))
     } else {
         None
     };
@@ -189,11 +191,13 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     ];
     if let Some(r) = results.iter().find(|r| r.keys == rss_size) {
         match r.rss_cached {
-            Some((rss, entries)) => targets.push(Target::new(
+            Some((rss, entries, estimate)) => targets.push(Target::new(
                 &format!(
-                    "RSS with {} keys cached ({} cache entries)",
+                    "RSS with {} keys cached ({} cache entries; the cache's own estimate of them: {:.1} MB; RSS before caching: {:.1} MB)",
                     thousands(rss_size as f64),
-                    thousands(entries)
+                    thousands(entries),
+                    estimate / 1024.0 / 1024.0,
+                    r.rss_before.map_or(0.0, mb)
                 ),
                 "≤ 150 MB",
                 format!("{:.1} MB", mb(rss)),
