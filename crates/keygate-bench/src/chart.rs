@@ -44,7 +44,12 @@ fn font() -> Result<(), String> {
 /// Draws `chart` to `path` (800×500 PNG).
 pub fn draw(chart: &Chart, path: &Path) -> Result<(), String> {
     font()?;
-    let points = chart.series.iter().flat_map(|s| s.points.iter());
+    // A run that measured nothing (0) has no place on a log scale.
+    let keep = |&(x, y): &(f64, f64)| !chart.log || (x > 0.0 && y > 0.0);
+    let points = chart
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().filter(|p| keep(p)));
     let (mut x_max, mut y_max, mut x_min, mut y_min) = (0f64, 0f64, f64::MAX, f64::MAX);
     for &(x, y) in points {
         x_max = x_max.max(x);
@@ -70,12 +75,21 @@ pub fn draw(chart: &Chart, path: &Path) -> Result<(), String> {
                 .map_err(e)?;
             for (i, s) in chart.series.iter().enumerate() {
                 let color = colors[i % colors.len()];
-                cc.draw_series(LineSeries::new(s.points.iter().copied(), color))
-                    .map_err(e)?
-                    .label(s.name.as_str())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-                cc.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
-                    .map_err(e)?;
+                cc.draw_series(LineSeries::new(
+                    s.points.iter().copied().filter(|p| keep(p)),
+                    color,
+                ))
+                .map_err(e)?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                cc.draw_series(
+                    s.points
+                        .iter()
+                        .copied()
+                        .filter(|p| keep(p))
+                        .map(|p| Circle::new(p, 3, color.filled())),
+                )
+                .map_err(e)?;
             }
             cc.configure_series_labels()
                 .border_style(BLACK)
