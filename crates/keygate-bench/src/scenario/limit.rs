@@ -1,0 +1,140 @@
+//! Scenario 1, the limit: grpc.health.v1 Check (an empty unary call) against
+//! Authorize with cached valid keys, same server, same client settings.
+//! Targets: Authorize throughput ≥ 0.95 × the empty call's; Authorize p99
+//! at half its peak ≤ 0.5 ms.
+
+use keygate_proto::v1 as pb;
+
+use super::{authorize_call, health_call, warm};
+use crate::Ctx;
+use crate::load::{self, Stats};
+use crate::outcome::{Chart, Outcome, Series, Table, Target, thousands};
+use crate::server::{Database, Keygate, bootstrap, create_key};
+
+/// Keys the load spreads over, so no key reaches its rate limit (at most
+/// 1,000,000 a minute each) at peak.
+pub const KEYS: usize = 16;
+
+/// Open-loop calls in flight beyond which a run counts as overloaded.
+pub const MAX_IN_FLIGHT: usize = 20_000;
+
+pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
+    let db = Database::sqlite()?;
+    let admin = bootstrap(&db).await?;
+    let server = Keygate::start(&db, &[]).await?;
+    let channels = server.channels(ctx.connections).await?;
+    let mut tokens = Vec::new();
+    for i in 0..KEYS {
+        tokens.push(
+            create_key(&channels[0], &admin, &format!("org_{i}"))
+                .await?
+                .1,
+        );
+    }
+    warm(&channels, &tokens).await?;
+    let health = health_call(&channels);
+    let authorize = authorize_call(&channels, &tokens, pb::Decision::Allow);
+
+    let mut peak = Table::latency(&format!(
+        "Peak, closed loop: {} connections × {} streams, alternating",
+        ctx.connections, ctx.streams
+    ));
+    let (mut health_calls, mut authorize_calls) = (0.0, 0.0);
+    let mut authorize_peak = Vec::new();
+    for round in 1..=ctx.rounds {
+        let h = load::closed(&health, ctx.callers(), ctx.phases).await;
+        h.expect_no_errors("health")?;
+        peak.stats(&format!("health Check #{round}"), &h);
+        let a = load::closed(&authorize, ctx.callers(), ctx.phases).await;
+        a.expect_no_errors("authorize")?;
+        peak.stats(&format!("Authorize (cached) #{round}"), &a);
+        health_calls += h.rps();
+        authorize_calls += a.rps();
+        authorize_peak.push(a.rps());
+    }
+    let ratio = authorize_calls / health_calls;
+    let authorize_rps = authorize_calls / ctx.rounds as f64;
+
+    // Latency against offered load, from the intended send time.
+    let fractions: &[f64] = ctx.pick(&[0.1, 0.25, 0.5, 0.75, 0.9], &[0.25, 0.5]);
+    let mut open = Table::latency("Open loop at fractions of Authorize's peak, alternating");
+    let mut series: Vec<Series> = [
+        "Authorize p99",
+        "health Check p99",
+        "Authorize p50",
+        "health Check p50",
+    ]
+    .iter()
+    .map(|n| Series {
+        name: (*n).to_owned(),
+        points: Vec::new(),
+    })
+    .collect();
+    let mut at_half: Option<Stats> = None;
+    for &f in fractions {
+        let rate = authorize_rps * f;
+        let h = load::open(&health, rate, ctx.phases, MAX_IN_FLIGHT).await;
+        open.stats(&format!("health Check ({:.0} % of peak)", f * 100.0), &h);
+        let a = load::open(&authorize, rate, ctx.phases, MAX_IN_FLIGHT).await;
+        open.stats(&format!("Authorize ({:.0} % of peak)", f * 100.0), &a);
+        series[0].points.push((rate, a.ms(0.99)));
+        series[1].points.push((rate, h.ms(0.99)));
+        series[2].points.push((rate, a.ms(0.5)));
+        series[3].points.push((rate, h.ms(0.5)));
+        if (f - 0.5).abs() < 1e-9 {
+            at_half = Some(a);
+        }
+    }
+    let half = at_half.ok_or("no run at half of peak")?;
+    half.expect_no_errors("authorize at half of peak")?;
+
+    Ok(Outcome {
+        number: 1,
+        name: "limit".into(),
+        method: format!(
+            "keygate (SQLite) as its own process; the load generator in another, on the same \
+             machine. {KEYS} cached keys, each with the highest rate limit. Closed loop: {} \
+             callers over {} HTTP/2 connections, {:.1} s warm-up then {:.1} s measured per case, \
+             health and Authorize alternating for {} rounds. Open loop: calls sent at a fixed \
+             rate, latency from each call's intended send time.",
+            ctx.callers(),
+            ctx.connections,
+            ctx.phases.warmup.as_secs_f64(),
+            ctx.phases.measure.as_secs_f64(),
+            ctx.rounds
+        ),
+        quick: ctx.quick,
+        tables: vec![peak, open],
+        targets: vec![
+            Target::ratio_at_least(
+                "Authorize throughput ÷ empty call throughput (closed loop, all rounds)",
+                ratio,
+                0.95,
+            ),
+            Target::ms_at_most(
+                &format!(
+                    "Authorize p99 at half its peak ({} calls/s, open loop)",
+                    thousands(authorize_rps / 2.0)
+                ),
+                half.ms(0.99),
+                0.5,
+            ),
+        ],
+        charts: vec![Chart {
+            file: "limit-latency.png".into(),
+            title: "Scenario 1: latency against offered load (open loop)".into(),
+            x_label: "offered load, calls/s (log)".into(),
+            y_label: "latency, ms (log)".into(),
+            log: true,
+            series,
+        }],
+        notes: vec![format!(
+            "Authorize peak per round: {}",
+            authorize_peak
+                .iter()
+                .map(|r| thousands(*r))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )],
+    })
+}
