@@ -20,6 +20,7 @@ mod outcome;
 mod report;
 mod scenario;
 mod server;
+mod soak;
 
 #[derive(Debug, Parser)]
 #[command(name = "keygate-bench", about = "keygate's benchmark suite")]
@@ -44,6 +45,8 @@ enum Command {
     Scale(Opts),
     /// 7: CreateKey and RevokeKey on PostgreSQL, 1 and 8 callers.
     Admin(Opts),
+    /// Issue 12's soak: two replicas on PostgreSQL under mixed load, sampled and checked.
+    Soak(soak::Opts),
     /// Writes BENCHMARKS.md and the charts from the scenarios' JSON files.
     Report(ReportOpts),
     /// Serves Envoy's Check, always OK, until killed (scenario 5 runs it).
@@ -167,6 +170,7 @@ async fn run(command: Command) -> Result<(), String> {
     let (opts, outcome) = match command {
         Command::Report(r) => return report::write(&r.results, &r.out, &r.charts, &r.note).await,
         Command::NoopServer { listen } => return noop::serve(listen).await,
+        Command::Soak(o) => return soak::run(&o).await,
         Command::Limit(o) => (o.clone(), scenario::limit::run(&Ctx::from(&o)).await?),
         Command::Cold(o) => (o.clone(), scenario::cold::run(&Ctx::from(&o)).await?),
         Command::Flood(o) => (o.clone(), scenario::flood::run(&Ctx::from(&o)).await?),
