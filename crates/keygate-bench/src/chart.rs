@@ -15,7 +15,7 @@ const FONT_PATHS: &[&str] = &[
 ];
 
 /// Registers the font once; an error names where it looked.
-fn font() -> Result<(), String> {
+pub(crate) fn font() -> Result<(), String> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {

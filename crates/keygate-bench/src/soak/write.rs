@@ -81,40 +81,12 @@ pub fn revocations_csv(path: &Path, revs: &[Revocation]) -> Result<(), String> {
     std::fs::write(path, out).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-const FONT_PATHS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-];
-
-/// Registers the TrueType font the labels are drawn with (as the bench's
-/// charts do: `KEYGATE_BENCH_FONT`, else DejaVu Sans).
-fn font() -> Result<(), String> {
-    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    REGISTERED
-        .get_or_init(|| {
-            let paths: Vec<String> = std::env::var("KEYGATE_BENCH_FONT")
-                .ok()
-                .into_iter()
-                .chain(FONT_PATHS.iter().map(|p| (*p).to_owned()))
-                .collect();
-            let bytes = paths
-                .iter()
-                .find_map(|p| std::fs::read(p).ok())
-                .ok_or_else(|| format!("no TrueType font at {}", paths.join(", ")))?;
-            // Registered fonts live for the program: leaking the one copy is the point.
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-                .map_err(|_| "font does not load".to_owned())
-        })
-        .clone()
-}
-
 type Line = (String, RGBColor, Vec<(f64, f64)>);
 
 /// Two panels over minutes: RSS per replica, and p99 per replica and kind
 /// (log scale: cached calls take well under a millisecond, writes several).
 pub fn chart(path: &Path, samples: &[Sample], duration: Duration) -> Result<(), String> {
-    font()?;
+    crate::chart::font()?;
     let minutes = duration.as_secs_f64() / 60.0;
     // Per replica: cached, uncached, admin (dark to light).
     let colors = [
