@@ -264,6 +264,15 @@ impl Load {
         }
     }
 
+    /// Stops the load, reads the database as the load left it, and waits for
+    /// every subscriber to reach its head: what each test checks afterwards.
+    pub async fn conclude(mut self, database_url: &str) -> (super::ledger::Ledger, Report) {
+        self.stop().await;
+        let ledger = super::ledger::Ledger::read(database_url).await;
+        let report = self.finish(ledger.head()).await;
+        (ledger, report)
+    }
+
     /// Waits (at most 20 s) until every subscriber has received everything up
     /// to `head`, and reports.
     pub async fn finish(mut self, head: i64) -> Report {

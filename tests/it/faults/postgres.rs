@@ -66,7 +66,7 @@ async fn postgres_stopped_and_started_under_load() {
     };
     let keys = make_keys(&target, 4, 100).await;
     let after = Ledger::read(&url).await.head();
-    let mut load = Load::start(&target, &keys, 3, after).await;
+    let load = Load::start(&target, &keys, 3, after).await;
     all_succeeding(
         &load,
         load.started,
@@ -86,10 +86,8 @@ async fn postgres_stopped_and_started_under_load() {
     let recovered = all_succeeding(&load, started, Duration::from_secs(20), "full recovery").await;
     tokio::time::sleep_until(recovered + Duration::from_secs(1)).await;
 
-    load.stop().await;
+    let (ledger, report) = load.conclude(&url).await;
     assert!(s.is_serving(), "the server is still running");
-    let ledger = Ledger::read(&url).await;
-    let report = load.finish(ledger.head()).await;
     print_figures(
         "postgres stopped",
         &report,
@@ -167,7 +165,7 @@ async fn connections_killed_under_load() {
     };
     let keys = make_keys(&target, 4, 100).await;
     let after = Ledger::read(&s.database_url).await.head();
-    let mut load = Load::start(&target, &keys, 3, after).await;
+    let load = Load::start(&target, &keys, 3, after).await;
     all_succeeding(
         &load,
         load.started,
@@ -197,10 +195,8 @@ async fn connections_killed_under_load() {
         all_succeeding(&load, last_kill, Duration::from_secs(20), "full recovery").await;
     tokio::time::sleep_until(recovered + Duration::from_secs(1)).await;
 
-    load.stop().await;
+    let (ledger, report) = load.conclude(&s.database_url).await;
     assert!(s.is_serving(), "the server is still running");
-    let ledger = Ledger::read(&s.database_url).await;
-    let report = load.finish(ledger.head()).await;
     let applied_anyway = ledger.assert_nothing_lost(&report);
     print_figures(
         "connections killed",
@@ -247,7 +243,7 @@ async fn postgres_read_only_under_load() {
     };
     let keys = make_keys(&target, 4, 100).await;
     let after = Ledger::read(&s.database_url).await.head();
-    let mut load = Load::start(&target, &keys, 3, after).await;
+    let load = Load::start(&target, &keys, 3, after).await;
     all_succeeding(
         &load,
         load.started,
@@ -296,10 +292,8 @@ async fn postgres_read_only_under_load() {
     let recovered = all_succeeding(&load, writable, Duration::from_secs(20), "writes again").await;
     tokio::time::sleep_until(recovered + Duration::from_secs(1)).await;
 
-    load.stop().await;
+    let (ledger, report) = load.conclude(&s.database_url).await;
     assert!(s.is_serving(), "the server is still running");
-    let ledger = Ledger::read(&s.database_url).await;
-    let report = load.finish(ledger.head()).await;
     print_figures(
         "postgres read-only",
         &report,

@@ -49,7 +49,7 @@ async fn replica_killed_and_restarted_under_load() {
     let (flushed, flushed_token) = a.org_key(ORG, &["checkout:create"]).await;
     let (unflushed, unflushed_token) = a.org_key(ORG, &["checkout:create"]).await;
     let after = Ledger::read(&a.database_url).await.head();
-    let mut load = Load::start(&target, &keys, 3, after).await;
+    let load = Load::start(&target, &keys, 3, after).await;
     all_succeeding(
         &load,
         load.started,
@@ -95,10 +95,8 @@ async fn replica_killed_and_restarted_under_load() {
     let recovered = all_succeeding(&load, restarted, Duration::from_secs(20), "B to recover").await;
     tokio::time::sleep_until(recovered + Duration::from_secs(1)).await;
 
-    load.stop().await;
+    let (ledger, report) = load.conclude(&a.database_url).await;
     assert!(b.is_running(), "B is still running");
-    let ledger = Ledger::read(&a.database_url).await;
-    let report = load.finish(ledger.head()).await;
     print_figures(
         "replica killed",
         &report,
@@ -226,7 +224,7 @@ async fn partitioned_replica_under_load() {
     })
     .await;
     let after = Ledger::read(&a.database_url).await.head();
-    let mut load = Load::start(&target, &keys, 3, after).await;
+    let load = Load::start(&target, &keys, 3, after).await;
     all_succeeding(
         &load,
         load.started,
@@ -314,9 +312,7 @@ async fn partitioned_replica_under_load() {
     )
     .await;
 
-    load.stop().await;
-    let ledger = Ledger::read(&a.database_url).await;
-    let report = load.finish(ledger.head()).await;
+    let (ledger, report) = load.conclude(&a.database_url).await;
     let bound = STALENESS + Duration::from_millis(200);
     let last_allowed = probes
         .iter()

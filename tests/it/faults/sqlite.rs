@@ -122,7 +122,7 @@ async fn sqlite_file_turns_read_only_under_load() {
     };
     let keys = make_keys(&target, 4, 100).await;
     let after = Ledger::read(&s.database_url).await.head();
-    let mut load = Load::start(&target, &keys, 3, after).await;
+    let load = Load::start(&target, &keys, 3, after).await;
     all_succeeding(
         &load,
         load.started,
@@ -139,10 +139,8 @@ async fn sqlite_file_turns_read_only_under_load() {
     let recovered = all_succeeding(&load, thawed, Duration::from_secs(20), "writes again").await;
     tokio::time::sleep_until(recovered + Duration::from_secs(1)).await;
 
-    load.stop().await;
+    let (ledger, report) = load.conclude(&s.database_url).await;
     assert!(s.is_serving());
-    let ledger = Ledger::read(&s.database_url).await;
-    let report = load.finish(ledger.head()).await;
     print_figures(
         "sqlite read-only",
         &report,
