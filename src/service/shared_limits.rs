@@ -541,3 +541,26 @@ impl SubjectName {
         std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use keygate_core::clock::SystemClock;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bad_store_url_never_shows_its_password() {
+        let mut refused = 0;
+        for url in [
+            "redis://:hunter2secret@[::1",
+            "rediss://user:hunter2secret@host:notaport",
+            "redis+unknown://user:hunter2secret@host",
+        ] {
+            if let Err(e) = SharedLimits::new(url, StoreFailure::Local, Arc::new(SystemClock)) {
+                refused += 1;
+                assert!(!e.to_string().contains("hunter2secret"), "{e}");
+            }
+        }
+        assert!(refused >= 2, "only {refused} bad URLs were refused");
+    }
+}
