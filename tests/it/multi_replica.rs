@@ -519,8 +519,9 @@ async fn confirmation_waits_for_a_cut_off_replica_until_it_has_failed_closed() {
     let (_, t1) = a.org_key("org_a", &["checkout:create"]).await;
     let (k2, t2) = a.org_key("org_a", &["checkout:create"]).await;
     let (k3, _) = a.org_key("org_a", &["checkout:create"]).await;
+    let (k0, t0) = a.org_key("org_a", &["checkout:create"]).await;
     let mut on_b = b.authorizer().await;
-    for t in [&t1, &t2] {
+    for t in [&t0, &t1, &t2] {
         assert_eq!(
             authorize(&mut on_b, t).await.unwrap().decision(),
             pb::Decision::Allow,
@@ -548,6 +549,28 @@ async fn confirmation_waits_for_a_cut_off_replica_until_it_has_failed_closed() {
         .await
         .unwrap();
 
+    // B's staleness counts from its last read of the log, which under load
+    // may lag: make one certain just before the cut, by revoking a key and
+    // waiting until B denies it.
+    let mut admin = a.admin().await;
+    admin
+        .revoke_key(as_key(
+            &a.admin_token,
+            pb::RevokeKeyRequest {
+                key_id: k0.key_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "B to hear of a revocation", || {
+        let (mut on_b, t0) = (on_b.clone(), t0.clone());
+        async move {
+            let r = authorize(&mut on_b, &t0).await.ok()?;
+            (r.decision() == pb::Decision::Deny).then_some(())
+        }
+    })
+    .await;
     proxy.cut();
     let cut_at = tokio::time::Instant::now();
     let wait = |key_id: &str| pb::RevokeKeyRequest {
@@ -561,7 +584,6 @@ async fn confirmation_waits_for_a_cut_off_replica_until_it_has_failed_closed() {
     };
     // Past the old 2.5 s window, well before B stops serving from its cache.
     tokio::time::sleep_until(cut_at + Duration::from_millis(2_700)).await;
-    let mut admin = a.admin().await;
     let err = admin
         .revoke_key(as_key(&a.admin_token, wait(&k2.key_id)))
         .await
