@@ -10,8 +10,13 @@ use tokio_util::sync::CancellationToken;
 use super::{BATCH, Feed};
 use crate::store::StoreError;
 
-/// Shortest time between two reads of the log that lookups asked for.
-const READ_WANTED_GAP: Duration = Duration::from_millis(20);
+/// Shortest time between two reads of the log that lookups asked for. It
+/// bounds what a flood of tokens for unknown ids costs the store (at most
+/// 200 indexed reads of the log a second, however big the flood) and what
+/// each of them waits (a few ms). At 20 ms, 128 closed-loop callers got a
+/// quarter of cached Authorize's throughput; at 5 ms the wait no longer
+/// bounds it (BENCHMARKS.md, scenario 3).
+const READ_WANTED_GAP: Duration = Duration::from_millis(5);
 
 impl Feed {
     /// Follows the log until `shutdown`: at every wake-up of the store, every

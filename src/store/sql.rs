@@ -41,6 +41,8 @@ pub struct SqlStore {
     url: String,
     /// Key reads (`get_key`) issued through this store and its follower handle.
     key_reads: Arc<AtomicU64>,
+    /// Reads of the event log (`events_after`), likewise.
+    log_reads: Arc<AtomicU64>,
     /// Shared with the follower handle: a write on either wakes the follower.
     changes: Changes,
     /// Longest one call may take ([`StoreSettings::timeout`]).
@@ -124,6 +126,7 @@ impl SqlStore {
             dialect,
             url,
             key_reads: Arc::default(),
+            log_reads: Arc::default(),
             changes: Changes::default(),
             timeout: settings.timeout,
         })
@@ -143,6 +146,12 @@ impl SqlStore {
     /// opened, follower handle included.
     pub fn key_reads(&self) -> u64 {
         self.key_reads.load(Ordering::Relaxed)
+    }
+
+    /// How many reads of the event log (`events_after`) this store and its
+    /// follower handle have issued since it was opened.
+    pub fn log_reads(&self) -> u64 {
+        self.log_reads.load(Ordering::Relaxed)
     }
 
     /// Closes every connection; later calls fail as if the database were down.
@@ -480,6 +489,7 @@ impl KeyStore for SqlStore {
 impl EventLog for SqlStore {
     #[instrument(name = "keystore.events_after", skip(self), err)]
     async fn events_after(&self, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.log_reads.fetch_add(1, Ordering::Relaxed);
         self.observe("events_after", async move {
             self.select_events_after(after, limit).await
         })

@@ -110,6 +110,28 @@ async fn two_thousand_forged_tokens_cost_no_store_read(backend: Backend) {
     );
 }
 
+/// Tokens for unknown ids wait for one more read of the log (a key may have
+/// been created on another replica a moment ago), and share it: the feed
+/// reads at most once per 5 ms for all of them, so a flood costs the store
+/// a bounded number of log reads however many tokens it sends.
+async fn a_flood_of_unknown_ids_shares_a_bounded_number_of_log_reads(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    index_loaded(&s).await;
+    let tokens: Vec<String> = (0..4000).map(|_| forged()).collect();
+    let (before, started) = (s.store.log_reads(), std::time::Instant::now());
+    let answers = authorize_in_parallel(&s, &tokens, 100).await;
+    let (reads, elapsed) = (s.store.log_reads() - before, started.elapsed());
+    assert_invalid_token(&answers);
+    // One read per 5 ms, plus the polls and the read in flight at each end.
+    let bound = elapsed.as_millis() / 5 + elapsed.as_millis() / 100 + 4;
+    assert!(
+        u128::from(reads) <= bound,
+        "{reads} log reads for 4,000 unknown ids in {elapsed:?} (at most {bound})"
+    );
+}
+
 async fn before_the_index_loads_forged_tokens_are_checked_in_the_store(backend: Backend) {
     let Some(s) = TestServer::start_with(backend, |s| s.load_key_index = false).await else {
         return;
@@ -557,6 +579,7 @@ async fn a_fresh_index_loads_every_key_in_pages(backend: Backend) {
 
 on_both_backends!(
     two_thousand_forged_tokens_cost_no_store_read,
+    a_flood_of_unknown_ids_shares_a_bounded_number_of_log_reads,
     before_the_index_loads_forged_tokens_are_checked_in_the_store,
     keys_made_before_a_restart_are_in_the_loaded_index,
     created_keys_work_at_once_and_deleted_ones_are_refused_from_memory,
