@@ -51,7 +51,7 @@ pub fn histogram() -> Histogram<u64> {
 }
 
 impl Stats {
-    fn new(elapsed: Duration, offered: Option<f64>) -> Self {
+    pub fn new(elapsed: Duration, offered: Option<f64>) -> Self {
         Self {
             hist: histogram(),
             errors: 0,
@@ -75,7 +75,7 @@ impl Stats {
         }
     }
 
-    fn merge(&mut self, other: &Stats) {
+    pub fn merge(&mut self, other: &Stats) {
         // Same bounds everywhere: adding cannot fail.
         let _ = self.hist.add(&other.hist);
         self.errors += other.errors;

@@ -45,6 +45,8 @@ enum Command {
     Scale(Opts),
     /// 7: CreateKey and RevokeKey on PostgreSQL, 1 and 8 callers.
     Admin(Opts),
+    /// 8 (issue 14): cached Authorize with limits on Redis against local limits.
+    Shared(Opts),
     /// Issue 12's soak: two replicas on PostgreSQL under mixed load, sampled and checked.
     Soak(soak::Opts),
     /// Writes BENCHMARKS.md and the charts from the scenarios' JSON files.
@@ -178,6 +180,7 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Envoy(o) => (o.clone(), scenario::envoy::run(&Ctx::from(&o)).await?),
         Command::Scale(o) => (o.clone(), scenario::scale::run(&Ctx::from(&o)).await?),
         Command::Admin(o) => (o.clone(), scenario::admin::run(&Ctx::from(&o)).await?),
+        Command::Shared(o) => (o.clone(), scenario::shared::run(&Ctx::from(&o)).await?),
     };
     report::print(&outcome);
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;

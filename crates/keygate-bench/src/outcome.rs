@@ -7,7 +7,7 @@ use crate::load::Stats;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
-    /// The issue's scenario number (1–7).
+    /// The scenario's number (1–7 from issue 13, 8 from issue 14).
     pub number: u8,
     pub name: String,
     /// How the scenario was run, for the reader.

@@ -76,6 +76,7 @@ fn title(name: &str) -> &'static str {
         "envoy" => "Envoy",
         "scale" => "Scale",
         "admin" => "Admin writes",
+        "shared" => "Shared rate limits: limits on Redis against local limits",
         _ => "Scenario",
     }
 }
@@ -213,7 +214,7 @@ pub async fn write(results: &Path, out: &Path, charts: &Path, note: &str) -> Res
             );
         }
     }
-    for n in 1..=7u8 {
+    for n in 1..=8u8 {
         if !all.iter().any(|o| o.number == n) {
             let _ = writeln!(
                 s,

@@ -331,6 +331,67 @@ impl Keygate {
     }
 }
 
+/// A redis-server of the benchmark's own on a free loopback port, never the
+/// shared one; killed when dropped.
+pub struct Redis {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Redis {
+    /// Starts `redis-server` without persistence and waits (at most 10 s)
+    /// until it accepts connections.
+    pub async fn start() -> Result<Self, String> {
+        let addr = free_port()?;
+        let port = addr.port().to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("redis-server (apt-get install redis-server): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if Instant::now() > deadline {
+                return Err("redis-server did not start in 10 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Self { child, addr })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// How many keys the server holds (`redis-cli DBSIZE`).
+    pub fn key_count(&self) -> Result<u64, String> {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.addr.port().to_string(),
+                "DBSIZE",
+            ])
+            .output()
+            .map_err(|e| format!("redis-cli: {e}"))?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| format!("redis-cli DBSIZE: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
 /// One HTTP/2 connection to `url`.
 pub async fn connect(url: &str) -> Result<Channel, String> {
     Channel::from_shared(url.to_owned())

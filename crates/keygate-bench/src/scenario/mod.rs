@@ -7,6 +7,7 @@ pub mod flood;
 pub mod limit;
 pub mod revocation;
 pub mod scale;
+pub mod shared;
 
 use std::sync::Arc;
 
