@@ -436,3 +436,94 @@ impl Drop for LeaveFlight<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use chrono::DateTime;
+    use keygate_core::key::{Mode, Tier};
+    use keygate_core::limits::RateLimits;
+    use keygate_core::scope::ScopeSet;
+    use keygate_core::token::{Brand, generate};
+
+    use super::*;
+    use crate::service::limits::Subject;
+
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    }
+
+    /// A key like the scale benchmark's bulk-loaded ones.
+    fn record(n: usize) -> KeyRecord {
+        let id = Uuid::new_v4();
+        let t = generate(&Brand::default(), Mode::Live, id).unwrap();
+        KeyRecord {
+            id,
+            name: "bulk".into(),
+            organization_id: Some(format!("org_{}", n % 1000)),
+            tier: Tier::Organization,
+            mode: Mode::Live,
+            prefix: t.prefix,
+            secret_digest: t.digest,
+            previous_secret: None,
+            scopes: ScopeSet::parse(&["checkout:create", "checkout:read"]).unwrap(),
+            allowed_cidrs: vec![],
+            rate_limit_per_minute: 1_000_000,
+            unlimited: false,
+            state: KeyState::Active,
+            created_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            last_used_at: None,
+            expires_at: None,
+            rotated_at: None,
+            created_by: "bootstrap".into(),
+            version: 1,
+        }
+    }
+
+    /// What 100,000 cached records and their rate-limit windows really take
+    /// against the cache's weight of them (quoted in BENCHMARKS.md). Run alone:
+    /// `cargo test --release --lib cache::tests::memory -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement; prints what 100k cached keys take"]
+    fn memory_of_100k_cached_keys() {
+        const N: usize = 100_000;
+        let records: Vec<KeyRecord> = (0..N).map(record).collect();
+        let base = rss_bytes();
+        let known: Cache<Uuid, Arc<KeyRecord>> = Cache::builder()
+            .max_capacity(u64::MAX)
+            .weigher(|_, key: &Arc<KeyRecord>| record_weight(key))
+            .time_to_live(Duration::from_secs(60))
+            .build();
+        let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
+        for r in records {
+            known.insert(r.id, Arc::new(r));
+        }
+        known.run_pending_tasks();
+        let cached = rss_bytes();
+        let limits: RateLimits<Subject> = RateLimits::new(Arc::new(SystemClock));
+        let per_minute = NonZeroU32::new(1_000_000).unwrap();
+        for id in &ids {
+            limits.check(&Subject::Key(*id), per_minute);
+        }
+        let counted = rss_bytes();
+        let mb = |b: u64| b as f64 / 1_048_576.0;
+        println!(
+            "100k keys: cache +{:.1} MiB resident (weighed {:.1} MiB: {:.0} B a record, {:.0} B weighed), \
+             rate-limit windows +{:.1} MiB ({:.0} B a key)",
+            mb(cached - base),
+            mb(known.weighted_size()),
+            (cached - base) as f64 / N as f64,
+            known.weighted_size() as f64 / N as f64,
+            mb(counted - cached),
+            (counted - cached) as f64 / N as f64,
+        );
+        assert_eq!(known.entry_count(), N as u64);
+    }
+}

@@ -216,6 +216,8 @@ pub struct Keygate {
     pub watchers: Arc<Watchers>,
     /// The Redis-shared rate-limit windows, with `--rate-limit-store`.
     pub shared_limits: Option<Arc<SharedLimits>>,
+    /// This replica's own rate-limit windows, without `--rate-limit-store`.
+    pub local_limits: Option<Arc<LocalLimiter>>,
     /// Organizations' shared rate limits, as this replica holds them.
     pub organization_limits: Arc<OrganizationLimits>,
     /// SetOrganizationLimits and GetOrganizationLimits.
@@ -270,9 +272,12 @@ impl Keygate {
             )?)),
             None => None,
         };
-        let limiter = match &shared_limits {
-            Some(shared) => Limiter::Shared(shared.clone()),
-            None => Limiter::Local(LocalLimiter::new(clock.clone())),
+        let (limiter, local_limits) = match &shared_limits {
+            Some(shared) => (Limiter::Shared(shared.clone()), None),
+            None => {
+                let local = Arc::new(LocalLimiter::new(clock.clone()));
+                (Limiter::Local(local.clone()), Some(local))
+            }
         };
         let organization_limits = Arc::new(OrganizationLimits::load(store.clone()).await?);
         let organizations = Arc::new(OrganizationService::new(
@@ -315,6 +320,7 @@ impl Keygate {
             cache,
             watchers,
             shared_limits,
+            local_limits,
             organization_limits,
             organizations,
             load_key_index: settings.load_key_index,
@@ -373,6 +379,9 @@ impl Keygate {
             self.usage_flush_interval,
             stopping.clone(),
         ));
+        if let Some(local) = self.local_limits.clone() {
+            tokio::spawn(sweep_rate_limits(local, stopping.clone()));
+        }
         tokio::spawn(refresh_organization_limits(
             self.organization_limits.clone(),
             self.poll_interval,
@@ -609,6 +618,18 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
 
 /// Writes last-used times every `interval`; the final flush happens when the
 /// server has stopped (see `serve`).
+/// A window idle for a minute holds nothing, so once a minute is often
+/// enough to keep only the keys counted lately.
+async fn sweep_rate_limits(local: Arc<LocalLimiter>, stopping: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        local.sweep();
+    }
+}
+
 async fn flush_usage(keys: Arc<KeyService>, interval: Duration, stopping: CancellationToken) {
     loop {
         tokio::select! {

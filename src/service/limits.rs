@@ -30,7 +30,7 @@ pub enum Subject {
 /// `shared_limits::SYNC_WAIT`).
 pub enum Limiter {
     /// Each replica counts its own requests.
-    Local(LocalLimiter),
+    Local(Arc<LocalLimiter>),
     /// Counts shared through Redis.
     Shared(Arc<SharedLimits>),
 }
@@ -70,5 +70,20 @@ impl LocalLimiter {
         Self {
             windows: RateLimits::new(clock),
         }
+    }
+
+    /// Drops the windows with nothing left in them (see [`RateLimits::sweep`]).
+    pub fn sweep(&self) {
+        self.windows.sweep();
+    }
+
+    /// Subjects with a window in memory.
+    pub fn len(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Whether no subject has a window in memory.
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
     }
 }

@@ -180,6 +180,7 @@ pub struct CachedAuthorizer {
     client: AuthorizerClient<Channel>,
     shared: Arc<Shared>,
     _follower: Arc<AbortOnDrop>,
+    _sweeper: Arc<AbortOnDrop>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -219,10 +220,22 @@ impl CachedAuthorizer {
             auth,
             shared.clone(),
         ));
+        // Windows idle for a minute hold nothing: once a minute, drop them.
+        let sweeping = Arc::downgrade(&shared);
+        let sweeper = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(shared) = sweeping.upgrade() else {
+                    return;
+                };
+                shared.limits.sweep();
+            }
+        });
         Ok(Self {
             client: AuthorizerClient::new(channel),
             shared,
             _follower: Arc::new(AbortOnDrop(follower)),
+            _sweeper: Arc::new(AbortOnDrop(sweeper)),
         })
     }
 
