@@ -158,14 +158,14 @@ impl ExtAuthzApi {
         let mut ok = OkHttpResponseBuilder::new();
         let identity = outcome.key.as_deref().map(Identity::of).unwrap_or_default();
         let identity_headers = identity.headers();
-        for (name, value) in &identity_headers {
+        for (name, value) in identity_headers {
             if value.is_empty() {
                 // Removing rather than setting "" leaves no doubt upstream.
-                ok.remove_header(*name);
+                ok.remove_header(name);
             } else {
                 ok.add_header(
-                    *name,
-                    value.as_str(),
+                    name,
+                    value,
                     Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
                     false,
                 );
@@ -202,35 +202,40 @@ impl ExtAuthzApi {
     }
 }
 
-/// The caller's identity as the upstream and Envoy's access log see it.
+/// The caller's identity as the upstream and Envoy's access log see it,
+/// each value made once and borrowed by the headers and the metadata.
 #[derive(Debug, Default)]
-struct Identity {
-    organization_id: String,
+struct Identity<'a> {
+    organization_id: &'a str,
     key_id: String,
-    scopes: Vec<String>,
+    scopes: Vec<&'a str>,
+    /// `scopes`, comma-separated.
+    scope_header: String,
     mode: &'static str,
     tier: &'static str,
 }
 
-impl Identity {
-    fn of(key: &KeyRecord) -> Self {
+impl<'a> Identity<'a> {
+    fn of(key: &'a KeyRecord) -> Self {
+        let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
         Self {
-            organization_id: key.organization_id.clone().unwrap_or_default(),
+            organization_id: key.organization_id.as_deref().unwrap_or_default(),
             key_id: key.id.to_string(),
-            scopes: key.scopes.to_strings(),
+            scope_header: scopes.join(","),
+            scopes,
             mode: key.mode.as_str(),
             tier: key.tier.as_str(),
         }
     }
 
     /// Header name and value, for every identity header (empty when unknown).
-    fn headers(&self) -> [(&'static str, String); 5] {
+    fn headers(&self) -> [(&'static str, &str); 5] {
         [
-            (ORGANIZATION_HEADER, self.organization_id.clone()),
-            (KEY_ID_HEADER, self.key_id.clone()),
-            (SCOPES_HEADER, self.scopes.join(",")),
-            (MODE_HEADER, self.mode.to_owned()),
-            (TIER_HEADER, self.tier.to_owned()),
+            (ORGANIZATION_HEADER, self.organization_id),
+            (KEY_ID_HEADER, &self.key_id),
+            (SCOPES_HEADER, &self.scope_header),
+            (MODE_HEADER, self.mode),
+            (TIER_HEADER, self.tier),
         ]
     }
 
@@ -247,7 +252,7 @@ impl Identity {
         };
         Struct {
             fields: HashMap::from([
-                ("organization_id".to_owned(), string(&self.organization_id)),
+                ("organization_id".to_owned(), string(self.organization_id)),
                 ("key_id".to_owned(), string(&self.key_id)),
                 ("scopes".to_owned(), scopes),
                 ("mode".to_owned(), string(self.mode)),
