@@ -37,7 +37,12 @@ impl UsageTracker {
     /// Records a successful authentication. No I/O: a map entry and atomics.
     pub fn record(&self, key: &KeyRecord, used: SecretUsed, now: DateTime<Utc>) {
         let now_us = now.timestamp_micros();
-        let entry = self.pending.entry(key.id).or_default();
+        // A shard's read lock when the key already has an entry (the usual
+        // case between flushes); its write lock only to make one.
+        let entry = match self.pending.get(&key.id) {
+            Some(entry) => entry,
+            None => self.pending.entry(key.id).or_default().downgrade(),
+        };
         entry.last_used_us.fetch_max(now_us, Ordering::Relaxed);
         if used == SecretUsed::Previous
             && let Some(rotated_at) = key.rotated_at
