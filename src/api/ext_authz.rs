@@ -171,17 +171,22 @@ impl ExtAuthzApi {
                 );
             }
         }
-        // Whatever else the client sent under keygate's prefix is a forgery.
+        // Whatever else the client sent under keygate's prefix is a forgery;
+        // its credential headers are stripped when configured. Only headers
+        // the request has are named: each removal is work for Envoy too.
+        let mut removed: Vec<&str> = Vec::new();
         for name in headers.names() {
-            if name.starts_with(IDENTITY_PREFIX)
-                && !identity_headers.iter().any(|(n, _)| *n == name)
-            {
+            let forged = name.starts_with(IDENTITY_PREFIX)
+                && !identity_headers.iter().any(|(n, _)| *n == name);
+            let credential = self.settings.strip_credentials
+                && self
+                    .settings
+                    .credential_headers
+                    .iter()
+                    .any(|c| c.eq_ignore_ascii_case(name));
+            if (forged || credential) && !removed.contains(&name) {
                 ok.remove_header(name);
-            }
-        }
-        if self.settings.strip_credentials {
-            for name in &self.settings.credential_headers {
-                ok.remove_header(name.as_str());
+                removed.push(name);
             }
         }
         if let Some(rate) = &outcome.rate {
