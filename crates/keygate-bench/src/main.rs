@@ -47,6 +47,8 @@ enum Command {
     Admin(Opts),
     /// 8 (issue 14): cached Authorize with limits on Redis against local limits.
     Shared(Opts),
+    /// 9: the server's instructions per call under callgrind (noise-free ratios).
+    Cost(Opts),
     /// Issue 12's soak: two replicas on PostgreSQL under mixed load, sampled and checked.
     Soak(soak::Opts),
     /// Writes BENCHMARKS.md and the charts from the scenarios' JSON files.
@@ -181,6 +183,7 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Scale(o) => (o.clone(), scenario::scale::run(&Ctx::from(&o)).await?),
         Command::Admin(o) => (o.clone(), scenario::admin::run(&Ctx::from(&o)).await?),
         Command::Shared(o) => (o.clone(), scenario::shared::run(&Ctx::from(&o)).await?),
+        Command::Cost(o) => (o.clone(), scenario::cost::run(&Ctx::from(&o)).await?),
     };
     report::print(&outcome);
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;

@@ -77,6 +77,7 @@ fn title(name: &str) -> &'static str {
         "scale" => "Scale",
         "admin" => "Admin writes",
         "shared" => "Shared rate limits: limits on Redis against local limits",
+        "cost" => "Cost in instructions, under callgrind",
         _ => "Scenario",
     }
 }
@@ -214,7 +215,7 @@ pub async fn write(results: &Path, out: &Path, charts: &Path, note: &str) -> Res
             );
         }
     }
-    for n in 1..=8u8 {
+    for n in 1..=9u8 {
         if !all.iter().any(|o| o.number == n) {
             let _ = writeln!(
                 s,

@@ -184,6 +184,17 @@ impl Keygate {
     /// Starts `keygate serve` on `db` with the bench policy and `extra` flags,
     /// and waits (at most 30 s) until it answers SERVING.
     pub async fn start(db: &Database, extra: &[&str]) -> Result<Self, String> {
+        Self::start_under(db, extra, &[]).await
+    }
+
+    /// Like [`Keygate::start`], run under `wrapper` (a command and its
+    /// arguments, such as valgrind's) when it is not empty; the process id
+    /// is then the wrapper's, which for valgrind is the server's own.
+    pub async fn start_under(
+        db: &Database,
+        extra: &[&str],
+        wrapper: &[String],
+    ) -> Result<Self, String> {
         let bin = keygate_bin()?;
         let policy = db.dir.path().join("policy.toml");
         std::fs::write(&policy, POLICY).map_err(|e| format!("policy: {e}"))?;
@@ -206,7 +217,15 @@ impl Keygate {
         ];
         args.extend_from_slice(extra);
         let started = Instant::now();
-        let child = Command::new(&bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut c = Command::new(program);
+                c.args(wrapper_args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = command
             .args(&args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -222,13 +241,24 @@ impl Keygate {
             startup: Duration::ZERO,
             log,
         };
-        server.startup = server.wait_serving(started).await?;
+        // Under valgrind, start-up is tens of times slower.
+        let patience = Duration::from_secs(if wrapper.is_empty() { 30 } else { 300 });
+        server.startup = server.wait_serving(started, patience).await?;
         Ok(server)
     }
 
-    async fn wait_serving(&mut self, started: Instant) -> Result<Duration, String> {
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    async fn wait_serving(
+        &mut self,
+        started: Instant,
+        patience: Duration,
+    ) -> Result<Duration, String> {
         use tonic_health::pb::health_client::HealthClient;
-        let deadline = started + Duration::from_secs(30);
+        let deadline = started + patience;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("keygate exited ({status}): {}", self.log_tail()));
@@ -249,7 +279,11 @@ impl Keygate {
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("keygate not SERVING in 30 s: {}", self.log_tail()));
+                return Err(format!(
+                    "keygate not SERVING in {} s: {}",
+                    patience.as_secs(),
+                    self.log_tail()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }

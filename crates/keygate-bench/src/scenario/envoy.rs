@@ -285,20 +285,33 @@ async fn wrk(envoy: &Envoy, token: &str, connections: usize, seconds: f64) -> Re
     })
 }
 
-/// The bench binary serving the no-op Check, as its own process.
-async fn noop_server() -> Result<(Child, SocketAddr), String> {
+/// The bench binary serving the no-op Check, as its own process (under
+/// `wrapper`, such as valgrind, when it is not empty).
+pub async fn noop_server(wrapper: &[String]) -> Result<(Child, SocketAddr), String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let addr = free_port()?;
-    let child = Command::new(me)
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(me);
+            c
+        }
+        None => Command::new(me),
+    };
+    let patience = Duration::from_secs(if wrapper.is_empty() { 10 } else { 120 });
+    let child = command
         .args(["noop-server", "--listen", &addr.to_string()])
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("noop server: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + patience;
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         if Instant::now() > deadline {
-            return Err("no-op server did not listen in 10 s".into());
+            return Err(format!(
+                "no-op server did not listen in {} s",
+                patience.as_secs()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -310,7 +323,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let admin = bootstrap(&db).await?;
     let keygate = Keygate::start(&db, &[]).await?;
     let (_, token) = create_key(&keygate.channel().await?, &admin, "org_envoy").await?;
-    let (_noop, noop_addr) = noop_server().await?;
+    let (_noop, noop_addr) = noop_server(&[]).await?;
     let mut envoys = Vec::new();
     for way in Way::ALL {
         let authz = match way {

@@ -58,7 +58,7 @@ fn malformed_tokens(count: usize) -> Result<Vec<String>, String> {
 }
 
 /// Well-formed tokens (valid checksum) for fresh random key ids: no such key.
-fn unknown_key_tokens(count: usize) -> Result<Vec<String>, String> {
+pub fn unknown_key_tokens(count: usize) -> Result<Vec<String>, String> {
     let brand = Brand::default();
     (0..count)
         .map(|_| {

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod cold;
+pub mod cost;
 pub mod envoy;
 pub mod flood;
 pub mod limit;

@@ -1,0 +1,332 @@
+//! Scenario 9, cost in instructions: the server's own work per call,
+//! counted by valgrind's callgrind, so the figures repeat on a noisy machine
+//! where throughput ratios do not. keygate and the no-op Check server run
+//! under callgrind; each case is a closed-loop run between a zero and a dump
+//! of the counters, less an idle run of the same length (the background
+//! work: feed polls, usage flushes), divided by the calls answered.
+//! Ratios: cached Authorize ÷ the empty call (scenario 1's pair); keygate's
+//! Check ÷ the no-op's (scenario 5's pair, without Envoy).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use keygate_proto::v1 as pb;
+use tonic::transport::Channel;
+
+use super::{authorize_call, health_call, warm};
+use crate::Ctx;
+use crate::load::{self, Call, Phases, call};
+use crate::outcome::{Outcome, Table, Target, thousands};
+use crate::scenario::envoy::noop_server;
+use crate::server::{Database, Keygate, bootstrap, connect, create_key};
+
+/// Keys the cached calls spread over.
+const KEYS: usize = 4;
+
+/// Callers: enough to keep the slowed server busy, few enough that the
+/// load generator's own cost does not matter (it is not counted anyway).
+const CALLERS: usize = 8;
+
+pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let db = Database::sqlite()?;
+    let admin = bootstrap(&db).await?;
+    let server = Keygate::start_under(&db, &[], &callgrind(dir.path(), "keygate")).await?;
+    let pid = server.pid().ok_or("keygate has no pid")?;
+    let channels = server.channels(2).await?;
+    let mut tokens = Vec::new();
+    for i in 0..KEYS {
+        tokens.push(
+            create_key(&channels[0], &admin, &format!("org_{i}"))
+                .await?
+                .1,
+        );
+    }
+    warm(&channels, &tokens).await?;
+    let (noop, noop_addr) = noop_server(&callgrind(dir.path(), "noop")).await?;
+    let noop_pid = noop.id().ok_or("no-op server has no pid")?;
+    let noop_channel = connect(&format!("http://{noop_addr}")).await?;
+
+    let phases = Phases {
+        warmup: ctx.pick(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_millis(300),
+        ),
+        measure: ctx.pick(
+            std::time::Duration::from_secs(6),
+            std::time::Duration::from_secs(2),
+        ),
+    };
+    let unknown = crate::scenario::flood::unknown_key_tokens(20_000)?;
+    let cases: Vec<(&str, u32, Call)> = vec![
+        (
+            "grpc.health.v1 Check (the empty call)",
+            pid,
+            health_call(&channels),
+        ),
+        (
+            "Authorize, cached key (ALLOW)",
+            pid,
+            authorize_call(&channels, &tokens, pb::Decision::Allow),
+        ),
+        (
+            "Authorize, token of no key (DENY)",
+            pid,
+            authorize_call(&channels, &unknown, pb::Decision::Deny),
+        ),
+        (
+            "ext_authz Check → keygate (ALLOW)",
+            pid,
+            check_call(&channels, &tokens),
+        ),
+        (
+            "ext_authz Check → no-op server (OK)",
+            noop_pid,
+            check_call(&[noop_channel], &tokens),
+        ),
+    ];
+
+    let mut table = Table::new(
+        &format!(
+            "Server instructions per call under callgrind ({CALLERS} callers, {:.0} s a case, less an idle run as long)",
+            phases.measure.as_secs_f64()
+        ),
+        &[
+            "case",
+            "calls",
+            "instructions",
+            "idle instructions",
+            "per call",
+        ],
+    );
+    let mut per_call = Vec::new();
+    for (name, pid, call) in &cases {
+        let idle = instructions(*pid, dir.path(), || async {
+            tokio::time::sleep(phases.warmup + phases.measure).await;
+        })
+        .await?;
+        let mut calls = 0;
+        let busy = instructions(*pid, dir.path(), || async {
+            let stats = load::closed(call, CALLERS, phases).await;
+            calls = stats.calls() + stats.errors;
+            stats.expect_no_errors(name)
+        })
+        .await?;
+        let (busy, result) = busy;
+        result?;
+        let (idle, ()) = idle;
+        // Every call of the run is counted, warm-up included.
+        let cost = busy.saturating_sub(idle) as f64 / calls.max(1) as f64;
+        table.row(vec![
+            (*name).to_owned(),
+            thousands(calls as f64),
+            thousands(busy as f64),
+            thousands(idle as f64),
+            thousands(cost),
+        ]);
+        per_call.push(cost);
+    }
+    server.stop().await;
+    drop(noop);
+
+    let [health, authorize, unknown, check, noop_check] = per_call[..] else {
+        return Err("a case is missing".into());
+    };
+    Ok(Outcome {
+        number: 9,
+        name: "cost".into(),
+        method: format!(
+            "keygate (SQLite) and the no-op Check server (scenario 5's) each run under \
+             `valgrind --tool=callgrind`; {KEYS} cached keys. For each case the server's \
+             counters are zeroed, {CALLERS} closed-loop callers run for {:.1} s (warm-up \
+             included), the counters are dumped; an idle run of the same length, just \
+             before, is subtracted, and the rest divided by the calls. The Check request is \
+             an Envoy-shaped one for `POST /v1/checkouts` with twelve headers. Instruction \
+             counts do not depend on the machine's other load, so these ratios repeat where \
+             throughput ratios do not; they leave out what callgrind does not see (the \
+             kernel's network stack, waiting, cache misses).",
+            (phases.warmup + phases.measure).as_secs_f64()
+        ),
+        quick: ctx.quick,
+        tables: vec![table],
+        targets: vec![
+            Target::new(
+                "server instructions per cached Authorize ÷ per empty call",
+                "(none set)",
+                format!(
+                    "{:.2} ({} ÷ {})",
+                    authorize / health,
+                    thousands(authorize),
+                    thousands(health)
+                ),
+                None,
+            ),
+            Target::new(
+                "server instructions per refused token of no key ÷ per cached Authorize",
+                "(none set)",
+                format!("{:.2}", unknown / authorize),
+                None,
+            ),
+            Target::new(
+                "server instructions per Check, keygate ÷ the no-op server",
+                "(none set)",
+                format!(
+                    "{:.2} ({} ÷ {})",
+                    check / noop_check,
+                    thousands(check),
+                    thousands(noop_check)
+                ),
+                None,
+            ),
+        ],
+        charts: Vec::new(),
+        notes: Vec::new(),
+    })
+}
+
+/// valgrind's command line for a server named `name`, writing into `dir`.
+fn callgrind(dir: &Path, name: &str) -> Vec<String> {
+    vec![
+        "valgrind".into(),
+        "--tool=callgrind".into(),
+        "--quiet".into(),
+        format!(
+            "--callgrind-out-file={}",
+            dir.join(format!("{name}.out")).display()
+        ),
+    ]
+}
+
+/// Runs `work` between a zero and a dump of `pid`'s callgrind counters;
+/// the instructions (Ir) the dump holds, and what `work` returned.
+async fn instructions<F, Fut, T>(pid: u32, dir: &Path, work: F) -> Result<(u64, T), String>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    callgrind_control(&["--zero", &pid.to_string()])?;
+    let out = work().await;
+    let before = dumps(dir)?;
+    callgrind_control(&["--dump", &pid.to_string()])?;
+    let dump = dumps(dir)?
+        .into_iter()
+        .find(|p| !before.contains(p))
+        .ok_or("callgrind wrote no dump")?;
+    let text = std::fs::read_to_string(&dump).map_err(|e| format!("{}: {e}", dump.display()))?;
+    let total = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("{}: no totals", dump.display()))?;
+    Ok((total, out))
+}
+
+fn callgrind_control(args: &[&str]) -> Result<(), String> {
+    let status = std::process::Command::new("callgrind_control")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("callgrind_control (apt-get install valgrind): {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("callgrind_control {args:?}: {status}"))
+    }
+}
+
+fn dumps(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(".out"))
+        })
+        .collect())
+}
+
+/// Envoy's Check for the bench route with `tokens[n % len]` in `x-api-key`.
+fn check_call(channels: &[Channel], tokens: &[String]) -> Call {
+    let channels: Arc<[Channel]> = channels.into();
+    let requests: Arc<[CheckRequest]> = tokens.iter().map(|t| check_request(t)).collect();
+    call(move |n| {
+        let channel = channels[n as usize % channels.len()].clone();
+        let request = requests[n as usize % requests.len()].clone();
+        async move {
+            let answer = AuthorizationClient::new(channel)
+                .check(request)
+                .await
+                .map_err(|s| format!("check: {:?} {}", s.code(), s.message()))?
+                .into_inner();
+            match answer.status.map(|s| s.code) {
+                Some(0) | None => Ok(()),
+                Some(code) => Err(format!("check answered code {code}")),
+            }
+        }
+    })
+}
+
+/// A Check as Envoy sends it for `POST /v1/checkouts` with a typical API
+/// client's headers, as raw header bytes (`encode_raw_headers: true`, the
+/// setting keygate's Envoy configuration uses).
+fn check_request(token: &str) -> CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{
+        Address, HeaderMap, HeaderValue, SocketAddress, address,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Peer, Request,
+    };
+    let headers = [
+        (":authority", "api.example.com"),
+        (":method", "POST"),
+        (":path", "/v1/checkouts?expand=items"),
+        (":scheme", "https"),
+        ("x-api-key", token),
+        ("content-type", "application/json"),
+        ("content-length", "128"),
+        ("user-agent", "checkout-backend/2.3"),
+        ("accept", "application/json"),
+        ("x-request-id", "8c3f4e4e-5b1f-4a43-9b7a-7f0e3c2f1d11"),
+        ("x-forwarded-proto", "https"),
+        ("idempotency-key", "b7a9c1d2-0e4f-4a5b-8c6d-1e2f3a4b5c6d"),
+    ];
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: "203.0.113.7".into(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            }),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "POST".into(),
+                    path: "/v1/checkouts?expand=items".into(),
+                    host: "api.example.com".into(),
+                    header_map: Some(HeaderMap {
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| HeaderValue {
+                                key: (*k).to_owned(),
+                                raw_value: v.as_bytes().to_vec(),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
