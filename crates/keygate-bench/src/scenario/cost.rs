@@ -115,6 +115,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         })
         .await?;
         let (busy, result) = busy;
+        keep_dump(dir.path(), name);
         result?;
         let (idle, ()) = idle;
         // Every call of the run is counted, warm-up included.
@@ -230,12 +231,32 @@ fn callgrind_control(args: &[&str]) -> Result<(), String> {
     let status = std::process::Command::new("callgrind_control")
         .args(args)
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .map_err(|e| format!("callgrind_control (apt-get install valgrind): {e}"))?;
     if status.success() {
         Ok(())
     } else {
         Err(format!("callgrind_control {args:?}: {status}"))
+    }
+}
+
+/// Keeps the newest dump as `target/callgrind/<case>.out`, for
+/// `callgrind_annotate` (where the instructions went).
+fn keep_dump(dir: &Path, case: &str) {
+    let newest = dumps(dir).ok().and_then(|d| {
+        d.into_iter()
+            .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+    });
+    let slug: String = case
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let keep = Path::new("target/callgrind");
+    if let Some(newest) = newest
+        && std::fs::create_dir_all(keep).is_ok()
+    {
+        let _ = std::fs::copy(newest, keep.join(format!("{slug}.out")));
     }
 }
 
