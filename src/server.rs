@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keygate_core::analytics::UsageRetention;
 use keygate_core::clock::Clock;
 use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
@@ -53,8 +54,10 @@ pub struct Settings {
     /// The allowance of keys whose own limit is 0: requests per minute, or
     /// unlimited (`--default-rate-limit off`).
     pub default_rate_limit: Allowance,
-    /// How often last-used times are written to the store.
+    /// How often last-used times and usage counts are written to the store.
     pub usage_flush_interval: Duration,
+    /// How long usage analytics buckets are kept.
+    pub usage_retention: UsageRetention,
     /// On shutdown, how long calls in flight may take to finish.
     pub shutdown_grace: Duration,
     /// Serve TLS (rustls) instead of plaintext.
@@ -189,6 +192,7 @@ impl Settings {
             max_staleness: Duration::from_secs(30),
             default_rate_limit: Allowance::DEFAULT,
             usage_flush_interval: Duration::from_secs(5),
+            usage_retention: UsageRetention::default(),
             shutdown_grace: Duration::from_secs(20),
             tls: None,
             ext_authz: ExtAuthzSettings::default(),
@@ -223,6 +227,7 @@ pub struct Keygate {
     load_key_index: bool,
     poll_interval: Duration,
     usage_flush_interval: Duration,
+    usage_retention: UsageRetention,
     shutdown_grace: Duration,
     tls: Option<TlsSettings>,
     ext_authz: ExtAuthzSettings,
@@ -320,6 +325,7 @@ impl Keygate {
             load_key_index: settings.load_key_index,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
+            usage_retention: settings.usage_retention,
             shutdown_grace: settings.shutdown_grace,
             tls: settings.tls,
             ext_authz: settings.ext_authz,
@@ -371,6 +377,11 @@ impl Keygate {
         tokio::spawn(flush_usage(
             self.keys.clone(),
             self.usage_flush_interval,
+            stopping.clone(),
+        ));
+        tokio::spawn(sweep_usage(
+            self.keys.clone(),
+            self.usage_retention,
             stopping.clone(),
         ));
         tokio::spawn(refresh_organization_limits(
@@ -617,6 +628,30 @@ async fn flush_usage(keys: Arc<KeyService>, interval: Duration, stopping: Cancel
         }
         if let Err(e) = keys.flush_usage().await {
             tracing::warn!(error = %e, "could not write key usage; will retry");
+        }
+    }
+}
+
+/// How often old usage buckets are swept.
+const USAGE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Deletes usage buckets past their retention, in bounded batches, every
+/// [`USAGE_SWEEP_INTERVAL`]. Every replica sweeps; deleting what another
+/// replica just deleted is harmless.
+async fn sweep_usage(
+    keys: Arc<KeyService>,
+    retention: UsageRetention,
+    stopping: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(USAGE_SWEEP_INTERVAL) => {}
+        }
+        match keys.sweep_usage(retention).await {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!(swept, "swept old usage buckets"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep old usage buckets; will retry"),
         }
     }
 }

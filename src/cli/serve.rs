@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use keygate_core::analytics::UsageRetention;
 use keygate_core::clock::SystemClock;
 use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
@@ -173,6 +174,22 @@ pub struct ServeArgs {
         value_parser = parse_duration
     )]
     usage_flush_interval: Duration,
+    /// How long per-minute usage buckets are kept (GetKeyUsage MINUTE).
+    #[arg(
+        long,
+        env = "KEYGATE_USAGE_MINUTE_RETENTION",
+        default_value = duration_text(UsageRetention::default().minutes),
+        value_parser = parse_duration
+    )]
+    usage_minute_retention: Duration,
+    /// How long per-hour usage buckets are kept (GetKeyUsage HOUR).
+    #[arg(
+        long,
+        env = "KEYGATE_USAGE_HOUR_RETENTION",
+        default_value = duration_text(UsageRetention::default().hours),
+        value_parser = parse_duration
+    )]
+    usage_hour_retention: Duration,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish.
     #[arg(
         long,
@@ -375,6 +392,10 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
         max_staleness: args.max_staleness,
         default_rate_limit: args.default_rate_limit,
         usage_flush_interval: args.usage_flush_interval,
+        usage_retention: UsageRetention {
+            minutes: args.usage_minute_retention,
+            hours: args.usage_hour_retention,
+        },
         shutdown_grace: args.shutdown_grace,
         tls: tls_settings(args)?,
         ext_authz: ExtAuthzSettings {
@@ -486,6 +507,7 @@ mod tests {
             max_staleness,
             default_rate_limit,
             usage_flush_interval,
+            usage_retention,
             shutdown_grace,
             tls,
             ext_authz,
@@ -506,6 +528,7 @@ mod tests {
         assert_eq!(max_staleness, owner.max_staleness);
         assert_eq!(default_rate_limit, owner.default_rate_limit);
         assert_eq!(usage_flush_interval, owner.usage_flush_interval);
+        assert_eq!(usage_retention, owner.usage_retention);
         assert_eq!(shutdown_grace, owner.shutdown_grace);
         assert!(tls.is_none() && owner.tls.is_none());
         assert_eq!(format!("{ext_authz:?}"), format!("{:?}", owner.ext_authz));

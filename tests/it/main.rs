@@ -7,6 +7,7 @@ mod harness;
 
 mod abuse;
 mod admin_auth;
+mod analytics;
 mod audit;
 mod authorize;
 mod binary;
