@@ -17,6 +17,7 @@ use tonic_health::ServingStatus;
 use crate::api::admin::AdminApi;
 use crate::api::admission::AdmissionLayer;
 use crate::api::authorizer::AuthorizerApi;
+use crate::api::console::{Console, ConsoleSettings};
 use crate::api::ext_authz::{ExtAuthzApi, ExtAuthzSettings};
 use crate::api::feed::FeedApi;
 use crate::api::validate::MAX_REPLICA_WAIT;
@@ -69,6 +70,9 @@ pub struct Settings {
     /// Share rate-limit windows with every replica through Redis; `None`:
     /// each replica counts its own requests.
     pub rate_limit_store: Option<RateLimitStore>,
+    /// The operator console's sessions, when it is served
+    /// ([`Keygate::with_console_listener`]); `None`: no console.
+    pub console: Option<ConsoleSettings>,
 }
 
 /// Where rate-limit windows are shared, and what to do when it is down.
@@ -198,6 +202,7 @@ impl Settings {
             ext_authz: ExtAuthzSettings::default(),
             limits: ServerLimits::default(),
             rate_limit_store: None,
+            console: None,
         }
     }
 }
@@ -233,11 +238,15 @@ pub struct Keygate {
     ext_authz: ExtAuthzSettings,
     limits: ServerLimits,
     health_listener: Option<TcpListener>,
+    console: Option<ConsoleSettings>,
+    console_listener: Option<TcpListener>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Keygate {
     /// Connects to the store (applying migrations) and builds the services.
     pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
+        let console_clock = clock.clone();
         let store = Arc::new(SqlStore::connect_with(&settings.database_url, settings.store).await?);
         let page_key = store.shared_secret("page_token_key").await?;
         let freshness = Arc::new(Freshness::new(settings.max_staleness));
@@ -331,6 +340,9 @@ impl Keygate {
             ext_authz: settings.ext_authz,
             limits: settings.limits,
             health_listener: None,
+            console: settings.console,
+            console_listener: None,
+            clock: console_clock,
         })
     }
 
@@ -339,6 +351,13 @@ impl Keygate {
     /// port of their own to see what the store's health is.
     pub fn with_health_listener(mut self, listener: TcpListener) -> Self {
         self.health_listener = Some(listener);
+        self
+    }
+
+    /// Also serve the operator console on `listener` (plain HTTP, or HTTPS
+    /// with the server's TLS settings), when [`Settings::console`] is set.
+    pub fn with_console_listener(mut self, listener: TcpListener) -> Self {
+        self.console_listener = Some(listener);
         self
     }
 
@@ -411,6 +430,24 @@ impl Keygate {
                     tracing::error!(error = %e, "health port failed");
                 }
             });
+        }
+
+        if let (Some(listener), Some(settings)) = (self.console_listener, self.console) {
+            let console = Console::new(
+                self.authorizer.clone(),
+                self.keys.clone(),
+                self.replicas.clone(),
+                self.organizations.clone(),
+                self.clock.clone(),
+                settings,
+                self.tls.is_some(),
+            );
+            tokio::spawn(crate::api::console::serve(
+                listener,
+                console,
+                self.tls.clone(),
+                stopping.clone(),
+            ));
         }
 
         let size = self.limits.max_request_size;

@@ -18,6 +18,7 @@ use super::{
     DEFAULT_PORT, LogFormat, StoreArgs, duration_text, init_logging, parse_bytes, parse_duration,
     size_text,
 };
+use crate::api::console::ConsoleSettings;
 use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::feed::FeedSettings;
@@ -210,6 +211,10 @@ pub struct ServeArgs {
     /// PEM CA bundle: clients must present a certificate it signed (mTLS).
     #[arg(long, env = "KEYGATE_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve the operator console (HTML, HTTPS when --tls-cert is set) on
+    /// this address (off when unset); e.g. 127.0.0.1:8080.
+    #[arg(long, env = "KEYGATE_CONSOLE_LISTEN")]
+    console_listen: Option<SocketAddr>,
     /// Serve Prometheus metrics on this address, at /metrics (off when unset).
     #[arg(long, env = "KEYGATE_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -402,6 +407,7 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
             credential_headers: args.ext_authz_credential_headers.clone(),
             strip_credentials: args.ext_authz_strip_credentials,
         },
+        console: args.console_listen.map(|_| ConsoleSettings::default()),
         rate_limit_store: args.rate_limit_store.clone().map(|url| RateLimitStore {
             url,
             failure: args.rate_limit_store_failure.into(),
@@ -434,6 +440,13 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("--health-listen {addr}: {e}"))?;
         tracing::info!(health = %addr, "serving grpc.health.v1 in plaintext");
         keygate = keygate.with_health_listener(listener);
+    }
+    if let Some(addr) = args.console_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--console-listen {addr}: {e}"))?;
+        tracing::info!(console = %addr, "serving the operator console");
+        keygate = keygate.with_console_listener(listener);
     }
     let listener = TcpListener::bind(args.listen)
         .await
@@ -513,7 +526,12 @@ mod tests {
             ext_authz,
             limits,
             rate_limit_store,
+            console,
         } = parsed;
+        assert!(
+            console.is_none() && owner.console.is_none(),
+            "off unless set"
+        );
         assert!(rate_limit_store.is_none() && owner.rate_limit_store.is_none());
         assert_eq!(store, owner.store);
         assert_eq!(brand, owner.brand);
