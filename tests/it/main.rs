@@ -14,6 +14,7 @@ mod binary;
 mod cache;
 mod cli;
 mod concurrency;
+mod console;
 mod deny_map;
 mod envoy;
 mod faults;
