@@ -376,6 +376,14 @@ async fn an_organization_admin_sees_only_its_organization() {
     assert!(table.contains(&mine.prefix), "{table}");
     assert!(!table.contains(&theirs.prefix), "{table}");
     assert!(!table.contains("org_b"), "{table}");
+    // Searching: its own key's prefix finds it; another organization's finds nothing.
+    b.fill("#search", &theirs.prefix).await;
+    b.click("#search-button").await;
+    assert!(b.text("#message").await.contains("No key you can see"));
+    b.goto(console, "/keys").await;
+    b.fill("#search", &mine.prefix).await;
+    b.click("#search-button").await;
+    assert_eq!(b.path().await, format!("/keys/{}", mine.key_id));
     b.goto(console, &format!("/keys/{}", theirs.key_id)).await;
     assert_eq!(b.text("h1").await, "Not found");
     assert!(!b.source().await.contains(&theirs.prefix));

@@ -204,6 +204,7 @@ pub async fn search(
     let id = ParsedToken::parse(q)
         .map(|t| t.key_id)
         .ok()
+        .or_else(|| keygate_core::token::key_id_of_prefix(q))
         .or_else(|| Uuid::parse_str(q).ok());
     if let Some(id) = id {
         return match console.keys.get(&signed.caller, id).await {
