@@ -241,6 +241,9 @@ def default_checks(chart: Path, objects: list[dict[str, Any]]) -> None:
     check(ports.get("grpc", {}).get("port") == 50051 and ports["grpc"].get("appProtocol") == "grpc",
           "Service: no grpc port 50051 with appProtocol grpc")
     check(ports.get("metrics", {}).get("port") == 9090, "Service: no metrics port 9090")
+    # The console is off unless asked for.
+    check("console" not in ports, "Service: a console port although console.enabled is false")
+    check(not any(a.startswith("--console-listen") for a in args), "Deployment: --console-listen by default")
 
     # The default policy mirrors policy.example.toml, and parses as keygate's TOML.
     configmap = the(objects, "ConfigMap")
@@ -298,6 +301,12 @@ def all_on_checks(objects: list[dict[str, Any]], values: dict[str, Any]) -> None
         f"all-on: KEYGATE_RATE_LIMIT_STORE is not read from its Secret: {redis}",
     )
     check(env.get("KEYGATE_RATE_LIMIT_STORE_FAILURE", {}).get("value") == "deny", "all-on: rate-limit store failure mode not passed")
+    # The console on its own port, HTTPS under TLS.
+    check("--console-listen=0.0.0.0:8080" in args, "all-on: no --console-listen")
+    service_ports = {p["name"]: p for p in the(objects, "Service")["spec"]["ports"]}
+    console = service_ports.get("console", {})
+    check(console.get("port") == 8080 and console.get("targetPort") == "console" and console.get("appProtocol") == "https",
+          f"all-on: no console Service port 8080 (https): {console}")
     assert_secure_pod(objects)
 
 

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keygate_core::analytics::UsageRetention;
 use keygate_core::clock::Clock;
 use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
@@ -16,6 +17,7 @@ use tonic_health::ServingStatus;
 use crate::api::admin::AdminApi;
 use crate::api::admission::AdmissionLayer;
 use crate::api::authorizer::AuthorizerApi;
+use crate::api::console::{Console, ConsoleSettings};
 use crate::api::ext_authz::{ExtAuthzApi, ExtAuthzSettings};
 use crate::api::feed::FeedApi;
 use crate::api::validate::MAX_REPLICA_WAIT;
@@ -53,8 +55,10 @@ pub struct Settings {
     /// The allowance of keys whose own limit is 0: requests per minute, or
     /// unlimited (`--default-rate-limit off`).
     pub default_rate_limit: Allowance,
-    /// How often last-used times are written to the store.
+    /// How often last-used times and usage counts are written to the store.
     pub usage_flush_interval: Duration,
+    /// How long usage analytics buckets are kept.
+    pub usage_retention: UsageRetention,
     /// On shutdown, how long calls in flight may take to finish.
     pub shutdown_grace: Duration,
     /// Serve TLS (rustls) instead of plaintext.
@@ -66,6 +70,9 @@ pub struct Settings {
     /// Share rate-limit windows with every replica through Redis; `None`:
     /// each replica counts its own requests.
     pub rate_limit_store: Option<RateLimitStore>,
+    /// The operator console's sessions, when it is served
+    /// ([`Keygate::with_console_listener`]); `None`: no console.
+    pub console: Option<ConsoleSettings>,
 }
 
 /// Where rate-limit windows are shared, and what to do when it is down.
@@ -189,11 +196,13 @@ impl Settings {
             max_staleness: Duration::from_secs(30),
             default_rate_limit: Allowance::DEFAULT,
             usage_flush_interval: Duration::from_secs(5),
+            usage_retention: UsageRetention::default(),
             shutdown_grace: Duration::from_secs(20),
             tls: None,
             ext_authz: ExtAuthzSettings::default(),
             limits: ServerLimits::default(),
             rate_limit_store: None,
+            console: None,
         }
     }
 }
@@ -225,16 +234,21 @@ pub struct Keygate {
     load_key_index: bool,
     poll_interval: Duration,
     usage_flush_interval: Duration,
+    usage_retention: UsageRetention,
     shutdown_grace: Duration,
     tls: Option<TlsSettings>,
     ext_authz: ExtAuthzSettings,
     limits: ServerLimits,
     health_listener: Option<TcpListener>,
+    console: Option<ConsoleSettings>,
+    console_listener: Option<TcpListener>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Keygate {
     /// Connects to the store (applying migrations) and builds the services.
     pub async fn open(settings: Settings, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
+        let console_clock = clock.clone();
         let store = Arc::new(SqlStore::connect_with(&settings.database_url, settings.store).await?);
         let page_key = store.shared_secret("page_token_key").await?;
         let freshness = Arc::new(Freshness::new(settings.max_staleness));
@@ -326,11 +340,15 @@ impl Keygate {
             load_key_index: settings.load_key_index,
             poll_interval,
             usage_flush_interval: settings.usage_flush_interval,
+            usage_retention: settings.usage_retention,
             shutdown_grace: settings.shutdown_grace,
             tls: settings.tls,
             ext_authz: settings.ext_authz,
             limits: settings.limits,
             health_listener: None,
+            console: settings.console,
+            console_listener: None,
+            clock: console_clock,
         })
     }
 
@@ -339,6 +357,13 @@ impl Keygate {
     /// port of their own to see what the store's health is.
     pub fn with_health_listener(mut self, listener: TcpListener) -> Self {
         self.health_listener = Some(listener);
+        self
+    }
+
+    /// Also serve the operator console on `listener` (plain HTTP, or HTTPS
+    /// with the server's TLS settings), when [`Settings::console`] is set.
+    pub fn with_console_listener(mut self, listener: TcpListener) -> Self {
+        self.console_listener = Some(listener);
         self
     }
 
@@ -382,6 +407,11 @@ impl Keygate {
         if let Some(local) = self.local_limits.clone() {
             tokio::spawn(sweep_rate_limits(local, stopping.clone()));
         }
+        tokio::spawn(sweep_usage(
+            self.keys.clone(),
+            self.usage_retention,
+            stopping.clone(),
+        ));
         tokio::spawn(refresh_organization_limits(
             self.organization_limits.clone(),
             self.poll_interval,
@@ -409,6 +439,24 @@ impl Keygate {
                     tracing::error!(error = %e, "health port failed");
                 }
             });
+        }
+
+        if let (Some(listener), Some(settings)) = (self.console_listener, self.console) {
+            let console = Console::new(
+                self.authorizer.clone(),
+                self.keys.clone(),
+                self.replicas.clone(),
+                self.organizations.clone(),
+                self.clock.clone(),
+                settings,
+                self.tls.is_some(),
+            );
+            tokio::spawn(crate::api::console::serve(
+                listener,
+                console,
+                self.tls.clone(),
+                stopping.clone(),
+            ));
         }
 
         let size = self.limits.max_request_size;
@@ -638,6 +686,30 @@ async fn flush_usage(keys: Arc<KeyService>, interval: Duration, stopping: Cancel
         }
         if let Err(e) = keys.flush_usage().await {
             tracing::warn!(error = %e, "could not write key usage; will retry");
+        }
+    }
+}
+
+/// How often old usage buckets are swept.
+const USAGE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Deletes usage buckets past their retention, in bounded batches, every
+/// [`USAGE_SWEEP_INTERVAL`]. Every replica sweeps; deleting what another
+/// replica just deleted is harmless.
+async fn sweep_usage(
+    keys: Arc<KeyService>,
+    retention: UsageRetention,
+    stopping: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = tokio::time::sleep(USAGE_SWEEP_INTERVAL) => {}
+        }
+        match keys.sweep_usage(retention).await {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!(swept, "swept old usage buckets"),
+            Err(e) => tracing::warn!(error = %e, "could not sweep old usage buckets; will retry"),
         }
     }
 }

@@ -212,6 +212,17 @@ impl key_admin_server::KeyAdmin for AdminApi {
         )))
     }
 
+    async fn get_key_usage(
+        &self,
+        request: Request<GetKeyUsageRequest>,
+    ) -> Result<Response<GetKeyUsageResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let spec = validate::usage_spec(request.get_ref())?;
+        let range = spec.range;
+        let buckets = self.keys.usage(&caller, spec).await?;
+        Ok(Response::new(convert::key_usage(&range, &buckets)))
+    }
+
     async fn get_organization_limits(
         &self,
         request: Request<GetOrganizationLimitsRequest>,

@@ -2,6 +2,7 @@
 //! Authorize outcomes. Requests come in through `validate`.
 
 use chrono::{DateTime, Utc};
+use keygate_core::analytics::{Granularity, UsageBucket, UsageRange};
 use keygate_core::event::Event;
 use keygate_core::key::{KeyRecord, KeyState};
 use keygate_core::organization::OrganizationLimit;
@@ -114,5 +115,34 @@ pub fn organization_limits(
         rate_limit_per_minute: limit.and_then(|l| l.per_minute).map_or(0, |n| n.get()),
         updated_at: limit.map(|l| timestamp(l.updated_at)),
         updated_by: limit.map(|l| l.updated_by.clone()).unwrap_or_default(),
+    }
+}
+
+/// GetKeyUsageResponse for the buckets read over `range`.
+pub fn key_usage(range: &UsageRange, buckets: &[UsageBucket]) -> pb::GetKeyUsageResponse {
+    pb::GetKeyUsageResponse {
+        buckets: buckets
+            .iter()
+            .map(|b| pb::UsageBucket {
+                key_id: b.key_id.to_string(),
+                start: Some(timestamp(b.start)),
+                allowed: b.allowed(),
+                denied: b
+                    .denied()
+                    .into_iter()
+                    .map(|(reason, calls)| pb::DenyCount {
+                        reason: pb::DenyReason::from(reason).into(),
+                        calls,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        start: Some(timestamp(range.start)),
+        end: Some(timestamp(range.end)),
+        granularity: match range.granularity {
+            Granularity::Minute => pb::UsageGranularity::Minute,
+            Granularity::Hour => pb::UsageGranularity::Hour,
+        }
+        .into(),
     }
 }

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
+use keygate_core::analytics::{Granularity, UsageRange};
 use keygate_core::bounds::{
     self, MAX_CIDRS, MAX_GRACE, MAX_NAME_CHARS, MAX_ORGANIZATION_RATE_LIMIT, MAX_RATE_LIMIT,
     MAX_REASON_CHARS, MAX_SCOPES,
@@ -14,6 +15,7 @@ use keygate_proto::v1 as pb;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::service::analytics::{UsageSpec, UsageTarget};
 use crate::service::audit::EventListSpec;
 use crate::service::{ListSpec, NewKeySpec};
 
@@ -335,6 +337,48 @@ pub fn replica_wait(
 /// control characters.
 pub fn revoke_reason(reason: &str) -> Result<String, Error> {
     text("reason", reason, MAX_REASON_CHARS, false)
+}
+
+/// A GetKeyUsage request: exactly one of key_id and organization_id, a
+/// start and end, and a granularity.
+pub fn usage_spec(r: &pb::GetKeyUsageRequest) -> Result<UsageSpec, Error> {
+    let target = match (
+        r.key_id.trim().is_empty(),
+        r.organization_id.trim().is_empty(),
+    ) {
+        (false, true) => UsageTarget::Key(key_id("key_id", &r.key_id)?),
+        (true, false) => UsageTarget::Organization(organization_id(&r.organization_id)?),
+        (true, true) => {
+            return Err(Error::invalid(
+                "key_id",
+                "one of key_id and organization_id is required",
+            ));
+        }
+        (false, false) => {
+            return Err(Error::invalid(
+                "organization_id",
+                "give key_id or organization_id, not both",
+            ));
+        }
+    };
+    let granularity = match pb::UsageGranularity::try_from(r.granularity) {
+        Ok(pb::UsageGranularity::Minute) => Granularity::Minute,
+        Ok(pb::UsageGranularity::Hour) => Granularity::Hour,
+        _ => return Err(Error::invalid("granularity", "must be MINUTE or HOUR")),
+    };
+    let start = r
+        .start
+        .as_ref()
+        .ok_or_else(|| Error::invalid("start", "is required"))
+        .and_then(|t| from_timestamp("start", t))?;
+    let end = r
+        .end
+        .as_ref()
+        .ok_or_else(|| Error::invalid("end", "is required"))
+        .and_then(|t| from_timestamp("end", t))?;
+    let range =
+        UsageRange::new(start, end, granularity).map_err(|e| Error::invalid(e.field, e.reason))?;
+    Ok(UsageSpec { target, range })
 }
 
 #[cfg(test)]

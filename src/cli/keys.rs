@@ -144,6 +144,18 @@ enum KeysCommand {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Calls per minute or hour, allowed and denied by reason, with a bar
+    /// per row (only buckets with calls; counts arrive with each replica's
+    /// usage flush).
+    Usage {
+        key_id: String,
+        /// How far back to look (e.g. 90m, 24h, 7d).
+        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        since: std::time::Duration,
+        /// Bucket width.
+        #[arg(long, value_enum, default_value = "minute")]
+        by: super::usage::ByArg,
+    },
     /// The audit trail, newest first.
     Events {
         #[arg(long)]
@@ -246,7 +258,7 @@ fn key_table(keys: &[pb::ApiKey]) -> String {
     )
 }
 
-fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+pub(super) fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -508,6 +520,11 @@ pub async fn run(args: KeysArgs) -> Result<(), String> {
             } else {
                 println!("deleted {key_id}");
             }
+        }
+        KeysCommand::Usage { key_id, since, by } => {
+            let req = super::usage::request(key_id, since, by)?;
+            let usage = admin.get_key_usage(req).await.map_err(status_error)?;
+            super::usage::print(&usage.into_inner(), json);
         }
         KeysCommand::Events {
             organization_id,

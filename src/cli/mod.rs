@@ -9,6 +9,7 @@ mod migrate;
 mod orgs;
 mod remote;
 mod serve;
+mod usage;
 
 use std::process::ExitCode;
 
@@ -130,7 +131,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "" | "s" => n.saturating_mul(1000),
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
-        _ => return Err(format!("{s:?} has an unknown unit; use ms, s, m or h")),
+        "d" => n.saturating_mul(86_400_000),
+        _ => return Err(format!("{s:?} has an unknown unit; use ms, s, m, h or d")),
     };
     Ok(std::time::Duration::from_millis(millis))
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use keygate_core::analytics::UsageRetention;
 use keygate_core::clock::SystemClock;
 use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
@@ -17,6 +18,7 @@ use super::{
     DEFAULT_PORT, LogFormat, StoreArgs, duration_text, init_logging, parse_bytes, parse_duration,
     size_text,
 };
+use crate::api::console::ConsoleSettings;
 use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::feed::FeedSettings;
@@ -173,6 +175,22 @@ pub struct ServeArgs {
         value_parser = parse_duration
     )]
     usage_flush_interval: Duration,
+    /// How long per-minute usage buckets are kept (GetKeyUsage MINUTE).
+    #[arg(
+        long,
+        env = "KEYGATE_USAGE_MINUTE_RETENTION",
+        default_value = duration_text(UsageRetention::default().minutes),
+        value_parser = parse_duration
+    )]
+    usage_minute_retention: Duration,
+    /// How long per-hour usage buckets are kept (GetKeyUsage HOUR).
+    #[arg(
+        long,
+        env = "KEYGATE_USAGE_HOUR_RETENTION",
+        default_value = duration_text(UsageRetention::default().hours),
+        value_parser = parse_duration
+    )]
+    usage_hour_retention: Duration,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish.
     #[arg(
         long,
@@ -193,6 +211,10 @@ pub struct ServeArgs {
     /// PEM CA bundle: clients must present a certificate it signed (mTLS).
     #[arg(long, env = "KEYGATE_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve the operator console (HTML, HTTPS when --tls-cert is set) on
+    /// this address (off when unset); e.g. 127.0.0.1:8080.
+    #[arg(long, env = "KEYGATE_CONSOLE_LISTEN")]
+    console_listen: Option<SocketAddr>,
     /// Serve Prometheus metrics on this address, at /metrics (off when unset).
     #[arg(long, env = "KEYGATE_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -375,12 +397,17 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
         max_staleness: args.max_staleness,
         default_rate_limit: args.default_rate_limit,
         usage_flush_interval: args.usage_flush_interval,
+        usage_retention: UsageRetention {
+            minutes: args.usage_minute_retention,
+            hours: args.usage_hour_retention,
+        },
         shutdown_grace: args.shutdown_grace,
         tls: tls_settings(args)?,
         ext_authz: ExtAuthzSettings {
             credential_headers: args.ext_authz_credential_headers.clone(),
             strip_credentials: args.ext_authz_strip_credentials,
         },
+        console: args.console_listen.map(|_| ConsoleSettings::default()),
         rate_limit_store: args.rate_limit_store.clone().map(|url| RateLimitStore {
             url,
             failure: args.rate_limit_store_failure.into(),
@@ -413,6 +440,13 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("--health-listen {addr}: {e}"))?;
         tracing::info!(health = %addr, "serving grpc.health.v1 in plaintext");
         keygate = keygate.with_health_listener(listener);
+    }
+    if let Some(addr) = args.console_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--console-listen {addr}: {e}"))?;
+        tracing::info!(console = %addr, "serving the operator console");
+        keygate = keygate.with_console_listener(listener);
     }
     let listener = TcpListener::bind(args.listen)
         .await
@@ -486,12 +520,18 @@ mod tests {
             max_staleness,
             default_rate_limit,
             usage_flush_interval,
+            usage_retention,
             shutdown_grace,
             tls,
             ext_authz,
             limits,
             rate_limit_store,
+            console,
         } = parsed;
+        assert!(
+            console.is_none() && owner.console.is_none(),
+            "off unless set"
+        );
         assert!(rate_limit_store.is_none() && owner.rate_limit_store.is_none());
         assert_eq!(store, owner.store);
         assert_eq!(brand, owner.brand);
@@ -506,6 +546,7 @@ mod tests {
         assert_eq!(max_staleness, owner.max_staleness);
         assert_eq!(default_rate_limit, owner.default_rate_limit);
         assert_eq!(usage_flush_interval, owner.usage_flush_interval);
+        assert_eq!(usage_retention, owner.usage_retention);
         assert_eq!(shutdown_grace, owner.shutdown_grace);
         assert!(tls.is_none() && owner.tls.is_none());
         assert_eq!(format!("{ext_authz:?}"), format!("{:?}", owner.ext_authz));

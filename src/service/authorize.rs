@@ -148,7 +148,10 @@ impl Authorizer {
         };
         let key = match self.authenticate(input.token).await? {
             Ok(key) => key,
-            Err(reason) => return Ok(Outcome::deny(reason)),
+            Err(reason) => {
+                self.count_refused(input.token, reason).await;
+                return Ok(Outcome::deny(reason));
+            }
         };
         let (mut deny, required_scope) =
             match decision::authorize(&key, ip, requirement, &self.policy) {
@@ -167,6 +170,7 @@ impl Authorizer {
         if counted.is_some_and(|c| c.refused()) {
             deny = Some(DenyReason::RateLimited);
         }
+        self.usage.counts.count(&key, deny, self.clock.now());
         Ok(Outcome {
             deny,
             required_scope: required_scope.map(|s| s.as_str().to_owned()),
@@ -175,6 +179,25 @@ impl Authorizer {
             limited_by: counted.map(|c| c.by),
             organization_rate_limit: counted.and_then(|c| c.organization_limit),
         })
+    }
+
+    /// Counts, for usage analytics, a refused credential that names an
+    /// existing key (a wrong secret, a revoked, disabled or expired key): a
+    /// leaked key still being tried shows in its usage. Unknown key ids
+    /// count nowhere, so guessed ids create nothing. Off the allow path;
+    /// the key is in the cache, just read by `authenticate`.
+    async fn count_refused(&self, token: &str, reason: DenyReason) {
+        if reason == DenyReason::MissingToken {
+            return;
+        }
+        let Ok(parsed) = ParsedToken::parse(token) else {
+            return;
+        };
+        if let Ok(Some(key)) = self.keys.get(parsed.key_id).await {
+            self.usage
+                .counts
+                .count(&key, Some(reason), self.clock.now());
+        }
     }
 
     /// Counts a request that passed every other check against the key's

@@ -271,13 +271,18 @@ impl KeyService {
 
     /// Writes the uses recorded since the last flush; on failure keeps them
     /// for the next one.
+    /// Analytics counts go with it (see [`Self::flush_usage_counts`]).
+    /// Returns how many keys' last-used times were written.
     pub async fn flush_usage(&self) -> Result<usize, Error> {
         let records = self.usage.drain();
         let n = records.len();
-        if let Err(e) = self.store.record_usage(&records).await {
+        let written = self.store.record_usage(&records).await;
+        if written.is_err() {
             self.usage.restore(records);
-            return Err(e.into());
         }
+        let counted = self.flush_usage_counts().await;
+        written?;
+        counted?;
         Ok(n)
     }
 
@@ -527,7 +532,7 @@ impl KeyService {
     }
 
     /// Reads from the store, not the cache: admin answers are never stale.
-    async fn load_visible(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
+    pub(super) async fn load_visible(&self, caller: &Caller, id: Uuid) -> Result<KeyRecord, Error> {
         match self.store.get_key(id).await? {
             Some(key) if caller.can_see(key.organization_id.as_deref()) => Ok(key),
             _ => Err(Error::NotFound("key")),

@@ -1,6 +1,7 @@
 //! The service layer: the Authorize path and the key lifecycle, over the cache,
 //! the store and the domain rules. Knows nothing of gRPC.
 
+pub mod analytics;
 pub mod audit;
 pub mod authorize;
 pub mod caller;

@@ -25,6 +25,8 @@ struct Pending {
 #[derive(Debug, Default)]
 pub struct UsageTracker {
     pending: DashMap<Uuid, Pending>,
+    /// Calls per key, minute and outcome, for usage analytics.
+    pub counts: super::analytics::UsageCounts,
 }
 
 fn time(us: i64) -> Option<DateTime<Utc>> {
@@ -126,6 +128,6 @@ impl UsageTracker {
 
     /// Whether nothing is waiting to be written.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_empty() && self.counts.is_empty()
     }
 }

@@ -5,6 +5,7 @@
 //! connection set-up, migrations and how event sequences are serialised, lives
 //! in `postgres.rs` and `sqlite.rs`.
 
+mod analytics;
 mod changes;
 mod events;
 mod organizations;
@@ -20,6 +21,7 @@ mod write;
 use async_trait::async_trait;
 pub use changes::Changes;
 use chrono::{DateTime, Utc};
+use keygate_core::analytics::{Granularity, Outcome, UsageCount};
 use keygate_core::event::{Event, NewEvent};
 use keygate_core::key::{KeyRecord, Mode};
 use keygate_core::organization::OrganizationLimit;
@@ -133,6 +135,48 @@ pub trait UsageStore: Send + Sync + 'static {
     async fn record_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError>;
 }
 
+/// Usage analytics: per-key call counts by outcome, in per-minute and
+/// per-hour buckets that every replica adds to.
+#[async_trait]
+pub trait UsageAnalytics: Send + Sync + 'static {
+    /// Adds each count to its bucket's row (creating it at the count): the
+    /// rows hold the sum over every flush of every replica. All or nothing.
+    /// A batch must not name one (granularity, key, start, outcome) twice.
+    async fn add_usage_counts(&self, counts: &[UsageCount]) -> Result<(), StoreError>;
+
+    /// Up to `query.limit` stored rows in range, in (key, start) order.
+    async fn usage_rows(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// Deletes up to `limit` rows of `granularity` older than `before`,
+    /// returning how many went: one bounded batch of a retention sweep.
+    async fn sweep_usage(
+        &self,
+        granularity: Granularity,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
+}
+
+/// A stored usage row: key, bucket start, outcome, calls.
+pub type UsageRow = (Uuid, DateTime<Utc>, Outcome, u64);
+
+/// Which usage rows to read.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    /// The bucket width.
+    pub granularity: Granularity,
+    /// Buckets starting at or after this…
+    pub start: DateTime<Utc>,
+    /// …and before this.
+    pub end: DateTime<Utc>,
+    /// Only this key's rows.
+    pub key_id: Option<Uuid>,
+    /// Only rows of this organization's keys.
+    pub organization_id: Option<String>,
+    /// At most this many rows.
+    pub limit: u32,
+}
+
 /// Organizations' shared rate limits: written by SetOrganizationLimits, read
 /// whole by every replica into memory (Authorize never reads them here).
 #[async_trait]
@@ -163,10 +207,11 @@ pub trait ReplicaRegistry: Send + Sync + 'static {
     async fn list_replicas(&self) -> Result<Vec<ReplicaStatus>, StoreError>;
 }
 
-/// Everything the key service reads and writes: keys, the event log, usage.
-pub trait AdminStore: KeyStore + EventLog + UsageStore {}
+/// Everything the key service reads and writes: keys, the event log, usage
+/// and its analytics.
+pub trait AdminStore: KeyStore + EventLog + UsageStore + UsageAnalytics {}
 
-impl<T: KeyStore + EventLog + UsageStore> AdminStore for T {}
+impl<T: KeyStore + EventLog + UsageStore + UsageAnalytics> AdminStore for T {}
 
 /// A replica's row in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

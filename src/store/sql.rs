@@ -168,6 +168,11 @@ impl SqlStore {
         self.dialect
     }
 
+    /// Longest one call may take ([`StoreSettings::timeout`]).
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Wakes [`EventLog::changes`] for other replicas' writes until
     /// `shutdown`: on PostgreSQL, LISTENs on its own connection (reconnecting
     /// forever, waking after each reconnect to catch up on what it missed).
@@ -215,7 +220,7 @@ impl SqlStore {
 
     /// Times a store call, counts its failures, and gives up on it after the
     /// store timeout.
-    async fn observe<T>(
+    pub(super) async fn observe<T>(
         &self,
         operation: &'static str,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
@@ -225,7 +230,7 @@ impl SqlStore {
 
     /// [`SqlStore::observe`] with a budget of its own, for a call that runs
     /// several statements each entitled to the store timeout.
-    async fn observe_for<T>(
+    pub(super) async fn observe_for<T>(
         &self,
         operation: &'static str,
         budget: Duration,

@@ -71,6 +71,8 @@ store_test_suite!(
     organization_limits_are_set_replaced_cleared_and_listed,
 );
 
+mod analytics;
+
 type TestFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 async fn run(backend: Backend, test: impl for<'a> FnOnce(&'a Fixture) -> TestFuture<'a>) {

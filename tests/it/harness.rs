@@ -81,6 +81,8 @@ pub struct TestServer {
     pub shared_limits: Option<Arc<keygate::service::shared_limits::SharedLimits>>,
     pub cache: Arc<keygate::cache::KeyCache>,
     pub database_url: String,
+    /// The operator console, when the settings asked for one (`console: Some(…)`).
+    pub console: Option<SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     dir: Option<tempfile::TempDir>,
@@ -233,9 +235,18 @@ impl TestServer {
         settings.feed.heartbeat = Duration::from_millis(500);
         settings.feed.poll_interval = Duration::from_millis(200);
         configure(&mut settings);
-        let keygate = Keygate::open(settings, clock.clone() as Arc<dyn Clock>)
+        let wants_console = settings.console.is_some();
+        let mut keygate = Keygate::open(settings, clock.clone() as Arc<dyn Clock>)
             .await
             .expect("open keygate");
+        let mut console = None;
+        if wants_console {
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind console");
+            console = Some(listener.local_addr().expect("console addr"));
+            keygate = keygate.with_console_listener(listener);
+        }
         let (_, admin_token) = keygate
             .keys
             .bootstrap("test admin".into(), Mode::Live)
@@ -267,6 +278,7 @@ impl TestServer {
             shared_limits,
             cache,
             database_url,
+            console,
             shutdown: Some(tx),
             task: Some(task),
             dir: Some(dir),
@@ -511,6 +523,7 @@ pub async fn dump_database(s: &TestServer) -> String {
         "key_events",
         "keygate_settings",
         "organization_limits",
+        "key_usage",
     ] {
         // In key order (each table's first column), so two dumps of the same
         // rows are equal however the database happens to return them.

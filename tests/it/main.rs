@@ -7,12 +7,14 @@ mod harness;
 
 mod abuse;
 mod admin_auth;
+mod analytics;
 mod audit;
 mod authorize;
 mod binary;
 mod cache;
 mod cli;
 mod concurrency;
+mod console;
 mod deny_map;
 mod envoy;
 mod faults;

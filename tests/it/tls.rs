@@ -345,3 +345,75 @@ async fn the_cli_reaches_tls_and_mtls_servers() {
     assert!(created.contains("org=org_1"), "{created}");
     watch.kill().await.unwrap();
 }
+
+/// With TLS on, the console serves HTTPS with the same certificate, and its
+/// session cookie is `Secure`; plaintext HTTP gets no page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_serves_https_with_a_secure_cookie() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+
+    let pki = pki();
+    let tls = TlsSettings {
+        cert_pem: pki.server.0.clone().into_bytes(),
+        key_pem: pki.server.1.clone().into_bytes(),
+        client_ca_pem: None,
+    };
+    let s = TestServer::start_with(Backend::Sqlite, move |settings| {
+        settings.tls = Some(tls.clone());
+        settings.console = Some(Default::default());
+    })
+    .await
+    .unwrap();
+    let console = s.console.unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(console).await.unwrap();
+    let mut stream = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let body = format!("token={}", s.admin_token);
+    let request = format!(
+        "POST /sign-in HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        console.port(),
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response).to_lowercase();
+    assert!(response.starts_with("http/1.1 303"), "{response}");
+    let cookie = response
+        .lines()
+        .find(|l| l.starts_with("set-cookie:"))
+        .unwrap();
+    assert!(
+        cookie.contains("; secure") && cookie.contains("httponly"),
+        "{cookie}"
+    );
+
+    // Plain HTTP on the console port gets no page.
+    let mut plain = tokio::net::TcpStream::connect(console).await.unwrap();
+    plain
+        .write_all(b"GET /sign-in HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer).await;
+    assert!(!String::from_utf8_lossy(&answer).contains("Sign in"));
+}

@@ -3,6 +3,7 @@
 
 #![deny(missing_docs)]
 
+pub mod analytics;
 pub mod audit;
 pub mod bounds;
 pub mod cidr;

@@ -240,6 +240,20 @@ pub fn strip_bearer(input: &str) -> &str {
     }
 }
 
+/// The key id a whole prefix (`<brand>_<mode>_<22 characters>`, as
+/// [`prefix_for`] makes it and keys show it) names; `None` for anything
+/// else. The prefix is public: this only saves looking it up.
+pub fn key_id_of_prefix(prefix: &str) -> Option<Uuid> {
+    let (brand, rest) = prefix.trim().split_once('_')?;
+    let body = rest
+        .strip_prefix("live_")
+        .or_else(|| rest.strip_prefix("test_"))?;
+    if !is_brand(brand) || body.len() != ID_LEN {
+        return None;
+    }
+    decode_base62(body.as_bytes()).map(Uuid::from_u128)
+}
+
 /// The public beginning of a key's tokens: `<brand>_<mode>_<key id>`.
 pub fn prefix_for(brand: &Brand, mode: Mode, key_id: Uuid) -> String {
     let mut prefix = String::with_capacity(brand.0.len() + 6 + ID_LEN);
@@ -462,5 +476,14 @@ mod tests {
             assert_eq!(decode_base62(s.as_bytes()), Some(v));
         }
         assert_eq!(decode_base62(&[b'z'; ID_LEN]), None, "overflow is rejected");
+    }
+
+    #[test]
+    fn a_whole_prefix_names_its_key() {
+        let id = Uuid::new_v4();
+        let prefix = prefix_for(&Brand::default(), Mode::Live, id);
+        assert_eq!(key_id_of_prefix(&prefix), Some(id));
+        assert_eq!(key_id_of_prefix(&prefix[..prefix.len() - 1]), None);
+        assert_eq!(key_id_of_prefix("kg_prod_x"), None);
     }
 }
