@@ -423,23 +423,25 @@ impl<'a> RequestHeaders<'a> {
         Self { http }
     }
 
-    fn raw(&self) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
-        self.http.header_map.iter().flat_map(|m| {
-            m.headers.iter().map(|h| {
-                let value = if h.value.is_empty() {
-                    std::str::from_utf8(&h.raw_value).unwrap_or("")
-                } else {
-                    h.value.as_str()
-                };
-                (h.key.as_str(), value)
-            })
-        })
+    /// The raw headers, each value read as UTF-8 only when asked for (a
+    /// value that is not UTF-8 reads as empty: no credential).
+    fn raw(
+        &self,
+    ) -> impl Iterator<Item = &'a envoy_types::pb::envoy::config::core::v3::HeaderValue> + 'a
+    {
+        self.http.header_map.iter().flat_map(|m| m.headers.iter())
     }
 
     fn get(&self, name: &str) -> Option<&'a str> {
         match self.http.headers.get(name) {
             Some(v) => Some(v.as_str()),
-            None => self.raw().find(|(k, _)| *k == name).map(|(_, v)| v),
+            None => self.raw().find(|h| h.key == name).map(|h| {
+                if h.value.is_empty() {
+                    std::str::from_utf8(&h.raw_value).unwrap_or("")
+                } else {
+                    h.value.as_str()
+                }
+            }),
         }
     }
 
@@ -448,7 +450,7 @@ impl<'a> RequestHeaders<'a> {
             .headers
             .keys()
             .map(String::as_str)
-            .chain(self.raw().map(|(k, _)| k))
+            .chain(self.raw().map(|h| h.key.as_str()))
     }
 }
 
