@@ -17,12 +17,12 @@ use envoy_types::ext_authz::v3::{
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use keygate_core::decision::DenyReason;
-use keygate_core::key::KeyRecord;
 use keygate_core::limits::LimitedBy;
 use tonic::{Request, Response, Status};
 
 use super::authorizer::record_outcome;
 use crate::error::Error;
+use crate::service::authorize::Principal;
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
 
@@ -41,6 +41,10 @@ pub const SCOPES_HEADER: &str = "x-keygate-scopes";
 pub const MODE_HEADER: &str = "x-keygate-mode";
 /// The key's tier: `organization` or `system`.
 pub const TIER_HEADER: &str = "x-keygate-tier";
+/// For a JWT access token, its `sub`; absent for a key.
+pub const SUBJECT_HEADER: &str = "x-keygate-subject";
+/// What authenticated: `api_key` or `jwt`.
+pub const CREDENTIAL_HEADER: &str = "x-keygate-credential";
 const IDENTITY_PREFIX: &str = "x-keygate-";
 
 /// How Check reads credentials and what it hides from the upstream.
@@ -156,7 +160,11 @@ impl Authorization for ExtAuthzApi {
 impl ExtAuthzApi {
     fn allow(&self, outcome: &Outcome, headers: &RequestHeaders<'_>) -> CheckResponse {
         let mut ok = OkHttpResponseBuilder::new();
-        let identity = outcome.key.as_deref().map(Identity::of).unwrap_or_default();
+        let identity = outcome
+            .principal
+            .as_ref()
+            .map(Identity::of)
+            .unwrap_or_default();
         let identity_headers = identity.headers();
         for (name, value) in &identity_headers {
             if value.is_empty() {
@@ -210,27 +218,44 @@ struct Identity {
     scopes: Vec<String>,
     mode: &'static str,
     tier: &'static str,
+    subject: String,
+    credential: &'static str,
 }
 
 impl Identity {
-    fn of(key: &KeyRecord) -> Self {
-        Self {
-            organization_id: key.organization_id.clone().unwrap_or_default(),
-            key_id: key.id.to_string(),
-            scopes: key.scopes.to_strings(),
-            mode: key.mode.as_str(),
-            tier: key.tier.as_str(),
+    fn of(principal: &Principal) -> Self {
+        match principal {
+            Principal::Key(key) => Self {
+                organization_id: key.organization_id.clone().unwrap_or_default(),
+                key_id: key.id.to_string(),
+                scopes: key.scopes.to_strings(),
+                mode: key.mode.as_str(),
+                tier: key.tier.as_str(),
+                subject: String::new(),
+                credential: "api_key",
+            },
+            Principal::Jwt(jwt) => Self {
+                organization_id: jwt.identity.organization_id.clone().unwrap_or_default(),
+                key_id: String::new(),
+                scopes: jwt.identity.scopes.to_strings(),
+                mode: "",
+                tier: jwt.identity.tier().as_str(),
+                subject: jwt.identity.subject.clone(),
+                credential: "jwt",
+            },
         }
     }
 
     /// Header name and value, for every identity header (empty when unknown).
-    fn headers(&self) -> [(&'static str, String); 5] {
+    fn headers(&self) -> [(&'static str, String); 7] {
         [
             (ORGANIZATION_HEADER, self.organization_id.clone()),
             (KEY_ID_HEADER, self.key_id.clone()),
             (SCOPES_HEADER, self.scopes.join(",")),
             (MODE_HEADER, self.mode.to_owned()),
             (TIER_HEADER, self.tier.to_owned()),
+            (SUBJECT_HEADER, self.subject.clone()),
+            (CREDENTIAL_HEADER, self.credential.to_owned()),
         ]
     }
 
@@ -252,6 +277,8 @@ impl Identity {
                 ("scopes".to_owned(), scopes),
                 ("mode".to_owned(), string(self.mode)),
                 ("tier".to_owned(), string(self.tier)),
+                ("subject".to_owned(), string(&self.subject)),
+                ("credential".to_owned(), string(self.credential)),
             ]),
         }
     }
@@ -488,7 +515,7 @@ mod tests {
         use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
         let outcome = Outcome {
             deny: None,
-            key: None,
+            principal: None,
             required_scope: None,
             rate: None,
             limited_by: None,

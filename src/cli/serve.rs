@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use keygate_core::clock::SystemClock;
 use keygate_core::limits::Allowance;
-use keygate_core::policy::RouteTable;
+use keygate_core::policy::Policy;
 use keygate_core::token::{Brand, DEFAULT_BRAND};
 use tokio::net::TcpListener;
 
@@ -20,6 +20,7 @@ use super::{
 use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::feed::FeedSettings;
+use crate::jwt::JwksSettings;
 use crate::server::{Keygate, RateLimitStore, ServerLimits, Settings, TlsSettings};
 use crate::service::shared_limits::StoreFailure;
 use crate::store::{StoreSettings, sql_redact};
@@ -328,17 +329,20 @@ fn default_replica_name(listen: SocketAddr) -> String {
 /// policy and TLS files are read here).
 fn settings(args: &ServeArgs) -> Result<Settings, String> {
     let brand = Brand::new(&args.brand).map_err(|e| format!("--brand: {e}"))?;
-    let policy = match &args.policy {
+    let Policy {
+        routes: policy,
+        jwt_issuers,
+    } = match &args.policy {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("--policy {}: {e}", path.display()))?;
-            RouteTable::from_toml(&text).map_err(|e| format!("--policy {}: {e}", path.display()))?
+            Policy::from_toml(&text).map_err(|e| format!("--policy {}: {e}", path.display()))?
         }
         None => {
             tracing::warn!(
                 "no --policy given: Authorize allows only calls that name required_scopes"
             );
-            RouteTable::default()
+            Policy::default()
         }
     };
     if args.request_timeout.is_zero() {
@@ -353,6 +357,8 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
             timeout: args.store_timeout,
         },
         policy,
+        jwt_issuers,
+        jwks: JwksSettings::default(),
         brand,
         cache: CacheSettings {
             max_bytes: args.cache_max_bytes,
@@ -479,6 +485,8 @@ mod tests {
             database_url: _,
             store,
             policy: _,
+            jwt_issuers,
+            jwks,
             brand,
             cache,
             load_key_index,
@@ -493,6 +501,8 @@ mod tests {
             rate_limit_store,
         } = parsed;
         assert!(rate_limit_store.is_none() && owner.rate_limit_store.is_none());
+        assert!(jwt_issuers.is_empty() && owner.jwt_issuers.is_empty());
+        assert_eq!(format!("{jwks:?}"), format!("{:?}", owner.jwks));
         assert_eq!(store, owner.store);
         assert_eq!(brand, owner.brand);
         assert_eq!(format!("{cache:?}"), format!("{:?}", owner.cache));
