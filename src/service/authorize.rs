@@ -229,7 +229,9 @@ impl Authorizer {
         Ok(Outcome {
             deny,
             required_scope: required_scope.map(|s| s.as_str().to_owned()),
-            principal: Some(principal),
+            // A route that takes no credential of this kind answers as if
+            // there were none: a 401 that names no one.
+            principal: (deny != Some(DenyReason::InvalidToken)).then_some(principal),
             rate: counted.map(|c| c.rate),
             limited_by: counted.map(|c| c.by),
             organization_rate_limit: counted.and_then(|c| c.organization_limit),

@@ -250,16 +250,19 @@ async fn an_admin_jwt_creates_keys_in_its_organization_and_is_audited(backend: B
     // A system issuer's token without an organization is a SYSTEM caller;
     // that issuer is trusted for admin only, so Authorize refuses it.
     let now = s.clock.now().timestamp();
-    let ops = idp.ed.mint(&json!({"iss": OPS, "aud": "keygate-admin", "sub": "oncall",
+    let ops = idp
+        .ed
+        .mint(&json!({"iss": OPS, "aud": "keygate-admin", "sub": "oncall",
         "scope": "api_key:read revocation:read checkout:create", "iat": now, "exp": now + 300}));
     let all = list_keys(&s, &ops).await.unwrap();
     assert!(all.keys.iter().any(|k| k.key_id == other.key_id));
     let refused = authorize(&s, &ops, "POST /v1/checkouts").await;
     assert_eq!(reason(&refused), pb::DenyReason::InvalidToken);
     // ListReplicas takes a JWT too.
-    let mut feed = keygate_proto::v1::revocation_feed_client::RevocationFeedClient::connect(s.url())
-        .await
-        .unwrap();
+    let mut feed =
+        keygate_proto::v1::revocation_feed_client::RevocationFeedClient::connect(s.url())
+            .await
+            .unwrap();
     feed.list_replicas(as_key(&ops, pb::ListReplicasRequest {}))
         .await
         .expect("ListReplicas with a JWT holding revocation:read");
@@ -307,14 +310,11 @@ async fn every_refusal_on_admin_and_authorize(backend: Backend) {
         ),
         (
             "wrong aud",
-            idp.rsa.mint(&with(good.clone(), "aud", json!("someone-else"))),
+            idp.rsa
+                .mint(&with(good.clone(), "aud", json!("someone-else"))),
             pb::DenyReason::InvalidToken,
         ),
-        (
-            "alg none",
-            unsigned(&good),
-            pb::DenyReason::InvalidToken,
-        ),
+        ("alg none", unsigned(&good), pb::DenyReason::InvalidToken),
         (
             "HS256 with the RSA public key as secret",
             hs256("rsa-1", public_pem.as_bytes(), &good),
@@ -352,7 +352,10 @@ async fn every_refusal_on_admin_and_authorize(backend: Backend) {
         assert_eq!(r.decision(), pb::Decision::Deny, "{what}");
         assert_eq!(reason(&r), *expected, "{what}");
         assert_eq!(r.http_status, 401, "{what}");
-        assert!(r.organization_id.is_empty() && r.subject.is_empty(), "{what}");
+        assert!(
+            r.organization_id.is_empty() && r.subject.is_empty(),
+            "{what}"
+        );
     }
 
     // An unknown kid: the JWKS is fetched again once, then it is refused;
@@ -410,7 +413,10 @@ async fn an_access_token_is_allowed_by_scope_with_its_subject_and_no_key_id() {
         assert_eq!(r.decision(), pb::Decision::Allow, "{}: {r:?}", key.kid);
         assert_eq!(r.organization_id, "org_a");
         assert_eq!(r.subject, key.kid);
-        assert_eq!(r.credential_kind(), pb::authorize_response::CredentialKind::Jwt);
+        assert_eq!(
+            r.credential_kind(),
+            pb::authorize_response::CredentialKind::Jwt
+        );
         assert_eq!(r.key_id, "");
         assert_eq!(r.scopes, ["checkout:create", "profile:read"]);
         assert_eq!(r.required_scope, "checkout:create");
@@ -423,7 +429,10 @@ async fn an_access_token_is_allowed_by_scope_with_its_subject_and_no_key_id() {
     let token = idp.rsa.mint(&scoped);
     let r = authorize(&s, &token, "GET /v1/transactions/tx_1").await;
     assert_eq!(reason(&r), pb::DenyReason::InsufficientScope);
-    assert_eq!((r.http_status, r.required_scope.as_str()), (403, "transaction:read"));
+    assert_eq!(
+        (r.http_status, r.required_scope.as_str()),
+        (403, "transaction:read")
+    );
     assert_eq!(r.subject, "alice");
 
     // A route for API keys only refuses the JWT (401), and one for JWTs only
@@ -432,13 +441,24 @@ async fn an_access_token_is_allowed_by_scope_with_its_subject_and_no_key_id() {
         .ed
         .mint(&claims(&s, "carol", "org_a", "payment:create profile:read"));
     let r = authorize(&s, &all, "POST /api/payment-gateway/process").await;
-    assert_eq!((reason(&r), r.http_status), (pb::DenyReason::InvalidToken, 401));
-    let (_, api_key) = s.org_key("org_a", &["payment:create", "profile:read"]).await;
+    assert_eq!(
+        (reason(&r), r.http_status),
+        (pb::DenyReason::InvalidToken, 401)
+    );
+    let (_, api_key) = s
+        .org_key("org_a", &["payment:create", "profile:read"])
+        .await;
     let r = authorize(&s, &api_key, "POST /api/payment-gateway/process").await;
     assert_eq!(r.decision(), pb::Decision::Allow);
-    assert_eq!(r.credential_kind(), pb::authorize_response::CredentialKind::ApiKey);
+    assert_eq!(
+        r.credential_kind(),
+        pb::authorize_response::CredentialKind::ApiKey
+    );
     let r = authorize(&s, &api_key, "GET /v1/profile").await;
-    assert_eq!((reason(&r), r.http_status), (pb::DenyReason::InvalidToken, 401));
+    assert_eq!(
+        (reason(&r), r.http_status),
+        (pb::DenyReason::InvalidToken, 401)
+    );
     let r = authorize(&s, &all, "GET /v1/profile").await;
     assert_eq!(r.decision(), pb::Decision::Allow);
 
@@ -446,7 +466,9 @@ async fn an_access_token_is_allowed_by_scope_with_its_subject_and_no_key_id() {
     // (3 here), whatever token the subject presents.
     let dave = claims(&s, "dave", "org_a", "checkout:create");
     for i in 0..3 {
-        let t = idp.rsa.mint(&with(dave.clone(), "jti", json!(format!("d-{i}"))));
+        let t = idp
+            .rsa
+            .mint(&with(dave.clone(), "jti", json!(format!("d-{i}"))));
         let r = authorize(&s, &t, "POST /v1/checkouts").await;
         assert_eq!(r.decision(), pb::Decision::Allow, "request {i}");
         assert_eq!(r.rate_limit, 3);
@@ -454,9 +476,15 @@ async fn an_access_token_is_allowed_by_scope_with_its_subject_and_no_key_id() {
     let t = idp.ec.mint(&with(dave.clone(), "jti", json!("d-9")));
     let r = authorize(&s, &t, "POST /v1/checkouts").await;
     assert_eq!(reason(&r), pb::DenyReason::RateLimited);
-    let erin = idp.rsa.mint(&claims(&s, "erin", "org_a", "checkout:create"));
+    let erin = idp
+        .rsa
+        .mint(&claims(&s, "erin", "org_a", "checkout:create"));
     let r = authorize(&s, &erin, "POST /v1/checkouts").await;
-    assert_eq!(r.decision(), pb::Decision::Allow, "another subject has its own limit");
+    assert_eq!(
+        r.decision(),
+        pb::Decision::Allow,
+        "another subject has its own limit"
+    );
 
     // A verified token is remembered, but never past its exp.
     s.advance(chrono::Duration::seconds(600 + 30));
@@ -513,9 +541,11 @@ async fn a_key_rotated_at_the_issuer_is_picked_up_without_a_restart() {
     // not after the 5-minute default.
     let hits = idp.jwks.hits();
     s.advance(chrono::Duration::seconds(61));
-    eventually(Duration::from_secs(10), "a refresh after max-age", || async {
-        (idp.jwks.hits() > hits).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "a refresh after max-age",
+        || async { (idp.jwks.hits() > hits).then_some(()) },
+    )
     .await;
 }
 
@@ -533,14 +563,19 @@ async fn a_jwks_down_at_start_or_later_refuses_and_recovers_without_a_restart() 
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains(ISS), "{err:?}");
     let r = authorize(&s, &t, "POST /v1/checkouts").await;
-    assert_eq!((r.decision(), reason(&r)), (pb::Decision::Deny, pb::DenyReason::InvalidToken));
+    assert_eq!(
+        (r.decision(), reason(&r)),
+        (pb::Decision::Deny, pb::DenyReason::InvalidToken)
+    );
 
     // Back up: the next retry (5 s on) loads the keys.
     idp.jwks.set_up(true);
     s.advance(chrono::Duration::seconds(6));
-    eventually(Duration::from_secs(10), "the JWKS after recovery", || async {
-        list_keys(&s, &t).await.ok()
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the JWKS after recovery",
+        || async { list_keys(&s, &t).await.ok() },
+    )
     .await;
     assert_eq!(
         authorize(&s, &t, "POST /v1/checkouts").await.decision(),
@@ -552,7 +587,10 @@ async fn a_jwks_down_at_start_or_later_refuses_and_recovers_without_a_restart() 
     idp.jwks.set_up(false);
     s.advance(chrono::Duration::seconds(301));
     let t = token(&s);
-    assert!(list_keys(&s, &t).await.is_ok(), "a short outage is survived");
+    assert!(
+        list_keys(&s, &t).await.is_ok(),
+        "a short outage is survived"
+    );
     s.advance(chrono::Duration::seconds(600));
     let t = token(&s);
     eventually(Duration::from_secs(10), "keys too old to trust", || async {
@@ -578,8 +616,10 @@ async fn a_jwks_down_at_start_or_later_refuses_and_recovers_without_a_restart() 
 async fn a_watch_opened_with_a_jwt_ends_when_the_jwt_expires() {
     let (s, idp) = start(Backend::Sqlite).await.unwrap();
     let now = s.clock.now().timestamp();
-    let ops = idp.ed.mint(&json!({"iss": OPS, "aud": "keygate-admin", "sub": "watcher",
-        "scope": "revocation:read", "iat": now, "exp": now + 60}));
+    let ops = idp.ed.mint(
+        &json!({"iss": OPS, "aud": "keygate-admin", "sub": "watcher",
+        "scope": "revocation:read", "iat": now, "exp": now + 60}),
+    );
     let mut stream = crate::feed::watch(&s.url(), &ops, 0).await;
     s.advance(chrono::Duration::seconds(91));
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
@@ -609,9 +649,12 @@ async fn through_envoy_a_jwt_reaches_jwt_routes_only() {
     let Some(gateway) = Gateway::start(s.addr).await else {
         return;
     };
-    let token = idp
-        .ec
-        .mint(&claims(&s, "partner-app", "org_a", "checkout:create payment:create"));
+    let token = idp.ec.mint(&claims(
+        &s,
+        "partner-app",
+        "org_a",
+        "checkout:create payment:create",
+    ));
     let bearer = format!("Bearer {token}");
     let reply = gateway
         .send(
@@ -629,7 +672,11 @@ async fn through_envoy_a_jwt_reaches_jwt_routes_only() {
     assert_eq!(echo.all("x-keygate-organization-id"), ["org_a"]);
     assert_eq!(echo.header("x-keygate-credential"), Some("jwt"));
     assert_eq!(echo.header("x-keygate-key-id"), None);
-    assert_eq!(echo.header("authorization"), None, "the token went upstream");
+    assert_eq!(
+        echo.header("authorization"),
+        None,
+        "the token went upstream"
+    );
 
     let reply = gateway
         .send(
@@ -644,9 +691,83 @@ async fn through_envoy_a_jwt_reaches_jwt_routes_only() {
     // The same route takes an API key.
     let (key, api_key) = s.org_key("org_a", &["payment:create"]).await;
     let echo = gateway
-        .send("POST", "/api/payment-gateway/process", &[("x-api-key", &api_key)])
+        .send(
+            "POST",
+            "/api/payment-gateway/process",
+            &[("x-api-key", &api_key)],
+        )
         .await
         .echo();
     assert_eq!(echo.header("x-keygate-key-id"), Some(key.key_id.as_str()));
     assert_eq!(echo.header("x-keygate-subject"), None);
+}
+
+/// The README's "JWT credentials" example, run as written: scripts/mint-jwt
+/// as the identity provider, the real keygate binary, the real grpcurl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_jwt_example_works_as_written() {
+    let Some(grpcurl) = crate::walkthrough::grpcurl() else {
+        return;
+    };
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = &readme[readme
+        .find("<!-- jwt-example:begin -->")
+        .expect("example start")
+        ..readme
+            .find("<!-- jwt-example:end -->")
+            .expect("example end")];
+    let body =
+        &block[block.find("```bash\n").unwrap() + "```bash\n".len()..block.rfind("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_keygate"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    let path = std::env::join_paths(
+        [bin_dir, scripts, grpcurl.parent().unwrap().to_owned()]
+            .into_iter()
+            .chain(std::env::split_paths(
+                &std::env::var_os("PATH").unwrap_or_default(),
+            )),
+    )
+    .unwrap();
+    let port = crate::binary::free_port();
+    let script = body.to_owned();
+    let out = tokio::task::spawn_blocking({
+        let dir = dir.path().to_owned();
+        move || {
+            std::process::Command::new("timeout")
+                .args(["120", "bash", "-euo", "pipefail", "-c", &script])
+                .current_dir(dir)
+                .env("PATH", path)
+                .env("ADDR", format!("127.0.0.1:{port}"))
+                .env_remove("KEYGATE_DATABASE_URL")
+                .env_remove("KEYGATE_TOKEN")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "example failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("\"actor\": \"jwt:https://idp.example.com/realms/payments#alice;jti="),
+        "{stdout}"
+    );
+    let allow = stdout
+        .find("\"decision\": \"ALLOW\"")
+        .expect("the access token is allowed");
+    assert!(stdout.contains("\"subject\": \"partner-app\""), "{stdout}");
+    assert!(stdout.contains("\"credentialKind\": \"JWT\""), "{stdout}");
+    let deny = stdout
+        .find("\"reason\": \"INVALID_TOKEN\"")
+        .expect("the payment route refuses it");
+    assert!(allow < deny, "{stdout}");
 }
