@@ -771,3 +771,44 @@ async fn the_readme_jwt_example_works_as_written() {
         .expect("the payment route refuses it");
     assert!(allow < deny, "{stdout}");
 }
+
+/// A gateway's CachedAuthorizer never caches a JWT's answer: past `exp` the
+/// very next call is EXPIRED_TOKEN, and every call is counted by keygate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_authorizer_never_caches_a_jwt_answer() {
+    let (s, idp) = start(Backend::Sqlite).await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(s.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = keygate_client::CachedAuthorizer::new(
+        channel,
+        s.admin_token.clone(),
+        keygate_client::ClientSettings {
+            ttl: Duration::from_secs(600),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "the client's feed", || async {
+        client.feed_alive().then_some(())
+    })
+    .await;
+    let token = idp
+        .rsa
+        .mint(&claims(&s, "alice", "org_a", "checkout:create"));
+    let request = || pb::AuthorizeRequest {
+        token: token.clone(),
+        route: "POST /v1/checkouts".into(),
+        ..Default::default()
+    };
+    for remaining in [99, 98] {
+        let r = client.authorize(request()).await.unwrap();
+        assert_eq!(r.decision(), pb::Decision::Allow);
+        assert_eq!(r.rate_limit_remaining, remaining, "counted by keygate");
+    }
+    s.advance(chrono::Duration::seconds(600 + 30));
+    let r = client.authorize(request()).await.unwrap();
+    assert_eq!(r.reason(), pb::DenyReason::ExpiredToken);
+}
