@@ -812,3 +812,42 @@ async fn a_cached_authorizer_never_caches_a_jwt_answer() {
     let r = client.authorize(request()).await.unwrap();
     assert_eq!(r.reason(), pb::DenyReason::ExpiredToken);
 }
+
+/// A bad issuer stops `serve` with a message naming the issuer and the
+/// field: a refused algorithm, plain HTTP off loopback.
+#[tokio::test]
+async fn a_bad_issuer_stops_serve_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    for (table, needle) in [
+        (
+            "algorithms = [\"RS256\", \"HS256\"]\njwks_url = \"https://idp.example/certs\"",
+            "algorithms: \"HS256\" is never accepted",
+        ),
+        (
+            "algorithms = [\"none\"]\njwks_url = \"https://idp.example/certs\"",
+            "algorithms: \"none\" is never accepted",
+        ),
+        (
+            "jwks_url = \"http://idp.example/certs\"",
+            "jwks_url: \"http://idp.example/certs\" must use https://",
+        ),
+    ] {
+        std::fs::write(
+            &policy,
+            format!("[[jwt_issuer]]\nissuer = \"https://idp.example\"\naudience = \"keygate\"\n{table}\n"),
+        )
+        .unwrap();
+        let out = crate::binary::keygate(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--policy"])
+            .arg(&policy)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("jwt_issuer #1 (\"https://idp.example\")") && stderr.contains(needle),
+            "{stderr}"
+        );
+    }
+}
