@@ -253,12 +253,14 @@ def default_checks(chart: Path, objects: list[dict[str, Any]]) -> None:
         # jwtIssuers become [[jwt_issuer]] tables after the routes.
         issuer = {"issuer": "https://idp.example/r", "audience": "keygate",
                   "jwksUrl": "https://idp.example/r/certs", "usage": "admin", "system": True,
-                  "algorithms": ["RS256", "EdDSA"], "maxLifetimeSeconds": 900}
+                  "algorithms": ["RS256", "EdDSA"], "maxLifetimeSeconds": 900,
+                  "jwksCaFile": "/etc/keygate/idp-ca.pem"}
         with_issuer = the(render(chart, {"jwtIssuers": [issuer]}), "ConfigMap")
         tables = tomllib.loads(with_issuer["data"]["policy.toml"]).get("jwt_issuer", [])
         check(tables == [{"issuer": "https://idp.example/r", "audience": "keygate",
                           "jwks_url": "https://idp.example/r/certs", "usage": "admin", "system": True,
-                          "algorithms": ["RS256", "EdDSA"], "max_lifetime_seconds": 900}]
+                          "algorithms": ["RS256", "EdDSA"], "max_lifetime_seconds": 900,
+                          "jwks_ca_file": "/etc/keygate/idp-ca.pem"}]
               and tomllib.loads(with_issuer["data"]["policy.toml"])["route"] == example["route"],
               f"ConfigMap: jwtIssuers not rendered as [[jwt_issuer]] tables: {tables}")
 

@@ -102,6 +102,9 @@ pub enum OpenError {
     /// The rate-limit store URL is not usable.
     #[error(transparent)]
     RateLimitStore(#[from] BadStoreUrl),
+    /// A JWT issuer's settings cannot be used (its CA file); names it.
+    #[error("{0}")]
+    JwtIssuer(String),
 }
 
 /// Bounds on what callers can hold of a server.
@@ -289,11 +292,10 @@ impl Keygate {
             organization_limits.clone(),
             clock.clone(),
         ));
-        let jwt = Arc::new(Verifier::new(
-            settings.jwt_issuers,
-            clock.clone(),
-            settings.jwks,
-        ));
+        let jwt = Arc::new(
+            Verifier::new(settings.jwt_issuers, clock.clone(), settings.jwks)
+                .map_err(OpenError::JwtIssuer)?,
+        );
         // At start, so tokens work from the first call; an issuer that does
         // not answer is retried in the background, its tokens refused meanwhile.
         jwt.fetch_all().await;

@@ -91,23 +91,39 @@ impl moka::Expiry<[u8; 32], Arc<VerifiedJwt>> for UntilExpiry {
 
 impl Verifier {
     /// One entry per issuer; no keys are fetched until [`Verifier::fetch_all`].
-    pub fn new(issuers: Vec<IssuerConfig>, clock: Arc<dyn Clock>, settings: JwksSettings) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(settings.fetch_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
+    /// Fails, naming the issuer, when its `jwks_ca_file` cannot be read or
+    /// holds no certificate.
+    pub fn new(
+        issuers: Vec<IssuerConfig>,
+        clock: Arc<dyn Clock>,
+        settings: JwksSettings,
+    ) -> Result<Self, String> {
         let issuers = issuers
             .into_iter()
             .map(|config| {
-                Arc::new(IssuerKeys::new(
+                let http = http_client(&config, &settings)
+                    .map_err(|e| format!("jwt issuer {:?}: {e}", config.issuer))?;
+                Ok(Arc::new(IssuerKeys::new(
                     config,
-                    http.clone(),
+                    http,
                     clock.clone(),
                     settings.clone(),
-                ))
+                )))
             })
-            .collect();
+            .collect::<Result<_, String>>()?;
+        Ok(Self::with_issuers(issuers, clock, settings))
+    }
+
+    /// No trusted issuer: every JWT is refused.
+    pub fn none(clock: Arc<dyn Clock>) -> Self {
+        Self::with_issuers(Vec::new(), clock, JwksSettings::default())
+    }
+
+    fn with_issuers(
+        issuers: Vec<Arc<IssuerKeys>>,
+        clock: Arc<dyn Clock>,
+        settings: JwksSettings,
+    ) -> Self {
         Self {
             issuers,
             verified: moka::sync::Cache::builder()
@@ -242,6 +258,28 @@ impl Verifier {
             None => Err(Refused::Unavailable(issuer.config.issuer.clone())),
         }
     }
+}
+
+/// The client that fetches one issuer's JWKS: no redirects (the URL is the
+/// reviewed one), the web's roots or the issuer's own CA.
+fn http_client(config: &IssuerConfig, settings: &JwksSettings) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(settings.fetch_timeout)
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = &config.jwks_ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("jwks_ca_file {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("jwks_ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("jwks_ca_file {}: no certificate", path.display()));
+        }
+        builder = builder.tls_built_in_root_certs(false);
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| format!("http client: {e}"))
 }
 
 fn usable_for(config: &IssuerConfig, usage: Use) -> bool {

@@ -851,3 +851,68 @@ async fn a_bad_issuer_stops_serve_naming_the_field() {
         );
     }
 }
+
+/// The production path: a JWKS over HTTPS, trusted through the issuer's
+/// own CA (`jwks_ca_file`); the same URL without that CA is not trusted
+/// (the public roots do not know it), and its tokens are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_jwks_is_trusted_through_the_issuers_ca_only() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test identity provider CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("idp-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let key = SigningKey::ec("ec-tls");
+    let jwks = JwksServer::start_tls(&[&key], &leaf.pem(), &leaf_key.serialize_pem()).await;
+    let text = format!(
+        "[[route]]\nroute = \"POST /v1/checkouts\"\nscope = \"checkout:create\"\n\
+         [[jwt_issuer]]\nissuer = \"{ISS}\"\naudience = \"keygate\"\njwks_url = \"{url}\"\njwks_ca_file = \"{ca}\"\n\
+         [[jwt_issuer]]\nissuer = \"{OPS}\"\naudience = \"keygate\"\njwks_url = \"{url}\"\n",
+        url = jwks.url,
+        ca = ca_file.display(),
+    );
+    let s = TestServer::start_with(Backend::Sqlite, |s| {
+        let policy = Policy::from_toml(&text).expect("https policy");
+        s.policy = policy.routes;
+        s.jwt_issuers = policy.jwt_issuers;
+    })
+    .await
+    .unwrap();
+    let token = key.mint(&claims(
+        &s,
+        "alice",
+        "org_a",
+        "checkout:create api_key:read",
+    ));
+    let r = authorize(&s, &token, "POST /v1/checkouts").await;
+    assert_eq!(r.decision(), pb::Decision::Allow, "{r:?}");
+    assert!(list_keys(&s, &token).await.is_ok());
+
+    let untrusted = key.mint(&with(
+        claims(&s, "mallory", "org_a", "checkout:create api_key:read"),
+        "iss",
+        json!(OPS),
+    ));
+    let err = list_keys(&s, &untrusted).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        reason(&authorize(&s, &untrusted, "POST /v1/checkouts").await),
+        pb::DenyReason::InvalidToken
+    );
+    assert_eq!(
+        jwks.hits(),
+        1,
+        "only the fetch through the issuer's CA got an answer"
+    );
+}

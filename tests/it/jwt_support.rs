@@ -10,8 +10,12 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use ring::rand::SystemRandom;
 use ring::signature::{self, KeyPair};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A signing key and its public JWK.
 #[derive(Clone)]
@@ -153,7 +157,7 @@ struct Served {
     cache_control: Option<String>,
 }
 
-/// A JWKS over plain HTTP on 127.0.0.1, whose keys and availability the
+/// A JWKS over HTTP (or HTTPS) on 127.0.0.1, whose keys and availability the
 /// test changes while it runs. Stopped on drop.
 pub struct JwksServer {
     pub url: String,
@@ -163,8 +167,33 @@ pub struct JwksServer {
 
 impl JwksServer {
     pub async fn start(keys: &[&SigningKey]) -> Self {
+        Self::start_on(keys, None).await
+    }
+
+    /// Over TLS with this certificate and key (PEM), at `https://localhost:PORT/certs`.
+    pub async fn start_tls(keys: &[&SigningKey], cert_pem: &str, key_pem: &str) -> Self {
+        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Self::start_on(keys, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_on(keys: &[&SigningKey], tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/certs", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}/certs"),
+            None => format!("http://127.0.0.1:{port}/certs"),
+        };
         let state = Arc::new(Mutex::new(Served {
             keys: keys.iter().map(|k| k.jwk.clone()).collect(),
             up: true,
@@ -173,42 +202,19 @@ impl JwksServer {
         let served = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
+                let Ok((conn, _)) = listener.accept().await else {
                     continue;
                 };
-                let served = served.clone();
+                let (served, tls) = (served.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut read = 0;
-                    while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf[read..]).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => read += n,
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(conn) = tls.accept(conn).await {
+                                answer(conn, &served).await;
+                            }
                         }
-                        if read == buf.len() {
-                            return;
-                        }
+                        None => answer(conn, &served).await,
                     }
-                    let reply = {
-                        let mut s = served.lock().unwrap();
-                        if !s.up {
-                            // Down: the connection closes with no answer.
-                            return;
-                        }
-                        s.hits += 1;
-                        let body = json!({ "keys": s.keys }).to_string();
-                        let cache = s
-                            .cache_control
-                            .as_ref()
-                            .map(|c| format!("cache-control: {c}\r\n"))
-                            .unwrap_or_default();
-                        format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{cache}content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        )
-                    };
-                    let _ = conn.write_all(reply.as_bytes()).await;
-                    let _ = conn.shutdown().await;
                 });
             }
         })
@@ -234,6 +240,41 @@ impl JwksServer {
     pub fn set_cache_control(&self, value: &str) {
         self.state.lock().unwrap().cache_control = Some(value.into());
     }
+}
+
+/// Reads one request and answers it with the JWKS (or, when down, nothing).
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, served: &Mutex<Served>) {
+    let mut buf = vec![0u8; 4096];
+    let mut read = 0;
+    while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf[read..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read += n,
+        }
+        if read == buf.len() {
+            return;
+        }
+    }
+    let reply = {
+        let mut s = served.lock().unwrap();
+        if !s.up {
+            // Down: the connection closes with no answer.
+            return;
+        }
+        s.hits += 1;
+        let body = json!({ "keys": s.keys }).to_string();
+        let cache = s
+            .cache_control
+            .as_ref()
+            .map(|c| format!("cache-control: {c}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{cache}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let _ = conn.write_all(reply.as_bytes()).await;
+    let _ = conn.shutdown().await;
 }
 
 impl Drop for JwksServer {

@@ -157,6 +157,9 @@ pub struct IssuerConfig {
     pub audience: String,
     /// The issuer's public keys.
     pub jwks: JwksSource,
+    /// PEM certificates to trust for the `jwks_url`'s TLS instead of the
+    /// public web roots (an internal identity provider's private CA).
+    pub jwks_ca_file: Option<PathBuf>,
     /// The `alg` values accepted (never `none` or HMAC).
     pub algorithms: Vec<Algorithm>,
     /// Admin, Authorize or both.
@@ -181,6 +184,7 @@ pub(crate) struct IssuerEntry {
     audience: Option<String>,
     jwks_url: Option<String>,
     jwks_file: Option<PathBuf>,
+    jwks_ca_file: Option<PathBuf>,
     algorithms: Option<Vec<String>>,
     usage: Option<String>,
     organization_claim: Option<String>,
@@ -222,6 +226,11 @@ impl IssuerEntry {
             (Some(_), Some(_)) => return Err("jwks_url, jwks_file: give one, not both".into()),
             (None, None) => return Err("jwks_url: is required (or jwks_file)".into()),
         };
+        if self.jwks_ca_file.is_some()
+            && !matches!(&jwks, JwksSource::Url(url) if url.starts_with("https://"))
+        {
+            return Err("jwks_ca_file: only with an https:// jwks_url".into());
+        }
         let algorithms = match self.algorithms {
             None => Algorithm::DEFAULT.to_vec(),
             Some(names) if names.is_empty() => {
@@ -271,6 +280,7 @@ impl IssuerEntry {
             issuer: issuer.to_owned(),
             audience,
             jwks,
+            jwks_ca_file: self.jwks_ca_file,
             algorithms,
             usage,
             organization_claim,
@@ -642,6 +652,15 @@ mod tests {
         ] {
             assert_eq!(check_jwks_url(url).is_ok(), ok, "{url}");
         }
+        assert!(
+            entry("jwks_ca_file = \"ca.pem\"")
+                .unwrap()
+                .jwks_ca_file
+                .is_some()
+        );
+        let text = "issuer = \"i\"\naudience = \"k\"\njwks_url = \"http://127.0.0.1/c\"\njwks_ca_file = \"ca.pem\"";
+        let e: IssuerEntry = toml::from_str(text).unwrap();
+        assert!(e.validate().unwrap_err().starts_with("jwks_ca_file:"));
         let text = "issuer = \"https://idp\"\njwks_url = \"https://idp/certs\"";
         let e: IssuerEntry = toml::from_str(text).unwrap();
         assert!(e.validate().unwrap_err().starts_with("audience:"));
