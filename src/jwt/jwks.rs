@@ -93,7 +93,8 @@ impl KeySet {
     }
 }
 
-/// Parses a JWKS document. Keys that are not for signatures (`use: enc`),
+/// Parses a JWKS document. Keys that are not for signatures (`use: enc`, or
+/// an `alg` that is not a signature algorithm),
 /// of a type `jsonwebtoken` cannot verify with, or symmetric (`kty: oct`:
 /// never, see `keygate_core::jwt::Algorithm`) are skipped; a document with
 /// no usable key is an error.
@@ -121,10 +122,15 @@ pub fn parse(body: &[u8]) -> Result<KeySet, String> {
         let Ok(key) = DecodingKey::from_jwk(&jwk) else {
             continue;
         };
-        let alg = jwk
-            .common
-            .key_algorithm
-            .and_then(|a| a.to_string().parse::<jsonwebtoken::Algorithm>().ok());
+        // A key naming an algorithm that signs nothing (RSA-OAEP, …) is not
+        // a signing key.
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(a) => match a.to_string().parse::<jsonwebtoken::Algorithm>() {
+                Ok(alg) => Some(alg),
+                Err(_) => continue,
+            },
+        };
         hasher.update(raw.to_string().as_bytes());
         let key = Arc::new(VerifyingKey { key, alg });
         match jwk.common.key_id {
@@ -361,5 +367,7 @@ mod tests {
         assert!(set.find(None).is_some(), "the one key of a set");
         assert!(set.find(Some("x")).is_none());
         assert!(parse(b"[]").is_err());
+        let doc = br#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","kid":"e","alg":"RSA-OAEP"}]}"#;
+        assert!(parse(doc).is_err(), "an encryption algorithm signs nothing");
     }
 }
