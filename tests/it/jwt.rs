@@ -22,6 +22,7 @@ use crate::on_both_backends;
 on_both_backends!(
     an_admin_jwt_creates_keys_in_its_organization_and_is_audited,
     every_refusal_on_admin_and_authorize,
+    forged_jwts_cost_no_store_read_and_at_most_one_fetch,
 );
 
 const ISS: &str = "https://idp.example/realms/payments";
@@ -914,5 +915,49 @@ async fn an_https_jwks_is_trusted_through_the_issuers_ca_only() {
         jwks.hits(),
         1,
         "only the fetch through the issuer's CA got an answer"
+    );
+}
+
+/// A flood of forged JWTs (a real kid with another key's signature, made-up
+/// kids, garbage) never reaches the store, and costs the issuer one JWKS
+/// fetch at most; a real token is allowed again and again with no store
+/// read either.
+async fn forged_jwts_cost_no_store_read_and_at_most_one_fetch(backend: Backend) {
+    let Some((s, idp)) = start(backend).await else {
+        return;
+    };
+    let c = claims(&s, "alice", "org_a", "checkout:create");
+    let impostor = SigningKey::ec("ec-1");
+    let mut tokens = Vec::new();
+    for i in 0..100 {
+        tokens.push(impostor.mint(&with(c.clone(), "jti", json!(i))));
+        tokens.push(idp.ed.mint_as(&format!("kid-{i}"), &c));
+        tokens.push(format!("eyJhbGciOiJFUzI1NiJ9.{i}.x"));
+    }
+    let (reads, hits) = (s.store.key_reads(), idp.jwks.hits());
+    let mut client = s.authorizer().await;
+    for token in &tokens {
+        let r = client
+            .authorize(pb::AuthorizeRequest {
+                token: token.clone(),
+                route: "POST /v1/checkouts".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reason(&r), pb::DenyReason::InvalidToken);
+    }
+    let real = idp.rsa.mint(&c);
+    for _ in 0..50 {
+        assert_eq!(
+            authorize(&s, &real, "POST /v1/checkouts").await.decision(),
+            pb::Decision::Allow
+        );
+    }
+    assert_eq!(s.store.key_reads() - reads, 0, "JWTs never reach the store");
+    assert!(
+        idp.jwks.hits() - hits <= 1,
+        "made-up kids cost one fetch at most"
     );
 }
