@@ -288,6 +288,11 @@ impl IssuerKeys {
                     loaded.generation += 1;
                     tracing::info!(issuer = %self.config.issuer, keys = set.by_kid.len() + set.without_kid.len(), "jwt issuer keys loaded");
                 }
+                let keys = set.by_kid.len() + set.without_kid.len();
+                metrics::gauge!("keygate_jwks_keys", "issuer" => self.config.issuer.clone())
+                    .set(keys as f64);
+                metrics::counter!("keygate_jwks_fetches_total", "issuer" => self.config.issuer.clone(), "result" => "ok")
+                    .increment(1);
                 loaded.set = Some(Arc::new(set));
                 loaded.fetched_at = started;
                 loaded.next_fetch = started + every;
@@ -298,6 +303,8 @@ impl IssuerKeys {
                 Ok(())
             }
             Err(e) => {
+                metrics::counter!("keygate_jwks_fetches_total", "issuer" => self.config.issuer.clone(), "result" => "error")
+                    .increment(1);
                 loaded.next_fetch = started + self.settings.retry;
                 let mut last = self
                     .last_error

@@ -168,29 +168,63 @@ impl Verifier {
 
     /// Verifies `token` for `usage`: signature, issuer, audience, times,
     /// lifetime, subject, organization. Remembered by digest until `exp`.
+    /// Counted in `keygate_jwt_verifications_total{result}`: `cached`,
+    /// `verified` (the signature was checked) or `refused`.
     pub async fn verify(&self, token: &str, usage: Use) -> Result<Arc<VerifiedJwt>, Refused> {
+        let (answer, cached) = self.check(token, usage).await;
+        let result = match (&answer, cached) {
+            (Err(_), _) => "refused",
+            (Ok(_), true) => "cached",
+            (Ok(_), false) => "verified",
+        };
+        metrics::counter!("keygate_jwt_verifications_total", "result" => result).increment(1);
+        answer
+    }
+
+    /// `verify`, and whether the answer came from the cache.
+    async fn check(&self, token: &str, usage: Use) -> (Result<Arc<VerifiedJwt>, Refused>, bool) {
+        match self.cached(token, usage) {
+            Some(answer) => (answer, true),
+            None => (self.verify_signature(token, usage).await, false),
+        }
+    }
+
+    /// The cached answer for `token`, if it is cached and still holds.
+    fn cached(&self, token: &str, usage: Use) -> Option<Result<Arc<VerifiedJwt>, Refused>> {
+        if token.len() > MAX_JWT_BYTES {
+            return None;
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let hit = self.verified.get(&digest)?;
+        let issuer = &self.issuers[hit.issuer];
+        if !usable_for(&issuer.config, usage) {
+            return Some(Err(Refused::Denied(DenyReason::InvalidToken)));
+        }
+        if !hit
+            .identity
+            .valid_at(self.clock.now(), issuer.config.clock_skew)
+        {
+            self.verified.invalidate(&digest);
+            return Some(Err(Refused::Denied(DenyReason::ExpiredToken)));
+        }
+        match issuer.generation() {
+            Some(g) if g == hit.generation => Some(Ok(hit)),
+            None => Some(Err(Refused::Unavailable(issuer.config.issuer.clone()))),
+            // The keys changed since: check again, with the keys in force.
+            Some(_) => {
+                self.verified.invalidate(&digest);
+                None
+            }
+        }
+    }
+
+    async fn verify_signature(&self, token: &str, usage: Use) -> Result<Arc<VerifiedJwt>, Refused> {
         const INVALID: Refused = Refused::Denied(DenyReason::InvalidToken);
         if token.len() > MAX_JWT_BYTES {
             return Err(INVALID);
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = self.clock.now();
-        if let Some(hit) = self.verified.get(&digest) {
-            let issuer = &self.issuers[hit.issuer];
-            if !usable_for(&issuer.config, usage) {
-                return Err(INVALID);
-            }
-            if !hit.identity.valid_at(now, issuer.config.clock_skew) {
-                self.verified.invalidate(&digest);
-                return Err(Refused::Denied(DenyReason::ExpiredToken));
-            }
-            match issuer.generation() {
-                Some(g) if g == hit.generation => return Ok(hit),
-                None => return Err(Refused::Unavailable(issuer.config.issuer.clone())),
-                // The keys changed since: check again, with the keys in force.
-                Some(_) => self.verified.invalidate(&digest),
-            }
-        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID)?;
         let claims = unverified_claims(token).ok_or(INVALID)?;
         let iss = jwt::unverified_issuer(&claims).ok_or(INVALID)?;
