@@ -253,6 +253,19 @@ def default_checks(chart: Path, objects: list[dict[str, Any]]) -> None:
         policy = tomllib.loads(configmap["data"]["policy.toml"])
         example = tomllib.loads((REPO / "policy.example.toml").read_text())
         check(policy == example, "ConfigMap: the default policy differs from policy.example.toml")
+        # jwtIssuers become [[jwt_issuer]] tables after the routes.
+        issuer = {"issuer": "https://idp.example/r", "audience": "keygate",
+                  "jwksUrl": "https://idp.example/r/certs", "usage": "admin", "system": True,
+                  "algorithms": ["RS256", "EdDSA"], "maxLifetimeSeconds": 900,
+                  "jwksCaFile": "/etc/keygate/idp-ca.pem"}
+        with_issuer = the(render(chart, {"jwtIssuers": [issuer]}), "ConfigMap")
+        tables = tomllib.loads(with_issuer["data"]["policy.toml"]).get("jwt_issuer", [])
+        check(tables == [{"issuer": "https://idp.example/r", "audience": "keygate",
+                          "jwks_url": "https://idp.example/r/certs", "usage": "admin", "system": True,
+                          "algorithms": ["RS256", "EdDSA"], "max_lifetime_seconds": 900,
+                          "jwks_ca_file": "/etc/keygate/idp-ca.pem"}]
+              and tomllib.loads(with_issuer["data"]["policy.toml"])["route"] == example["route"],
+              f"ConfigMap: jwtIssuers not rendered as [[jwt_issuer]] tables: {tables}")
 
     # A policy change changes the pod template, so the pods roll.
     annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
@@ -340,6 +353,7 @@ def refused_values(chart: Path) -> None:
     """Combinations that would deploy something broken fail with a clear message."""
     render_must_fail(chart, {"tls": {"enabled": True}}, "tls.enabled needs tls.secretName")
     render_must_fail(chart, {"terminationGracePeriodSeconds": 20}, "terminationGracePeriodSeconds (20) must exceed")
+    render_must_fail(chart, {"jwtIssuers": [{"issuer": "https://i", "audience": "k"}]}, "jwtIssuers[0].jwksUrl is required")
     render_must_fail(chart, {"database": {"url": ""}}, "database.existingSecret")
     render_must_fail(chart, {"keygate": {"shutdownGrace": "20 weeks"}}, "has an unknown unit")
 

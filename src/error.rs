@@ -62,6 +62,11 @@ pub enum Error {
     /// anything else INTERNAL.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A JWT's issuer has no keys keygate can trust right now (never
+    /// fetched, or not refreshed for too long), so the token cannot be
+    /// checked and is not accepted (UNAVAILABLE). Names the issuer.
+    #[error("the keys of JWT issuer {0} are unavailable")]
+    KeysUnavailable(String),
     /// Something that should not happen did (a broken invariant, the OS
     /// random source failing); the message is for the log (INTERNAL).
     #[error("{0}")]
@@ -105,6 +110,10 @@ impl From<Error> for Status {
                 _ => Code::Internal,
             },
             Error::Internal(_) => Code::Internal,
+            Error::KeysUnavailable(_) => {
+                tracing::warn!(error = %e, "jwt refused");
+                return Status::unavailable(e.to_string());
+            }
         };
         match code {
             // Store details (hosts, SQL) stay in the log, not in the answer.

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod error;
 pub mod feed;
 pub mod index;
+pub mod jwt;
 pub mod server;
 pub mod service;
 pub mod store;

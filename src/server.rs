@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use keygate_core::analytics::UsageRetention;
 use keygate_core::clock::Clock;
+use keygate_core::jwt::IssuerConfig;
 use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
 use keygate_core::token::Brand;
@@ -23,6 +24,7 @@ use crate::api::feed::FeedApi;
 use crate::api::validate::MAX_REPLICA_WAIT;
 use crate::cache::{CacheSettings, Freshness, KeyCache};
 use crate::feed::{Feed, FeedSettings};
+use crate::jwt::{JwksSettings, Verifier};
 use crate::service::limits::{Limiter, LocalLimiter};
 use crate::service::organizations::{OrganizationLimits, OrganizationService};
 use crate::service::replicas::Replicas;
@@ -41,6 +43,10 @@ pub struct Settings {
     pub store: StoreSettings,
     /// Which scope each route needs.
     pub policy: RouteTable,
+    /// The trusted JWT issuers (the policy file's `[[jwt_issuer]]` tables).
+    pub jwt_issuers: Vec<IssuerConfig>,
+    /// When the issuers' JWKS are fetched again.
+    pub jwks: JwksSettings,
     /// The token prefix keys are minted with (`kg` → `kg_live_…`).
     pub brand: Brand,
     /// Sizes and lifetimes of the key cache.
@@ -103,6 +109,9 @@ pub enum OpenError {
     /// The rate-limit store URL is not usable.
     #[error(transparent)]
     RateLimitStore(#[from] BadStoreUrl),
+    /// A JWT issuer's settings cannot be used (its CA file); names it.
+    #[error("{0}")]
+    JwtIssuer(String),
 }
 
 /// Bounds on what callers can hold of a server.
@@ -189,6 +198,8 @@ impl Settings {
             database_url: database_url.into(),
             store: StoreSettings::default(),
             policy: RouteTable::default(),
+            jwt_issuers: Vec::new(),
+            jwks: JwksSettings::default(),
             brand: Brand::default(),
             cache: CacheSettings::default(),
             load_key_index: true,
@@ -227,6 +238,8 @@ pub struct Keygate {
     pub shared_limits: Option<Arc<SharedLimits>>,
     /// This replica's own rate-limit windows, without `--rate-limit-store`.
     pub local_limits: Option<Arc<LocalLimiter>>,
+    /// The trusted JWT issuers' keys and the verified JWTs.
+    pub jwt: Arc<Verifier>,
     /// Organizations' shared rate limits, as this replica holds them.
     pub organization_limits: Arc<OrganizationLimits>,
     /// SetOrganizationLimits and GetOrganizationLimits.
@@ -298,15 +311,25 @@ impl Keygate {
             organization_limits.clone(),
             clock.clone(),
         ));
-        let authorizer = Arc::new(Authorizer::new(
-            cache.clone(),
-            Arc::new(settings.policy),
-            clock.clone(),
-            limiter,
-            settings.default_rate_limit,
-            organization_limits.clone(),
-            usage.clone(),
-        ));
+        let jwt = Arc::new(
+            Verifier::new(settings.jwt_issuers, clock.clone(), settings.jwks)
+                .map_err(OpenError::JwtIssuer)?,
+        );
+        // At start, so tokens work from the first call; an issuer that does
+        // not answer is retried in the background, its tokens refused meanwhile.
+        jwt.fetch_all().await;
+        let authorizer = Arc::new(
+            Authorizer::new(
+                cache.clone(),
+                Arc::new(settings.policy),
+                clock.clone(),
+                limiter,
+                settings.default_rate_limit,
+                organization_limits.clone(),
+                usage.clone(),
+            )
+            .with_jwt(jwt.clone()),
+        );
         let watchers = Arc::new(Watchers::new(
             authorizer.clone(),
             feed.clone(),
@@ -335,6 +358,7 @@ impl Keygate {
             watchers,
             shared_limits,
             local_limits,
+            jwt,
             organization_limits,
             organizations,
             load_key_index: settings.load_key_index,
@@ -376,6 +400,7 @@ impl Keygate {
     ) -> Result<(), tonic::transport::Error> {
         let stopping = CancellationToken::new();
         tokio::spawn(self.feed.clone().run(stopping.clone()));
+        tokio::spawn(self.jwt.clone().run(stopping.clone()));
         if let Some(shared) = self.shared_limits.clone() {
             tokio::spawn(shared.run(self.replicas.clone(), stopping.clone()));
         }

@@ -84,6 +84,18 @@ fn describe() {
         "keygate_feed_applied_sequence",
         "Highest event sequence applied by this replica"
     );
+    metrics::describe_counter!(
+        "keygate_jwt_verifications_total",
+        "JWTs presented, by result: cached, verified (signature checked) or refused"
+    );
+    metrics::describe_counter!(
+        "keygate_jwks_fetches_total",
+        "JWKS fetches by issuer and result (ok, error)"
+    );
+    metrics::describe_gauge!(
+        "keygate_jwks_keys",
+        "Signing keys loaded from each issuer's last good JWKS"
+    );
     metrics::describe_gauge!(
         "keygate_feed_lag_seconds",
         "Time since this replica last read the event log (0 when in touch)"

@@ -8,6 +8,7 @@ use keygate_proto::v1::{AuthorizeRequest, AuthorizeResponse};
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::service::authorize::Principal;
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
 
@@ -68,7 +69,13 @@ pub(super) fn record_outcome(metrics: &AuthorizeMetrics, outcome: &Outcome, star
     if let Some(reason) = outcome.deny {
         span.record("reason", reason.code());
     }
-    if let Some(key) = &outcome.key {
-        span.record("key_id", tracing::field::display(key.id));
+    match &outcome.principal {
+        Some(Principal::Key(key)) => {
+            span.record("key_id", tracing::field::display(key.id));
+        }
+        Some(Principal::Jwt(jwt)) => {
+            span.record("key_id", tracing::field::display(jwt.identity.actor()));
+        }
+        None => {}
     }
 }

@@ -1,5 +1,6 @@
 //! Who is calling: the credential in the request metadata, checked like any
-//! Authorize token, plus the key's IP allow-list against the peer address.
+//! Authorize token, plus the key's IP allow-list against the peer address;
+//! or a JWT from an issuer trusted for admin.
 
 use std::net::SocketAddr;
 
@@ -8,6 +9,7 @@ use keygate_core::token;
 use tonic::metadata::MetadataMap;
 
 use crate::error::Error;
+use crate::jwt::{self, Refused, Use};
 use crate::service::{Authorizer, Caller};
 
 /// The credential from `authorization: Bearer <token>` or `x-api-key: <token>`.
@@ -23,6 +25,17 @@ pub async fn authenticate(
     peer: Option<SocketAddr>,
 ) -> Result<Caller, Error> {
     let token = credential(metadata).ok_or(Error::Denied(DenyReason::MissingToken))?;
+    if jwt::looks_like_jwt(token) {
+        return match authorizer.jwt().verify(token, Use::Admin).await {
+            Ok(verified) => {
+                tracing::Span::current()
+                    .record("key_id", tracing::field::display(verified.identity.actor()));
+                Ok(Caller::from_jwt(verified))
+            }
+            Err(Refused::Denied(reason)) => Err(Error::Denied(reason)),
+            Err(Refused::Unavailable(issuer)) => Err(Error::KeysUnavailable(issuer)),
+        };
+    }
     let key = authorizer
         .authenticate(token)
         .await?

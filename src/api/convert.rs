@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use keygate_core::analytics::{Granularity, UsageBucket, UsageRange};
+use keygate_core::decision::CredentialKind;
 use keygate_core::event::Event;
 use keygate_core::key::{KeyRecord, KeyState};
 use keygate_core::organization::OrganizationLimit;
@@ -11,6 +12,7 @@ use keygate_proto::convert::{std_duration, timestamp};
 use keygate_proto::v1 as pb;
 
 use crate::service::Outcome;
+use crate::service::authorize::Principal;
 
 /// An ApiKey for display: no secret, no digest.
 pub fn api_key(k: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
@@ -84,12 +86,24 @@ pub fn authorize_response(o: Outcome) -> pb::AuthorizeResponse {
         required_scope: o.required_scope.unwrap_or_default(),
         ..Default::default()
     };
-    if let Some(k) = o.key {
-        r.organization_id = k.organization_id.clone().unwrap_or_default();
-        r.key_id = k.id.to_string();
-        r.scopes = k.scopes.to_strings();
-        r.mode = pb::Mode::from(k.mode).into();
-        r.tier = pb::KeyTier::from(k.tier).into();
+    match o.principal {
+        Some(Principal::Key(k)) => {
+            r.organization_id = k.organization_id.clone().unwrap_or_default();
+            r.key_id = k.id.to_string();
+            r.scopes = k.scopes.to_strings();
+            r.mode = pb::Mode::from(k.mode).into();
+            r.tier = pb::KeyTier::from(k.tier).into();
+            r.set_credential_kind(CredentialKind::ApiKey.into());
+        }
+        Some(Principal::Jwt(jwt)) => {
+            let id = &jwt.identity;
+            r.organization_id = id.organization_id.clone().unwrap_or_default();
+            r.scopes = id.scopes.to_strings();
+            r.tier = pb::KeyTier::from(id.tier()).into();
+            r.subject = id.subject.clone();
+            r.set_credential_kind(CredentialKind::Jwt.into());
+        }
+        None => {}
     }
     if let Some(rate) = o.rate {
         r.rate_limit = rate.limit;

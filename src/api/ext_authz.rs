@@ -17,12 +17,12 @@ use envoy_types::ext_authz::v3::{
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use keygate_core::decision::DenyReason;
-use keygate_core::key::KeyRecord;
 use keygate_core::limits::LimitedBy;
 use tonic::{Request, Response, Status};
 
 use super::authorizer::record_outcome;
 use crate::error::Error;
+use crate::service::authorize::Principal;
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
 use crate::telemetry::AuthorizeMetrics;
 
@@ -41,6 +41,10 @@ pub const SCOPES_HEADER: &str = "x-keygate-scopes";
 pub const MODE_HEADER: &str = "x-keygate-mode";
 /// The key's tier: `organization` or `system`.
 pub const TIER_HEADER: &str = "x-keygate-tier";
+/// For a JWT access token, its `sub`; absent for a key.
+pub const SUBJECT_HEADER: &str = "x-keygate-subject";
+/// What authenticated: `api_key` or `jwt`.
+pub const CREDENTIAL_HEADER: &str = "x-keygate-credential";
 const IDENTITY_PREFIX: &str = "x-keygate-";
 
 /// How Check reads credentials and what it hides from the upstream.
@@ -156,7 +160,11 @@ impl Authorization for ExtAuthzApi {
 impl ExtAuthzApi {
     fn allow(&self, outcome: &Outcome, headers: &RequestHeaders<'_>) -> CheckResponse {
         let mut ok = OkHttpResponseBuilder::new();
-        let identity = outcome.key.as_deref().map(Identity::of).unwrap_or_default();
+        let identity = outcome
+            .principal
+            .as_ref()
+            .map(Identity::of)
+            .unwrap_or_default();
         let identity_headers = identity.headers();
         for (name, value) in identity_headers {
             if value.is_empty() {
@@ -218,29 +226,56 @@ struct Identity<'a> {
     scope_header: String,
     mode: &'static str,
     tier: &'static str,
+    /// A JWT's `sub`; empty for a key.
+    subject: &'a str,
+    credential: &'static str,
 }
 
 impl<'a> Identity<'a> {
-    fn of(key: &'a KeyRecord) -> Self {
-        let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+    fn of(principal: &'a Principal) -> Self {
+        let (organization_id, scopes, mode, tier, key_id, subject, credential) = match principal {
+            Principal::Key(key) => (
+                &key.organization_id,
+                &key.scopes,
+                key.mode.as_str(),
+                key.tier,
+                key.id.to_string(),
+                "",
+                "api_key",
+            ),
+            Principal::Jwt(jwt) => (
+                &jwt.identity.organization_id,
+                &jwt.identity.scopes,
+                "",
+                jwt.identity.tier(),
+                String::new(),
+                jwt.identity.subject.as_str(),
+                "jwt",
+            ),
+        };
+        let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
         Self {
-            organization_id: key.organization_id.as_deref().unwrap_or_default(),
-            key_id: key.id.to_string(),
+            organization_id: organization_id.as_deref().unwrap_or_default(),
+            key_id,
             scope_header: scopes.join(","),
             scopes,
-            mode: key.mode.as_str(),
-            tier: key.tier.as_str(),
+            mode,
+            tier: tier.as_str(),
+            subject,
+            credential,
         }
     }
 
     /// Header name and value, for every identity header (empty when unknown).
-    fn headers(&self) -> [(&'static str, &str); 5] {
+    fn headers(&self) -> [(&'static str, &str); 7] {
         [
             (ORGANIZATION_HEADER, self.organization_id),
             (KEY_ID_HEADER, &self.key_id),
             (SCOPES_HEADER, &self.scope_header),
             (MODE_HEADER, self.mode),
             (TIER_HEADER, self.tier),
+            (SUBJECT_HEADER, self.subject),
+            (CREDENTIAL_HEADER, self.credential),
         ]
     }
 
@@ -262,6 +297,8 @@ impl<'a> Identity<'a> {
                 ("scopes".to_owned(), scopes),
                 ("mode".to_owned(), string(self.mode)),
                 ("tier".to_owned(), string(self.tier)),
+                ("subject".to_owned(), string(self.subject)),
+                ("credential".to_owned(), string(self.credential)),
             ]),
         }
     }
@@ -427,8 +464,7 @@ impl<'a> RequestHeaders<'a> {
     /// value that is not UTF-8 reads as empty: no credential).
     fn raw(
         &self,
-    ) -> impl Iterator<Item = &'a envoy_types::pb::envoy::config::core::v3::HeaderValue> + 'a
-    {
+    ) -> impl Iterator<Item = &'a envoy_types::pb::envoy::config::core::v3::HeaderValue> + 'a {
         self.http.header_map.iter().flat_map(|m| m.headers.iter())
     }
 
@@ -500,7 +536,7 @@ mod tests {
         use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
         let outcome = Outcome {
             deny: None,
-            key: None,
+            principal: None,
             required_scope: None,
             rate: None,
             limited_by: None,

@@ -10,7 +10,7 @@ use clap::Args;
 use keygate_core::analytics::UsageRetention;
 use keygate_core::clock::SystemClock;
 use keygate_core::limits::Allowance;
-use keygate_core::policy::RouteTable;
+use keygate_core::policy::Policy;
 use keygate_core::token::{Brand, DEFAULT_BRAND};
 use tokio::net::TcpListener;
 
@@ -22,6 +22,7 @@ use crate::api::console::ConsoleSettings;
 use crate::api::ext_authz::ExtAuthzSettings;
 use crate::cache::CacheSettings;
 use crate::feed::FeedSettings;
+use crate::jwt::JwksSettings;
 use crate::server::{Keygate, RateLimitStore, ServerLimits, Settings, TlsSettings};
 use crate::service::shared_limits::StoreFailure;
 use crate::store::{StoreSettings, sql_redact};
@@ -350,17 +351,20 @@ fn default_replica_name(listen: SocketAddr) -> String {
 /// policy and TLS files are read here).
 fn settings(args: &ServeArgs) -> Result<Settings, String> {
     let brand = Brand::new(&args.brand).map_err(|e| format!("--brand: {e}"))?;
-    let policy = match &args.policy {
+    let Policy {
+        routes: policy,
+        jwt_issuers,
+    } = match &args.policy {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("--policy {}: {e}", path.display()))?;
-            RouteTable::from_toml(&text).map_err(|e| format!("--policy {}: {e}", path.display()))?
+            Policy::from_toml(&text).map_err(|e| format!("--policy {}: {e}", path.display()))?
         }
         None => {
             tracing::warn!(
                 "no --policy given: Authorize allows only calls that name required_scopes"
             );
-            RouteTable::default()
+            Policy::default()
         }
     };
     if args.request_timeout.is_zero() {
@@ -375,6 +379,8 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
             timeout: args.store_timeout,
         },
         policy,
+        jwt_issuers,
+        jwks: JwksSettings::default(),
         brand,
         cache: CacheSettings {
             max_bytes: args.cache_max_bytes,
@@ -513,6 +519,8 @@ mod tests {
             database_url: _,
             store,
             policy: _,
+            jwt_issuers,
+            jwks,
             brand,
             cache,
             load_key_index,
@@ -533,6 +541,8 @@ mod tests {
             "off unless set"
         );
         assert!(rate_limit_store.is_none() && owner.rate_limit_store.is_none());
+        assert!(jwt_issuers.is_empty() && owner.jwt_issuers.is_empty());
+        assert_eq!(format!("{jwks:?}"), format!("{:?}", owner.jwks));
         assert_eq!(store, owner.store);
         assert_eq!(brand, owner.brand);
         assert_eq!(format!("{cache:?}"), format!("{:?}", owner.cache));

@@ -5,18 +5,19 @@ use std::sync::Arc;
 
 use keygate_core::bounds;
 use keygate_core::clock::Clock;
-use keygate_core::decision::{self, DenyReason, Requirement, Verdict};
+use keygate_core::decision::{self, CredentialKind, DenyReason, Requirement, Verdict};
 use keygate_core::key::KeyRecord;
 use keygate_core::limits::{Allowance, LimitedBy, RateDecision};
 use keygate_core::policy::RouteTable;
 use keygate_core::scope::Scope;
-use keygate_core::token::{Credential, ParsedToken, TokenError};
+use keygate_core::token::{self, Credential, ParsedToken, TokenError};
 
 use super::limits::{Limiter, Subject};
 use super::organizations::OrganizationLimits;
 use super::usage::UsageTracker;
 use crate::cache::KeyCache;
 use crate::error::Error;
+use crate::jwt::{self, Refused, Use, VerifiedJwt, Verifier};
 
 /// One Authorize call, as received.
 #[derive(Debug, Clone, Copy)]
@@ -35,13 +36,34 @@ pub struct AuthorizeInput<'a> {
     pub required_scopes: &'a [String],
 }
 
-/// The decision. `key` is set once the token is authenticated, also on a deny.
+/// Who an authenticated credential speaks for.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// A keygate API key.
+    Key(Arc<KeyRecord>),
+    /// A JWT access token from a trusted issuer.
+    Jwt(Arc<VerifiedJwt>),
+}
+
+impl Principal {
+    /// The key whose limits count the request: the key itself, or for a
+    /// JWT the key its subject acts as (the server default, per issuer and
+    /// `sub`, and the organization's limit).
+    fn limited_as(&self) -> &KeyRecord {
+        match self {
+            Principal::Key(key) => key,
+            Principal::Jwt(jwt) => &jwt.key,
+        }
+    }
+}
+
+/// The decision. `principal` is set once the token is authenticated, also on a deny.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     /// Why the request is refused; `None` is an allow.
     pub deny: Option<DenyReason>,
-    /// The authenticated key; `None` when the credential itself was refused.
-    pub key: Option<Arc<KeyRecord>>,
+    /// The authenticated key or JWT; `None` when the credential itself was refused.
+    pub principal: Option<Principal>,
     /// On an allow (and on RATE_LIMITED), the scope the route required,
     /// `None` when `required_scopes` were given; on INSUFFICIENT_SCOPE, the
     /// scope the key lacks; on any other deny, `None`.
@@ -62,7 +84,7 @@ impl Outcome {
     fn deny(reason: DenyReason) -> Self {
         Self {
             deny: Some(reason),
-            key: None,
+            principal: None,
             required_scope: None,
             rate: None,
             limited_by: None,
@@ -92,6 +114,7 @@ impl Counted {
 /// callers.
 pub struct Authorizer {
     keys: Arc<KeyCache>,
+    jwt: Arc<Verifier>,
     policy: Arc<RouteTable>,
     clock: Arc<dyn Clock>,
     limiter: Limiter,
@@ -114,8 +137,10 @@ impl Authorizer {
         organizations: Arc<OrganizationLimits>,
         usage: Arc<UsageTracker>,
     ) -> Self {
+        let jwt = Arc::new(Verifier::none(clock.clone()));
         Self {
             keys,
+            jwt,
             policy,
             limiter,
             default_rate_limit,
@@ -123,6 +148,17 @@ impl Authorizer {
             clock,
             usage,
         }
+    }
+
+    /// Also accept JWTs from `verifier`'s issuers.
+    pub fn with_jwt(mut self, verifier: Arc<Verifier>) -> Self {
+        self.jwt = verifier;
+        self
+    }
+
+    /// The JWT verifier (its issuers and verified tokens).
+    pub fn jwt(&self) -> &Arc<Verifier> {
+        &self.jwt
     }
 
     /// Decides one request. A bad token is a deny, never an error; errors are
@@ -146,35 +182,63 @@ impl Authorizer {
         } else {
             Requirement::Route(input.route)
         };
-        let key = match self.authenticate(input.token).await? {
-            Ok(key) => key,
-            Err(reason) => {
-                self.count_refused(input.token, reason).await;
-                return Ok(Outcome::deny(reason));
+        let principal = if jwt::looks_like_jwt(input.token) {
+            match self
+                .jwt
+                .verify(token::strip_bearer(input.token).trim(), Use::Authorize)
+                .await
+            {
+                Ok(jwt) => Principal::Jwt(jwt),
+                Err(Refused::Denied(reason)) => return Ok(Outcome::deny(reason)),
+                // Keys that cannot be had verify nothing: fail closed.
+                Err(Refused::Unavailable(_)) => {
+                    return Ok(Outcome::deny(DenyReason::InvalidToken));
+                }
+            }
+        } else {
+            match self.authenticate(input.token).await? {
+                Ok(key) => Principal::Key(key),
+                Err(reason) => {
+                    self.count_refused(input.token, reason).await;
+                    return Ok(Outcome::deny(reason));
+                }
             }
         };
-        let (mut deny, required_scope) =
-            match decision::authorize(&key, ip, requirement, &self.policy) {
-                Verdict::Allow { required_scope } => (None, required_scope),
-                Verdict::Deny {
-                    reason,
-                    required_scope,
-                } => (Some(reason), required_scope),
-            };
+        let verdict = match &principal {
+            Principal::Key(key) => decision::authorize(key, ip, requirement, &self.policy),
+            Principal::Jwt(jwt) => decision::permit(
+                &jwt.identity.scopes,
+                CredentialKind::Jwt,
+                requirement,
+                &self.policy,
+            ),
+        };
+        let (mut deny, required_scope) = match verdict {
+            Verdict::Allow { required_scope } => (None, required_scope),
+            Verdict::Deny {
+                reason,
+                required_scope,
+            } => (Some(reason), required_scope),
+        };
         // Only what would be allowed counts against the limits.
         let counted = if deny.is_none() {
-            self.count(&key).await
+            self.count(principal.limited_as()).await
         } else {
             None
         };
         if counted.is_some_and(|c| c.refused()) {
             deny = Some(DenyReason::RateLimited);
         }
-        self.usage.counts.count(&key, deny, self.clock.now());
+        // Usage analytics are per key; a JWT's subject has no key to count under.
+        if let Principal::Key(key) = &principal {
+            self.usage.counts.count(key, deny, self.clock.now());
+        }
         Ok(Outcome {
             deny,
             required_scope: required_scope.map(|s| s.as_str().to_owned()),
-            key: Some(key),
+            // A route that takes no credential of this kind answers as if
+            // there were none: a 401 that names no one.
+            principal: (deny != Some(DenyReason::InvalidToken)).then_some(principal),
             rate: counted.map(|c| c.rate),
             limited_by: counted.map(|c| c.by),
             organization_rate_limit: counted.and_then(|c| c.organization_limit),

@@ -2,29 +2,58 @@
 
 use std::sync::Arc;
 
+use keygate_core::event::Actor;
 use keygate_core::grant;
 use keygate_core::key::{KeyRecord, Tier};
 use keygate_core::limits::Allowance;
 use keygate_core::scope::Scope;
 
 use crate::error::Error;
+use crate::jwt::VerifiedJwt;
 
-/// An authenticated admin caller.
+/// An authenticated admin caller: a key, or a JWT acting as a key with its
+/// claims' organization and scopes (see `JwtIdentity::as_caller_key`), so
+/// every rule below holds for both alike.
 #[derive(Debug, Clone)]
 pub struct Caller {
     key: Arc<KeyRecord>,
+    actor: Actor,
+    jwt: Option<Arc<VerifiedJwt>>,
 }
 
 impl Caller {
     /// The caller whose credential authenticated as `key`; authentication
     /// is the transport's job, done before this.
     pub fn new(key: Arc<KeyRecord>) -> Self {
-        Self { key }
+        Self {
+            actor: Actor::Key(key.id),
+            key,
+            jwt: None,
+        }
     }
 
-    /// The calling key's record.
+    /// The caller a verified JWT speaks for.
+    pub fn from_jwt(jwt: Arc<VerifiedJwt>) -> Self {
+        Self {
+            key: jwt.key.clone(),
+            actor: jwt.identity.actor(),
+            jwt: Some(jwt),
+        }
+    }
+
+    /// The calling key's record (for a JWT, the key it acts as; never stored).
     pub fn key(&self) -> &KeyRecord {
         &self.key
+    }
+
+    /// Who the audit trail names: the key's id, or `jwt:<iss>#<sub>`.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
+    }
+
+    /// The JWT the caller presented, when it presented one.
+    pub fn jwt(&self) -> Option<&Arc<VerifiedJwt>> {
+        self.jwt.as_ref()
     }
 
     /// Whether the calling key is a SYSTEM key, which sees every

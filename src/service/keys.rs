@@ -197,7 +197,7 @@ impl KeyService {
             last_used_at: None,
             expires_at: spec.expires_at,
             rotated_at: None,
-            created_by: Actor::Key(caller.key().id).to_string(),
+            created_by: caller.actor().to_string(),
             version: 1,
         };
         grant::inherit(caller.key(), &mut key);
@@ -212,7 +212,7 @@ impl KeyService {
         // its first use here is never refused; and the id may sit in the
         // negative cache if someone guessed it first.
         self.cache.apply(EventKind::Created, id);
-        tracing::info!(key_id = %id, organization_id = ?key.organization_id, actor = %caller.key().id, "key created");
+        tracing::info!(key_id = %id, organization_id = ?key.organization_id, actor = %caller.actor(), "key created");
         Ok((key, token))
     }
 
@@ -500,7 +500,7 @@ impl KeyService {
             let ev = event(EventKind::Deleted, &key, caller, now, String::new());
             if let Some(seq) = self.store.delete_key(id, key.version, &ev).await? {
                 self.cache.apply(EventKind::Deleted, id);
-                tracing::info!(key_id = %id, actor = %caller.key().id, "key deleted");
+                tracing::info!(key_id = %id, actor = %caller.actor(), "key deleted");
                 return self.confirmed(wait, seq).await;
             }
         }
@@ -524,7 +524,7 @@ impl KeyService {
             let ev = event(kind, &key, caller, now, reason);
             if let Some(stored) = self.store.update_key(&key, &ev).await? {
                 self.cache.invalidate(id);
-                tracing::info!(key_id = %id, actor = %caller.key().id, event = kind.as_str(), "key changed");
+                tracing::info!(key_id = %id, actor = %caller.actor(), event = kind.as_str(), "key changed");
                 return Ok(stored);
             }
         }
@@ -556,7 +556,7 @@ fn event(
         kind,
         key_id: key.id,
         organization_id: key.organization_id.clone(),
-        actor: Actor::Key(caller.key().id),
+        actor: caller.actor().clone(),
         at,
         // An update's reason names the changed fields; `key` is the key
         // after the change.

@@ -14,7 +14,6 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use keygate_core::clock::Clock;
-use keygate_core::event::Actor;
 use keygate_core::organization::OrganizationLimit;
 use keygate_core::scope::Scope;
 
@@ -127,13 +126,13 @@ impl OrganizationService {
             organization_id,
             per_minute,
             updated_at: self.clock.now(),
-            updated_by: Actor::Key(caller.key().id).to_string(),
+            updated_by: caller.actor().to_string(),
         };
         self.limits.set(&limit).await?;
         tracing::info!(
             organization_id = %limit.organization_id,
             rate_limit_per_minute = limit.per_minute.map_or(0, NonZeroU32::get),
-            actor = %caller.key().id,
+            actor = %caller.actor(),
             "organization limit set"
         );
         Ok(limit)

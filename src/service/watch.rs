@@ -1,6 +1,7 @@
 //! Watch sessions as a caller holds them: a bounded number per key, each
 //! ending as soon as the credential it was opened with would no longer
-//! authenticate (revoked, disabled, deleted, expired, rotated away).
+//! authenticate (revoked, disabled, deleted, expired, rotated away; for a
+//! JWT, past its `exp` or its issuer's key gone).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,6 +18,26 @@ use uuid::Uuid;
 use super::{Authorizer, Caller};
 use crate::error::Error;
 use crate::feed::{Feed, FeedItem};
+use crate::jwt::{Refused, VerifiedJwt};
+
+/// What a session keeps of the credential it was opened with.
+enum Kept {
+    /// An API key: its id, prefix and secret digest.
+    Key(Credential),
+    /// A verified JWT.
+    Jwt(Arc<VerifiedJwt>),
+}
+
+impl Kept {
+    /// The id its Watch streams are counted under, and whose events make
+    /// the session check the credential at once.
+    fn id(&self) -> Uuid {
+        match self {
+            Kept::Key(c) => c.key_id,
+            Kept::Jwt(jwt) => jwt.key.id,
+        }
+    }
+}
 
 /// Opens Watch sessions and counts them per calling key.
 pub struct Watchers {
@@ -57,10 +78,15 @@ impl Watchers {
         read: Scope,
         shutdown: CancellationToken,
     ) -> Result<WatchSession, Error> {
-        let credential = ParsedToken::parse(token)
-            .map_err(|_| Error::Denied(DenyReason::InvalidToken))?
-            .credential();
-        let slot = self.claim(credential.key_id)?;
+        let credential = match caller.jwt() {
+            Some(jwt) => Kept::Jwt(jwt.clone()),
+            None => Kept::Key(
+                ParsedToken::parse(token)
+                    .map_err(|_| Error::Denied(DenyReason::InvalidToken))?
+                    .credential(),
+            ),
+        };
+        let slot = self.claim(credential.id())?;
         let (tx, rx) = mpsc::channel(256);
         // Subscribe before the session reads the head, so nothing falls in between.
         let live = self.feed.subscribe();
@@ -125,7 +151,7 @@ pub struct WatchSession {
     items: mpsc::Receiver<FeedItem>,
     authorizer: Arc<Authorizer>,
     caller: Caller,
-    credential: Credential,
+    credential: Kept,
     peer: Option<IpAddr>,
     read: Scope,
     recheck: tokio::time::Interval,
@@ -152,7 +178,7 @@ impl WatchSession {
             tokio::select! {
                 item = self.items.recv() => {
                     let item = item?;
-                    if matches!(&item, FeedItem::Event(e) if e.key_id == self.credential.key_id)
+                    if matches!(&item, FeedItem::Event(e) if e.key_id == self.credential.id())
                         && let Some(e) = self.lost().await
                     {
                         return self.end(e);
@@ -183,12 +209,12 @@ impl WatchSession {
         match tokio::time::timeout(self.period, self.recheck()).await {
             Ok(Ok(())) => None,
             Ok(Err(Error::Store(e))) => {
-                tracing::warn!(error = %e, key_id = %self.credential.key_id, "could not re-check a Watch credential; will retry");
+                tracing::warn!(error = %e, key_id = %self.credential.id(), "could not re-check a Watch credential; will retry");
                 None
             }
             Ok(Err(e)) => Some(e),
             Err(_) => {
-                tracing::warn!(key_id = %self.credential.key_id, "re-checking a Watch credential timed out; will retry");
+                tracing::warn!(key_id = %self.credential.id(), "re-checking a Watch credential timed out; will retry");
                 None
             }
         }
@@ -197,9 +223,18 @@ impl WatchSession {
     /// What opening the stream checked, again: the credential, the key's IP
     /// allow-list against the peer, and the read scope.
     async fn recheck(&mut self) -> Result<(), Error> {
+        let credential = match &self.credential {
+            Kept::Key(credential) => credential,
+            Kept::Jwt(jwt) => {
+                return self.authorizer.jwt().still_valid(jwt).map_err(|e| match e {
+                    Refused::Denied(reason) => Error::Denied(reason),
+                    Refused::Unavailable(issuer) => Error::KeysUnavailable(issuer),
+                });
+            }
+        };
         let key = self
             .authorizer
-            .reauthenticate(&self.credential)
+            .reauthenticate(credential)
             .await?
             .map_err(Error::Denied)?;
         if !decision::ip_allowed(&key, self.peer) {

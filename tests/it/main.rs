@@ -22,6 +22,8 @@ mod feed;
 mod forged;
 mod gateway;
 mod hostile;
+mod jwt;
+mod jwt_support;
 mod lifecycle;
 mod limits;
 mod listing;

@@ -249,3 +249,79 @@ async fn traces_go_to_otlp_and_continue_the_callers_trace() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[tokio::test]
+async fn jwt_metrics_count_fetches_and_verifications() {
+    use crate::jwt_support::{JwksServer, SigningKey};
+    let key = SigningKey::ec("ec-1");
+    let jwks = JwksServer::start(&[&key]).await;
+    let policy_dir = tempfile::tempdir().unwrap();
+    let policy = policy_dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[jwt_issuer]]\nissuer = \"https://idp.example\"\naudience = \"keygate\"\njwks_url = \"{}\"\n",
+            jwks.url
+        ),
+    )
+    .unwrap();
+    let metrics_port = free_port();
+    let (server, _) = serve(
+        &[
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp();
+    let token = key.mint(
+        &serde_json::json!({"iss": "https://idp.example", "aud": "keygate",
+        "sub": "alice", "org_id": "org_a", "scope": "api_key:read", "iat": now, "exp": now + 300}),
+    );
+    let mut client = AuthorizerClient::connect(format!("http://127.0.0.1:{}", server.port))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let r = client.authorize(ask(&token)).await.unwrap().into_inner();
+        assert_eq!(r.decision(), pb::Decision::Allow, "{r:?}");
+    }
+    client
+        .authorize(ask("eyJhbGciOiJFUzI1NiJ9.e30.x"))
+        .await
+        .unwrap();
+    let m = eventually(Duration::from_secs(10), "the JWT counters", || async {
+        let m = scrape(metrics_port).await?;
+        (value(&m, "keygate_jwt_verifications_total{result=\"refused\"}") >= 1.0).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        value(&m, "keygate_jwt_verifications_total{result=\"verified\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, "keygate_jwt_verifications_total{result=\"cached\"}"),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "keygate_jwks_fetches_total{issuer=\"https://idp.example\",result=\"ok\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, "keygate_jwks_keys{issuer=\"https://idp.example\"}"),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        !m.contains(&token[token.len() - 20..]),
+        "no token in metrics"
+    );
+}

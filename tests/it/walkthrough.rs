@@ -8,7 +8,7 @@ use crate::binary::{free_port, keygate, stop, wait_serving};
 
 /// KEYGATE_GRPCURL_BIN, else `grpcurl` on PATH; `None` skips unless
 /// KEYGATE_REQUIRE_GRPCURL=1.
-fn grpcurl() -> Option<PathBuf> {
+pub fn grpcurl() -> Option<PathBuf> {
     let found = std::env::var_os("KEYGATE_GRPCURL_BIN")
         .map(PathBuf::from)
         .or_else(|| {

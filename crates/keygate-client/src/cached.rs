@@ -26,7 +26,9 @@
 //!
 //! Answers for keys whose organization has a shared rate limit are never
 //! cached (`organization_rate_limit` set): only keygate counts an
-//! organization's requests.
+//! organization's requests. Answers for JWT access tokens
+//! (`credential_kind: JWT`) are never cached either: no feed event tells of a
+//! JWT, and keygate alone holds its `exp` and its issuer's keys.
 //!
 //! Cached answers still honour the key's rate limit: the client counts every
 //! ALLOW it hands out per key (on a rolling 60 s window, at the limit keygate
@@ -44,6 +46,7 @@ use keygate_core::clock::SystemClock;
 use keygate_core::freshness::{Contact, Epoch};
 use keygate_core::limits::RateLimits;
 use keygate_proto::convert::std_duration;
+use keygate_proto::v1::authorize_response::CredentialKind;
 use keygate_proto::v1::authorizer_client::AuthorizerClient;
 use keygate_proto::v1::revocation_event::Kind;
 use keygate_proto::v1::revocation_feed_client::RevocationFeedClient;
@@ -139,6 +142,7 @@ impl Shared {
         // An organization's shared limit is counted by keygate alone: a
         // cached answer would let the organization's keys past it.
         answer.organization_rate_limit == 0
+            && answer.credential_kind() != CredentialKind::Jwt
             && self.feed_alive()
             && self.scope.get().is_some_and(|s| s.covers(answer))
     }

@@ -7,8 +7,17 @@ use chrono::{DateTime, Utc};
 
 use super::key::{KeyRecord, KeyState};
 use super::policy::RouteTable;
-use super::scope::Scope;
+use super::scope::{Scope, ScopeSet};
 use super::token::{Credential, ParsedToken, SecretDigest};
+
+/// What kind of credential a request presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialKind {
+    /// A keygate API key.
+    ApiKey,
+    /// A JWT access token from a trusted issuer.
+    Jwt,
+}
 
 /// Why a request is denied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -197,8 +206,21 @@ pub fn authorize<'a>(
             required_scope: None,
         };
     }
+    permit(&key.scopes, CredentialKind::ApiKey, requirement, policy)
+}
+
+/// The decision for any authenticated credential holding `scopes`: the
+/// route (which must accept this `kind` of credential; one that does not is
+/// INVALID_TOKEN, a 401, as if the credential were not there), then the
+/// scope.
+pub fn permit<'a>(
+    scopes: &ScopeSet,
+    kind: CredentialKind,
+    requirement: Requirement<'a>,
+    policy: &'a RouteTable,
+) -> Verdict<'a> {
     match requirement {
-        Requirement::Scopes(needed) => match key.scopes.first_missing(needed) {
+        Requirement::Scopes(needed) => match scopes.first_missing(needed) {
             None => Verdict::Allow {
                 required_scope: None,
             },
@@ -207,17 +229,21 @@ pub fn authorize<'a>(
                 required_scope: Some(missing),
             },
         },
-        Requirement::Route(route) => match policy.required_scope(route) {
+        Requirement::Route(route) => match policy.rule(route) {
             None => Verdict::Deny {
                 reason: DenyReason::RouteNotFound,
                 required_scope: None,
             },
-            Some(needed) if key.scopes.grants(needed) => Verdict::Allow {
-                required_scope: Some(needed),
+            Some(rule) if !rule.accepts(kind) => Verdict::Deny {
+                reason: DenyReason::InvalidToken,
+                required_scope: None,
             },
-            Some(needed) => Verdict::Deny {
+            Some(rule) if scopes.grants(&rule.scope) => Verdict::Allow {
+                required_scope: Some(&rule.scope),
+            },
+            Some(rule) => Verdict::Deny {
                 reason: DenyReason::InsufficientScope,
-                required_scope: Some(needed),
+                required_scope: Some(&rule.scope),
             },
         },
     }
@@ -383,6 +409,41 @@ mod tests {
             Verdict::Deny {
                 reason: DenyReason::InsufficientScope,
                 required_scope: Some(_)
+            }
+        ));
+    }
+
+    #[test]
+    fn a_route_refuses_a_credential_kind_it_does_not_accept() {
+        let policy = RouteTable::from_toml(
+            "[[route]]\nroute = \"POST /v1/payments\"\nscope = \"payment:create\"\ncredentials = [\"api_key\"]\n\
+             [[route]]\nroute = \"GET /v1/profile\"\nscope = \"profile:read\"\ncredentials = [\"jwt\"]\n",
+        )
+        .unwrap();
+        let scopes = ScopeSet::parse(&["*:*"]).unwrap();
+        let pay = Requirement::Route("POST /v1/payments");
+        let profile = Requirement::Route("GET /v1/profile");
+        assert!(matches!(
+            permit(&scopes, CredentialKind::ApiKey, pay, &policy),
+            Verdict::Allow { .. }
+        ));
+        assert_eq!(
+            permit(&scopes, CredentialKind::Jwt, pay, &policy),
+            Verdict::Deny {
+                reason: DenyReason::InvalidToken,
+                required_scope: None
+            }
+        );
+        assert!(matches!(
+            permit(&scopes, CredentialKind::Jwt, profile, &policy),
+            Verdict::Allow { .. }
+        ));
+        let (key, _) = key_with(&["*:*"]);
+        assert!(matches!(
+            authorize(&key, None, profile, &policy),
+            Verdict::Deny {
+                reason: DenyReason::InvalidToken,
+                ..
             }
         ));
     }

@@ -59,11 +59,20 @@ impl EventKind {
     }
 }
 
-/// Who made a change: a key, or `keygate bootstrap`.
+/// Who made a change: a key, a JWT's subject, or `keygate bootstrap`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Actor {
     /// The key whose token made the admin call.
     Key(Uuid),
+    /// The subject of the JWT that made the admin call.
+    Jwt {
+        /// The token's `iss`.
+        issuer: String,
+        /// The token's `sub`.
+        subject: String,
+        /// The token's `jti`, when it has one.
+        jti: Option<String>,
+    },
     /// `keygate bootstrap`, writing straight into the store.
     Bootstrap,
     /// keygate itself, e.g. when a grace period runs out.
@@ -74,6 +83,16 @@ impl std::fmt::Display for Actor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Actor::Key(id) => write!(f, "{id}"),
+            Actor::Jwt {
+                issuer,
+                subject,
+                jti: None,
+            } => write!(f, "jwt:{issuer}#{subject}"),
+            Actor::Jwt {
+                issuer,
+                subject,
+                jti: Some(jti),
+            } => write!(f, "jwt:{issuer}#{subject};jti={jti}"),
             Actor::Bootstrap => f.write_str("bootstrap"),
             Actor::Keygate => f.write_str("keygate"),
         }

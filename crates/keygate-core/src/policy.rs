@@ -10,10 +10,15 @@
 //! scope = "transaction:update"
 //! ```
 //! `{name}` matches one path segment and a trailing `*` the rest. A pattern
-//! without a method matches every method (and gRPC full method names).
+//! without a method matches every method (and gRPC full method names). A
+//! route may name the credentials it accepts (`credentials = ["api_key"]`,
+//! `["jwt"]`; both when unset). The same file holds the trusted JWT issuers
+//! (`[[jwt_issuer]]`, see [`crate::jwt`]).
 
 use serde::Deserialize;
 
+use super::decision::CredentialKind;
+use super::jwt::{IssuerConfig, IssuerEntry, MAX_ISSUERS};
 use super::scope::Scope;
 
 #[derive(Deserialize)]
@@ -21,6 +26,8 @@ use super::scope::Scope;
 struct PolicyFile {
     #[serde(default)]
     route: Vec<RouteEntry>,
+    #[serde(default)]
+    jwt_issuer: Vec<IssuerEntry>,
 }
 
 #[derive(Deserialize)]
@@ -28,6 +35,71 @@ struct PolicyFile {
 struct RouteEntry {
     route: String,
     scope: String,
+    credentials: Option<Vec<String>>,
+}
+
+/// What a route needs: a scope, and one of the credential kinds it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRule {
+    /// The scope the credential must hold.
+    pub scope: Scope,
+    /// Whether API keys are accepted.
+    pub api_key: bool,
+    /// Whether JWT access tokens are accepted.
+    pub jwt: bool,
+}
+
+impl RouteRule {
+    /// Whether a credential of `kind` may be used on the route at all.
+    pub fn accepts(&self, kind: CredentialKind) -> bool {
+        match kind {
+            CredentialKind::ApiKey => self.api_key,
+            CredentialKind::Jwt => self.jwt,
+        }
+    }
+}
+
+/// A whole policy file: the route table and the trusted JWT issuers.
+#[derive(Debug, Default)]
+pub struct Policy {
+    /// Route patterns to what they need.
+    pub routes: RouteTable,
+    /// The `[[jwt_issuer]]` tables, validated, in file order.
+    pub jwt_issuers: Vec<IssuerConfig>,
+}
+
+impl Policy {
+    /// Reads a policy file; every route and issuer is checked, the first bad
+    /// one is the error, naming it.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile = toml::from_str(text)?;
+        let routes = RouteTable::from_entries(file.route)?;
+        if file.jwt_issuer.len() > MAX_ISSUERS {
+            return Err(PolicyError::Issuer {
+                index: MAX_ISSUERS + 1,
+                issuer: file.jwt_issuer[MAX_ISSUERS].name().to_owned(),
+                why: format!("at most {MAX_ISSUERS} issuers"),
+            });
+        }
+        let mut jwt_issuers: Vec<IssuerConfig> = Vec::new();
+        for (i, entry) in file.jwt_issuer.into_iter().enumerate() {
+            let issuer = entry.name().to_owned();
+            let fail = |why: String| PolicyError::Issuer {
+                index: i + 1,
+                issuer: issuer.clone(),
+                why,
+            };
+            let config = entry.validate().map_err(fail)?;
+            if jwt_issuers.iter().any(|c| c.issuer == config.issuer) {
+                return Err(fail("issuer: configured twice".into()));
+            }
+            jwt_issuers.push(config);
+        }
+        Ok(Self {
+            routes,
+            jwt_issuers,
+        })
+    }
 }
 
 /// What is wrong with a policy, naming the entry (1-based) when it is one entry.
@@ -47,14 +119,24 @@ pub enum PolicyError {
         /// What is wrong with it.
         why: String,
     },
+    /// One `[[jwt_issuer]]` table is invalid; `why` names the field.
+    #[error("policy jwt_issuer #{index} ({issuer:?}): {why}")]
+    Issuer {
+        /// The table's position among the issuers, from 1.
+        index: usize,
+        /// Its `issuer`, as written.
+        issuer: String,
+        /// What is wrong with it, starting with the field's name.
+        why: String,
+    },
 }
 
 /// Route patterns to required scopes.
 #[derive(Default)]
 pub struct RouteTable {
     /// Per upper-case method; few enough that a linear scan beats hashing.
-    by_method: Vec<(String, matchit::Router<Scope>)>,
-    any_method: matchit::Router<Scope>,
+    by_method: Vec<(String, matchit::Router<RouteRule>)>,
+    any_method: matchit::Router<RouteRule>,
     len: usize,
 }
 
@@ -67,19 +149,50 @@ impl std::fmt::Debug for RouteTable {
 }
 
 impl RouteTable {
-    /// Reads a policy file (the format in the module docs). Every entry is
-    /// checked; the first bad one is the error, and no table is returned.
+    /// Reads a policy file (the format in the module docs) for its routes;
+    /// its issuers are checked too, but only [`Policy::from_toml`] keeps
+    /// them. Every entry is checked; the first bad one is the error, and no
+    /// table is returned.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let file: PolicyFile = toml::from_str(text)?;
+        Ok(Policy::from_toml(text)?.routes)
+    }
+
+    fn from_entries(entries: Vec<RouteEntry>) -> Result<Self, PolicyError> {
         let mut table = RouteTable::default();
-        for (i, entry) in file.route.into_iter().enumerate() {
+        for (i, entry) in entries.into_iter().enumerate() {
             let fail = |why: String| PolicyError::Entry {
                 index: i + 1,
                 route: entry.route.clone(),
                 why,
             };
             let scope = Scope::parse(&entry.scope).map_err(|e| fail(e.to_string()))?;
-            table.insert(&entry.route, scope).map_err(fail)?;
+            let (api_key, jwt) = match &entry.credentials {
+                None => (true, true),
+                Some(kinds) => {
+                    let (mut api_key, mut jwt) = (false, false);
+                    for kind in kinds {
+                        match kind.as_str() {
+                            "api_key" => api_key = true,
+                            "jwt" => jwt = true,
+                            other => {
+                                return Err(fail(format!(
+                                    "credentials: {other:?} must be \"api_key\" or \"jwt\""
+                                )));
+                            }
+                        }
+                    }
+                    if !api_key && !jwt {
+                        return Err(fail("credentials: must name at least one kind".into()));
+                    }
+                    (api_key, jwt)
+                }
+            };
+            let rule = RouteRule {
+                scope,
+                api_key,
+                jwt,
+            };
+            table.insert(&entry.route, rule).map_err(fail)?;
         }
         Ok(table)
     }
@@ -94,7 +207,7 @@ impl RouteTable {
         self.len == 0
     }
 
-    fn insert(&mut self, pattern: &str, scope: Scope) -> Result<(), String> {
+    fn insert(&mut self, pattern: &str, rule: RouteRule) -> Result<(), String> {
         let (method, path) = split_route(pattern.trim());
         if !path.starts_with('/') {
             return Err("path must start with '/'".into());
@@ -120,7 +233,7 @@ impl RouteTable {
             }
             Some(m) => return Err(format!("method {m:?} must be upper-case letters")),
         };
-        router.insert(path, scope).map_err(|e| e.to_string())?;
+        router.insert(path, rule).map_err(|e| e.to_string())?;
         self.len += 1;
         Ok(())
     }
@@ -128,6 +241,12 @@ impl RouteTable {
     /// The scope `route` needs, or `None` when no entry matches or the path
     /// could mean something else upstream (dot segments, encoded dots or slashes).
     pub fn required_scope(&self, route: &str) -> Option<&Scope> {
+        self.rule(route).map(|r| &r.scope)
+    }
+
+    /// What `route` needs (scope and accepted credentials), or `None` as
+    /// for [`required_scope`](Self::required_scope).
+    pub fn rule(&self, route: &str) -> Option<&RouteRule> {
         let (method, path) = split_route(route.trim());
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         if !path.starts_with('/') || is_ambiguous(path) {
@@ -237,6 +356,60 @@ mod tests {
         ] {
             assert_eq!(scope_for(&t, sneaky), None, "{sneaky}");
         }
+    }
+
+    #[test]
+    fn routes_name_the_credentials_they_accept() {
+        let text = r#"
+            [[route]]
+            route = "POST /v1/payments"
+            scope = "payment:create"
+            credentials = ["api_key"]
+            [[route]]
+            route = "GET /v1/keys"
+            scope = "key:read"
+            credentials = ["jwt", "api_key"]
+            [[route]]
+            route = "GET /v1/profile"
+            scope = "profile:read"
+            credentials = ["jwt"]
+            [[jwt_issuer]]
+            issuer = "https://idp.example"
+            audience = "keygate"
+            jwks_url = "https://idp.example/certs"
+        "#;
+        let p = Policy::from_toml(text).unwrap();
+        assert_eq!(p.jwt_issuers.len(), 1);
+        let rule = |r| p.routes.rule(r).unwrap();
+        assert!(rule("POST /v1/payments").accepts(CredentialKind::ApiKey));
+        assert!(!rule("POST /v1/payments").accepts(CredentialKind::Jwt));
+        assert!(rule("GET /v1/keys").accepts(CredentialKind::Jwt));
+        assert!(!rule("GET /v1/profile").accepts(CredentialKind::ApiKey));
+        assert!(RouteTable::from_toml(text).is_ok());
+        for (bad, needle) in [
+            ("credentials = []", "credentials: must name"),
+            (
+                "credentials = [\"jwt\", \"cookie\"]",
+                "credentials: \"cookie\"",
+            ),
+        ] {
+            let text = format!("[[route]]\nroute = \"GET /a\"\nscope = \"a:read\"\n{bad}");
+            let msg = Policy::from_toml(&text).unwrap_err().to_string();
+            assert!(msg.contains("route #1") && msg.contains(needle), "{msg}");
+        }
+        let twice = "[[jwt_issuer]]\nissuer = \"https://i\"\naudience = \"k\"\njwks_url = \"https://i/c\"\n";
+        let msg = Policy::from_toml(&twice.repeat(2)).unwrap_err().to_string();
+        assert!(
+            msg.contains("jwt_issuer #2") && msg.contains("configured twice"),
+            "{msg}"
+        );
+        let msg = Policy::from_toml(&twice.replace("https://i/c", "http://i/c"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("jwt_issuer #1 (\"https://i\"): jwks_url:"),
+            "{msg}"
+        );
     }
 
     #[test]

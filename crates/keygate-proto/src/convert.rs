@@ -5,7 +5,7 @@
 //! `UNSPECIFIED` value the domain lacks, so the caller decides what it means.
 
 use chrono::{DateTime, Utc};
-use keygate_core::decision::DenyReason;
+use keygate_core::decision::{CredentialKind, DenyReason};
 use keygate_core::event::EventKind;
 use keygate_core::key::{KeyStatus, Mode, Tier};
 use keygate_core::limits::LimitedBy;
@@ -34,6 +34,15 @@ impl TryFrom<pb::Mode> for Mode {
             pb::Mode::Unspecified => Err(Unspecified),
             pb::Mode::Live => Ok(Mode::Live),
             pb::Mode::Test => Ok(Mode::Test),
+        }
+    }
+}
+
+impl From<CredentialKind> for pb::authorize_response::CredentialKind {
+    fn from(k: CredentialKind) -> Self {
+        match k {
+            CredentialKind::ApiKey => Self::ApiKey,
+            CredentialKind::Jwt => Self::Jwt,
         }
     }
 }
