@@ -250,7 +250,13 @@ fn keep_dump(dir: &Path, case: &str) {
     });
     let slug: String = case
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let keep = Path::new("target/callgrind");
     if let Some(newest) = newest
