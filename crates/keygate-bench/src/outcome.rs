@@ -117,6 +117,24 @@ impl Target {
         )
     }
 
+    /// A latency quantile of an open-loop run in ms ≤ `ceiling_ms`; not met
+    /// when the run was overloaded or answered nothing (its quantiles then
+    /// describe no steady load, and an empty histogram reads as 0 ms).
+    pub fn latency_at_most(what: &str, run: &Stats, q: f64, ceiling_ms: f64) -> Self {
+        if run.overloaded || run.calls() == 0 {
+            return Self::new(
+                what,
+                &format!("≤ {ceiling_ms} ms"),
+                format!(
+                    "not measured: the run was overloaded ({} calls answered)",
+                    run.calls()
+                ),
+                Some(false),
+            );
+        }
+        Self::ms_at_most(what, run.ms(q), ceiling_ms)
+    }
+
     /// A time in ms ≤ `ceiling_ms`.
     pub fn ms_at_most(what: &str, ms: f64, ceiling_ms: f64) -> Self {
         Self::new(

@@ -111,12 +111,13 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 ratio,
                 0.95,
             ),
-            Target::ms_at_most(
+            Target::latency_at_most(
                 &format!(
                     "Authorize p99 at half its peak ({} calls/s, open loop)",
                     thousands(authorize_rps / 2.0)
                 ),
-                half.ms(0.99),
+                &half,
+                0.99,
                 0.5,
             ),
         ],

@@ -76,6 +76,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     }
     open.stats("local limits, all rounds", &local_all);
     open.stats("limits on Redis, all rounds", &shared_all);
+    let p99_measured = !(shared_all.overloaded || local_all.overloaded);
     let p99 = shared_all.ms(0.99) / local_all.ms(0.99).max(1e-9);
 
     // Proof the Redis-backed server counted in Redis the whole time: it saw
@@ -116,11 +117,20 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 throughput,
                 0.95,
             ),
-            Target::ratio_at_most(
-                "Authorize p99 at half the local peak, limits on Redis ÷ local limits",
-                p99,
-                1.10,
-            ),
+            if p99_measured {
+                Target::ratio_at_most(
+                    "Authorize p99 at half the local peak, limits on Redis ÷ local limits",
+                    p99,
+                    1.10,
+                )
+            } else {
+                Target::new(
+                    "Authorize p99 at half the local peak, limits on Redis ÷ local limits",
+                    "≤ 1.10",
+                    "not measured: a run was overloaded".into(),
+                    Some(false),
+                )
+            },
         ],
         charts: Vec::new(),
         notes: vec![format!(
