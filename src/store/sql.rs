@@ -250,15 +250,48 @@ impl SqlStore {
     }
 
     async fn begin_write(&self) -> Result<WriteTx, StoreError> {
-        let mut tx = WriteTx::begin(&self.pool).await?;
         if self.dialect == Dialect::Postgres {
+            let mut tx = WriteTx::begin(&self.pool).await?;
             postgres::serialize_writers(&mut tx).await?;
+            return Ok(tx);
         }
-        // SQLite: every write transaction starts with a write, which takes the
-        // database's single write lock (waiting up to the busy timeout).
-        Ok(tx)
+        // SQLite opens a file it cannot write read-only, and such a
+        // connection stays read-only after the file is writable again: a
+        // write that reached one would be refused long after recovery. A
+        // write that changes nothing finds it out (READONLY) and takes the
+        // database's single write lock otherwise (waiting up to the busy
+        // timeout); a read-only connection is closed (WriteTx's drop) and
+        // the next one tried, a bounded number of times.
+        let mut attempts = 0;
+        loop {
+            let mut tx = WriteTx::begin(&self.pool).await?;
+            match sqlx::raw_sql("UPDATE api_keys SET id = id WHERE 0")
+                .execute(tx.conn())
+                .await
+            {
+                Ok(_) => return Ok(tx),
+                Err(sqlx::Error::Database(db))
+                    if attempts < READ_ONLY_RETRIES
+                        && db
+                            .code()
+                            .and_then(|c| c.parse::<i32>().ok())
+                            .is_some_and(|c| c & 0xff == SQLITE_READONLY) =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
+
+/// SQLite's result code for a write on a connection that opened its file
+/// read-only.
+const SQLITE_READONLY: i32 = 8;
+
+/// Connections tried before a write gives up on finding a writable one
+/// (more than the pool holds).
+const READ_ONLY_RETRIES: u32 = 32;
 
 /// One key by id; binds: the id.
 static SELECT_KEY: LazyLock<String> =
