@@ -497,9 +497,6 @@ async fn disable_rotate_and_delete_also_wait_for_replicas() {
 /// live until its last heartbeat is older than max-staleness plus one
 /// heartbeat plus one poll interval, and by then it has failed closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky (2 of 5 CI runs on 2026-12-01): about 3 s after the cut, B answered a \
-            cached key UNAVAILABLE although its max-staleness is 6 s; under investigation, \
-            run with --ignored"]
 async fn confirmation_waits_for_a_cut_off_replica_until_it_has_failed_closed() {
     // 6 s of staleness; both replicas heartbeat every 500 ms and poll every
     // 200 ms, so B counts until its heartbeat is 6.7 s old. Under the old
@@ -524,13 +521,6 @@ async fn confirmation_waits_for_a_cut_off_replica_until_it_has_failed_closed() {
     let (k3, _) = a.org_key("org_a", &["checkout:create"]).await;
     let (k0, t0) = a.org_key("org_a", &["checkout:create"]).await;
     let mut on_b = b.authorizer().await;
-    for t in [&t0, &t1, &t2] {
-        assert_eq!(
-            authorize(&mut on_b, t).await.unwrap().decision(),
-            pb::Decision::Allow,
-            "cached on B"
-        );
-    }
     let feed = b.feed().await;
     let live = |feed: &pb::revocation_feed_client::RevocationFeedClient<_>| {
         let (mut feed, token) = (feed.clone(), a.admin_token.clone());
@@ -554,7 +544,11 @@ async fn confirmation_waits_for_a_cut_off_replica_until_it_has_failed_closed() {
 
     // B's staleness counts from its last read of the log, which under load
     // may lag: make one certain just before the cut, by revoking a key and
-    // waiting until B denies it.
+    // waiting until B denies it. That read also applied the keys'
+    // creations: a key B read from the store before its feed applied the
+    // key's creation leaves B's cache when the creation is applied (under
+    // CI's load that was once after the cut, and B rightly asked the store),
+    // so the keys are cached on B only after that read.
     let mut admin = a.admin().await;
     admin
         .revoke_key(as_key(
@@ -574,6 +568,13 @@ async fn confirmation_waits_for_a_cut_off_replica_until_it_has_failed_closed() {
         }
     })
     .await;
+    for t in [&t1, &t2] {
+        assert_eq!(
+            authorize(&mut on_b, t).await.unwrap().decision(),
+            pb::Decision::Allow,
+            "cached on B"
+        );
+    }
     proxy.cut();
     let cut_at = tokio::time::Instant::now();
     let wait = |key_id: &str| pb::RevokeKeyRequest {

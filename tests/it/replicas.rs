@@ -195,6 +195,9 @@ impl Proxy {
                     let Ok((inbound, _)) = listener.accept().await else {
                         return;
                     };
+                    // Checked and registered under the lock `cut` takes, so a
+                    // connection accepted as the link is cut cannot escape it.
+                    let mut open = connections.lock().unwrap();
                     if cut.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
@@ -210,7 +213,7 @@ impl Proxy {
                             }
                         }
                     });
-                    connections.lock().unwrap().push(task.abort_handle());
+                    open.push(task.abort_handle());
                 }
             }
         })
@@ -226,8 +229,9 @@ impl Proxy {
 
     /// Drops every open connection and refuses new ones.
     pub fn cut(&self) {
+        let mut open = self.connections.lock().unwrap();
         self.cut.store(true, Ordering::SeqCst);
-        for c in self.connections.lock().unwrap().drain(..) {
+        for c in open.drain(..) {
             c.abort();
         }
     }
