@@ -65,6 +65,9 @@ pub struct Settings {
     pub usage_flush_interval: Duration,
     /// How long usage analytics buckets are kept.
     pub usage_retention: UsageRetention,
+    /// Whether Authorize outcomes are counted per key for usage analytics
+    /// (`--usage-analytics off`: nothing counted on this replica).
+    pub usage_analytics: bool,
     /// On shutdown, how long calls in flight may take to finish.
     pub shutdown_grace: Duration,
     /// Serve TLS (rustls) instead of plaintext.
@@ -208,6 +211,7 @@ impl Settings {
             default_rate_limit: Allowance::DEFAULT,
             usage_flush_interval: Duration::from_secs(5),
             usage_retention: UsageRetention::default(),
+            usage_analytics: true,
             shutdown_grace: Duration::from_secs(20),
             tls: None,
             ext_authz: ExtAuthzSettings::default(),
@@ -290,7 +294,7 @@ impl Keygate {
         )
         .await?;
         let feed = Arc::new(feed);
-        let usage = Arc::new(UsageTracker::default());
+        let usage = Arc::new(UsageTracker::new(settings.usage_analytics));
         let shared_limits = match &settings.rate_limit_store {
             Some(store) => Some(Arc::new(SharedLimits::new(
                 &store.url,

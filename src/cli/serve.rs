@@ -192,6 +192,18 @@ pub struct ServeArgs {
         value_parser = parse_duration
     )]
     usage_hour_retention: Duration,
+    /// Count Authorize outcomes per key for usage analytics (GetKeyUsage,
+    /// `keygate keys usage`, the console's charts): `on` or `off`. Off, this
+    /// replica counts nothing; what other replicas counted still reads back.
+    #[arg(
+        long,
+        env = "KEYGATE_USAGE_ANALYTICS",
+        value_name = "on|off",
+        default_value = if Settings::new("").usage_analytics { "on" } else { "off" },
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::Set
+    )]
+    usage_analytics: bool,
     /// On SIGTERM/SIGINT, how long calls in flight may take to finish.
     #[arg(
         long,
@@ -407,6 +419,7 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
             minutes: args.usage_minute_retention,
             hours: args.usage_hour_retention,
         },
+        usage_analytics: args.usage_analytics,
         shutdown_grace: args.shutdown_grace,
         tls: tls_settings(args)?,
         ext_authz: ExtAuthzSettings {
@@ -529,6 +542,7 @@ mod tests {
             default_rate_limit,
             usage_flush_interval,
             usage_retention,
+            usage_analytics,
             shutdown_grace,
             tls,
             ext_authz,
@@ -557,6 +571,7 @@ mod tests {
         assert_eq!(default_rate_limit, owner.default_rate_limit);
         assert_eq!(usage_flush_interval, owner.usage_flush_interval);
         assert_eq!(usage_retention, owner.usage_retention);
+        assert_eq!(usage_analytics, owner.usage_analytics);
         assert_eq!(shutdown_grace, owner.shutdown_grace);
         assert!(tls.is_none() && owner.tls.is_none());
         assert_eq!(format!("{ext_authz:?}"), format!("{:?}", owner.ext_authz));

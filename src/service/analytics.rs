@@ -43,15 +43,29 @@ struct Slot {
 /// increment; only a key's first call in a minute inserts.
 #[derive(Debug, Default)]
 pub struct UsageCounts {
+    /// Off (`--usage-analytics off`): nothing is counted.
+    off: bool,
     pending: DashMap<(Uuid, i64), Slot>,
     slots: AtomicUsize,
     dropped: AtomicU64,
 }
 
 impl UsageCounts {
+    /// Counts when `on`; otherwise every call of [`count`](Self::count) is
+    /// a no-op (what scenario 10 of the benchmarks compares against).
+    pub fn new(on: bool) -> Self {
+        Self {
+            off: !on,
+            ..Self::default()
+        }
+    }
+
     /// Counts one call of `key` with this outcome at `now`. No I/O, no lock
     /// held across an await.
     pub fn count(&self, key: &KeyRecord, outcome: Outcome, now: DateTime<Utc>) {
+        if self.off {
+            return;
+        }
         let slot = (key.id, now.timestamp().div_euclid(60));
         let i = outcome_index(outcome);
         if let Some(s) = self.pending.get(&slot) {

@@ -36,6 +36,14 @@ fn time(us: i64) -> Option<DateTime<Utc>> {
 }
 
 impl UsageTracker {
+    /// Tracks last uses, and counts outcomes for analytics when `analytics`.
+    pub fn new(analytics: bool) -> Self {
+        Self {
+            pending: DashMap::new(),
+            counts: super::analytics::UsageCounts::new(analytics),
+        }
+    }
+
     /// Records a successful authentication. No I/O: a map entry and atomics.
     pub fn record(&self, key: &KeyRecord, used: SecretUsed, now: DateTime<Utc>) {
         let now_us = now.timestamp_micros();

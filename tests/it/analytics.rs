@@ -19,6 +19,7 @@ const FORBIDDEN: &str = "GET /v1/transactions/42";
 on_both_backends!(
     five_allows_and_three_insufficient_scope_show_after_a_flush,
     two_replicas_counts_add_up,
+    a_replica_with_analytics_off_counts_nothing_and_reads_the_others,
     usage_is_isolated_by_organization_and_needs_read,
     bad_usage_requests_name_the_field,
     refused_credentials_of_existing_keys_count_and_unknown_ids_do_not,
@@ -201,6 +202,51 @@ async fn two_replicas_counts_add_up(backend: Backend) {
     .await
     .unwrap();
     assert_eq!(totals(&r).0, 5);
+}
+
+/// `--usage-analytics off` on one replica: its calls count nowhere, the
+/// other replica's still do, and either reads them back. Last-used times are
+/// not analytics: they are still written.
+async fn a_replica_with_analytics_off_counts_nothing_and_reads_the_others(backend: Backend) {
+    let Some(a) = TestServer::start(backend).await else {
+        return;
+    };
+    let b = a.join(|s| s.usage_analytics = false).await;
+    let (key, token) = a.org_key("org_a", &["checkout:create"]).await;
+    let (quiet, quiet_token) = a.org_key("org_a", &["checkout:create"]).await;
+    b.settle().await;
+    calls(&a, &token, 2, 1).await;
+    calls(&b, &token, 3, 2).await;
+    calls(&b, &quiet_token, 4, 0).await;
+    a.keys.flush_usage().await.unwrap();
+    b.keys.flush_usage().await.unwrap();
+    for s in [&a, &b] {
+        let r = usage(s, &s.admin_token, &key.key_id, pb::UsageGranularity::Minute)
+            .await
+            .unwrap();
+        assert_eq!(
+            totals(&r),
+            (2, vec![(pb::DenyReason::InsufficientScope, 1)]),
+            "only A counted"
+        );
+        let r = usage(s, &s.admin_token, &quiet.key_id, pb::UsageGranularity::Hour)
+            .await
+            .unwrap();
+        assert!(r.buckets.is_empty(), "{r:?}");
+    }
+    let got = a
+        .admin()
+        .await
+        .get_key(as_key(
+            &a.admin_token,
+            pb::GetKeyRequest {
+                key_id: quiet.key_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.last_used_at.is_some(), "B still records last use");
 }
 
 async fn usage_is_isolated_by_organization_and_needs_read(backend: Backend) {
