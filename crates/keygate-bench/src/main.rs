@@ -49,6 +49,8 @@ enum Command {
     Shared(Opts),
     /// 9: the server's instructions per call under callgrind (noise-free ratios).
     Cost(Opts),
+    /// 10 (issue 16): cached Authorize with usage analytics against without.
+    Analytics(Opts),
     /// Issue 12's soak: two replicas on PostgreSQL under mixed load, sampled and checked.
     Soak(soak::Opts),
     /// Writes BENCHMARKS.md and the charts from the scenarios' JSON files.
@@ -184,6 +186,7 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Admin(o) => (o.clone(), scenario::admin::run(&Ctx::from(&o)).await?),
         Command::Shared(o) => (o.clone(), scenario::shared::run(&Ctx::from(&o)).await?),
         Command::Cost(o) => (o.clone(), scenario::cost::run(&Ctx::from(&o)).await?),
+        Command::Analytics(o) => (o.clone(), scenario::analytics::run(&Ctx::from(&o)).await?),
     };
     report::print(&outcome);
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;

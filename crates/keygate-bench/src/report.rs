@@ -78,6 +78,7 @@ fn title(name: &str) -> &'static str {
         "admin" => "Admin writes",
         "shared" => "Shared rate limits: limits on Redis against local limits",
         "cost" => "Cost in instructions, under callgrind",
+        "analytics" => "Usage analytics: Authorize with and without them",
         _ => "Scenario",
     }
 }

@@ -5,7 +5,9 @@
 //! of the counters, less an idle run of the same length (the background
 //! work: feed polls, usage flushes), divided by the calls answered.
 //! Ratios: cached Authorize ÷ the empty call (scenario 1's pair); keygate's
-//! Check ÷ the no-op's (scenario 5's pair, without Envoy).
+//! Check ÷ the no-op's (scenario 5's pair, without Envoy); cached Authorize
+//! with limits on Redis ÷ local limits (scenario 8's pair) and with usage
+//! analytics ÷ without (scenario 10's), each on a server of its own.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use crate::Ctx;
 use crate::load::{self, Call, Phases, call};
 use crate::outcome::{Outcome, Table, Target, thousands};
 use crate::scenario::envoy::noop_server;
-use crate::server::{Database, Keygate, bootstrap, connect, create_key};
+use crate::server::{Database, Keygate, Redis, bootstrap, connect, create_key};
 
 /// Keys the cached calls spread over.
 const KEYS: usize = 4;
@@ -29,22 +31,54 @@ const KEYS: usize = 4;
 /// load generator's own cost does not matter (it is not counted anyway).
 const CALLERS: usize = 8;
 
+/// A keygate (SQLite) under callgrind with [`KEYS`] cached keys.
+struct Cached {
+    server: Keygate,
+    pid: u32,
+    channels: Vec<Channel>,
+    tokens: Vec<String>,
+    _db: Database,
+}
+
+impl Cached {
+    async fn start(dir: &Path, name: &str, extra: &[&str]) -> Result<Self, String> {
+        let db = Database::sqlite()?;
+        let admin = bootstrap(&db).await?;
+        let server = Keygate::start_under(&db, extra, &callgrind(dir, name)).await?;
+        let pid = server.pid().ok_or("keygate has no pid")?;
+        let channels = server.channels(2).await?;
+        let mut tokens = Vec::new();
+        for i in 0..KEYS {
+            tokens.push(
+                create_key(&channels[0], &admin, &format!("org_{i}"))
+                    .await?
+                    .1,
+            );
+        }
+        warm(&channels, &tokens).await?;
+        Ok(Self {
+            server,
+            pid,
+            channels,
+            tokens,
+            _db: db,
+        })
+    }
+
+    fn authorize(&self) -> Call {
+        authorize_call(&self.channels, &self.tokens, pb::Decision::Allow)
+    }
+}
+
 pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-    let db = Database::sqlite()?;
-    let admin = bootstrap(&db).await?;
-    let server = Keygate::start_under(&db, &[], &callgrind(dir.path(), "keygate")).await?;
-    let pid = server.pid().ok_or("keygate has no pid")?;
-    let channels = server.channels(2).await?;
-    let mut tokens = Vec::new();
-    for i in 0..KEYS {
-        tokens.push(
-            create_key(&channels[0], &admin, &format!("org_{i}"))
-                .await?
-                .1,
-        );
-    }
-    warm(&channels, &tokens).await?;
+    let main = Cached::start(dir.path(), "keygate", &[]).await?;
+    let redis = Redis::start().await?;
+    let redis_url = redis.url();
+    let on_redis = Cached::start(dir.path(), "redis", &["--rate-limit-store", &redis_url]).await?;
+    let no_analytics =
+        Cached::start(dir.path(), "no-analytics", &["--usage-analytics", "off"]).await?;
+    let (pid, channels, tokens) = (main.pid, &main.channels, &main.tokens);
     let (noop, noop_addr) = noop_server(&callgrind(dir.path(), "noop")).await?;
     let noop_pid = noop.id().ok_or("no-op server has no pid")?;
     let noop_channel = connect(&format!("http://{noop_addr}")).await?;
@@ -64,27 +98,33 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         (
             "grpc.health.v1 Check (the empty call)",
             pid,
-            health_call(&channels),
+            health_call(channels),
         ),
-        (
-            "Authorize, cached key (ALLOW)",
-            pid,
-            authorize_call(&channels, &tokens, pb::Decision::Allow),
-        ),
+        ("Authorize, cached key (ALLOW)", pid, main.authorize()),
         (
             "Authorize, token of no key (DENY)",
             pid,
-            authorize_call(&channels, &unknown, pb::Decision::Deny),
+            authorize_call(channels, &unknown, pb::Decision::Deny),
         ),
         (
             "ext_authz Check → keygate (ALLOW)",
             pid,
-            check_call(&channels, &tokens),
+            check_call(channels, tokens),
         ),
         (
             "ext_authz Check → no-op server (OK)",
             noop_pid,
-            check_call(&[noop_channel], &tokens),
+            check_call(&[noop_channel], tokens),
+        ),
+        (
+            "Authorize, cached key, limits on Redis (ALLOW)",
+            on_redis.pid,
+            on_redis.authorize(),
+        ),
+        (
+            "Authorize, cached key, analytics off (ALLOW)",
+            no_analytics.pid,
+            no_analytics.authorize(),
         ),
     ];
 
@@ -129,10 +169,22 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         ]);
         per_call.push(cost);
     }
-    server.stop().await;
+    for cached in [main, on_redis, no_analytics] {
+        cached.server.stop().await;
+    }
     drop(noop);
+    drop(redis);
 
-    let [health, authorize, unknown, check, noop_check] = per_call[..] else {
+    let [
+        health,
+        authorize,
+        unknown,
+        check,
+        noop_check,
+        redis_authorize,
+        plain_authorize,
+    ] = per_call[..]
+    else {
         return Err("a case is missing".into());
     };
     Ok(Outcome {
@@ -140,7 +192,10 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         name: "cost".into(),
         method: format!(
             "keygate (SQLite) and the no-op Check server (scenario 5's) each run under \
-             `valgrind --tool=callgrind`; {KEYS} cached keys. For each case the server's \
+             `valgrind --tool=callgrind`; {KEYS} cached keys. Two more keygate processes \
+             run the same way for the last two cases, one with `--rate-limit-store` on \
+             its own redis-server (its background syncs are counted: they run during the \
+             case, not in the idle run), one with `--usage-analytics off`. For each case the server's \
              counters are zeroed, {CALLERS} closed-loop callers run for {:.1} s (warm-up \
              included), the counters are dumped; an idle run of the same length, just \
              before, is subtracted, and the rest divided by the calls. The Check request is \
@@ -169,6 +224,24 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 "(none set)",
                 format!("{:.2}", unknown / authorize),
                 None,
+            ),
+            Target::new(
+                "server instructions per cached Authorize, limits on Redis ÷ local limits",
+                "(none set)",
+                format!(
+                    "{:.3} ({} ÷ {})",
+                    redis_authorize / authorize,
+                    thousands(redis_authorize),
+                    thousands(authorize)
+                ),
+                None,
+            ),
+            // Instructions without ÷ with is the throughput ratio a
+            // CPU-bound server would show: scenario 10's target.
+            Target::ratio_at_least(
+                "server instructions per cached Authorize, analytics off ÷ on",
+                plain_authorize / authorize,
+                0.98,
             ),
             Target::new(
                 "server instructions per Check, keygate ÷ the no-op server",

@@ -1,11 +1,13 @@
 //! One module per scenario of issue 13, and the calls they share.
 
 pub mod admin;
+pub mod analytics;
 pub mod cold;
 pub mod cost;
 pub mod envoy;
 pub mod flood;
 pub mod limit;
+pub mod pair;
 pub mod revocation;
 pub mod scale;
 pub mod shared;
