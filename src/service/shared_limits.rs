@@ -7,8 +7,11 @@
 //! (every [`SYNC_INTERVAL`], one pipelined script call for every subject that
 //! changed), and the reply replaces the copy with everyone's counts. A
 //! replica may allow at most `share` requests of a subject that Redis has not
-//! seen yet; at its share it waits for a sync (at most [`SYNC_WAIT`]) before
-//! allowing more. So with R live replicas and a limit of L, every replica's
+//! seen yet; halfway there it asks for a sync at once, and at its share it
+//! waits for one (at most [`SYNC_WAIT`]) before allowing more. The bound
+//! below comes from the share alone, not from how often syncs run, so the
+//! interval only trades the freshness of other replicas' counts for the
+//! cost of syncing. So with R live replicas and a limit of L, every replica's
 //! unseen requests together exceed what Redis knows by at most
 //! `(R − 1) × share`: at most L × (1 + ε) are allowed in any window, with
 //! `share = max(1, ⌊ε·L / (R − 1)⌋)` and ε = 5 % (or (R − 1)/L when L is
@@ -30,9 +33,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use keygate_core::clock::Clock;
 use keygate_core::limits::{RateDecision, Window};
-use moka::sync::Cache;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -40,8 +43,14 @@ use tokio_util::sync::CancellationToken;
 use super::limits::Subject;
 use super::replicas::Replicas;
 
-/// How often changed subjects are pushed to Redis.
-pub const SYNC_INTERVAL: Duration = Duration::from_millis(5);
+/// How often changed subjects are pushed to Redis when none is halfway to
+/// its share (one that is asks for a sync at once). At 5 ms, the syncs of 16
+/// busy keys cost scenario 8 about a tenth of its throughput on two cores
+/// (BENCHMARKS.md); Kong's cluster policy syncs every half second.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How often subjects with nothing left in their windows are forgotten.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Longest a request at its replica's share waits for a sync before it is
 /// decided on the replica's own count instead.
@@ -119,6 +128,15 @@ struct State {
 }
 
 impl State {
+    /// Nothing counted in the window any more and nothing waiting for Redis:
+    /// forgetting the subject loses nothing.
+    fn idle(&mut self, now: Duration) -> bool {
+        self.unsent.is_empty()
+            && self.in_flight.is_empty()
+            && self.own.count(now) == 0
+            && self.shared.count(now) == 0
+    }
+
     fn unseen(&self) -> u32 {
         let n: i64 = self
             .unsent
@@ -146,9 +164,12 @@ pub struct SharedLimits {
     redis: ConnectionManager,
     script: redis::Script,
     clock: Arc<dyn Clock>,
-    subjects: Cache<String, Arc<Tracked>>,
+    /// Every subject counted lately, swept every [`SWEEP_INTERVAL`]. A map
+    /// keyed by the subject itself: a request hashes a key id, never builds
+    /// the Redis name (only a sync does).
+    subjects: DashMap<Subject, Arc<Tracked>>,
     /// Subjects with requests Redis has not seen.
-    dirty: Mutex<HashSet<String>>,
+    dirty: Mutex<HashSet<Subject>>,
     sync_now: Notify,
     up: AtomicBool,
     /// Decisions made on this replica's own count because a sync did not
@@ -186,10 +207,7 @@ impl SharedLimits {
             redis,
             script: redis::Script::new(SYNC_SCRIPT),
             clock,
-            subjects: Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_idle(Duration::from_secs(120))
-                .build(),
+            subjects: DashMap::new(),
             dirty: Mutex::default(),
             sync_now: Notify::new(),
             up: AtomicBool::new(false),
@@ -231,19 +249,18 @@ impl SharedLimits {
             .clamp(1, u64::from(limit)) as u32
     }
 
-    fn subject(&self, name: &str) -> Arc<Tracked> {
-        // Borrowed lookup first: no allocation for a subject already known.
-        match self.subjects.get(name) {
-            Some(subject) => subject,
-            None => self.subjects.get_with(name.to_owned(), Arc::default),
+    fn subject(&self, subject: &Subject) -> Arc<Tracked> {
+        // A shard's read lock for a subject already known; its write lock
+        // (and the subject's clone) only for a new one.
+        if let Some(tracked) = self.subjects.get(subject) {
+            return Arc::clone(&tracked);
         }
+        Arc::clone(&self.subjects.entry(subject.clone()).or_default())
     }
 
     /// Counts one request of `subject` against `limit` per minute, shared
     /// with every replica (see the module docs for when it waits).
-    pub async fn check(&self, subject: &Subject, limit: u32) -> RateDecision {
-        let name = SubjectName::of(subject);
-        let name = name.as_str();
+    pub async fn check(&self, name: &Subject, limit: u32) -> RateDecision {
         let subject = self.subject(name);
         let mut waited = false;
         loop {
@@ -262,7 +279,8 @@ impl SharedLimits {
                     }
                     return self.fallback(name, &mut state, limit, now);
                 }
-                if state.unseen() < share || state.shared.count(now) >= u64::from(limit) {
+                let unseen = state.unseen();
+                if unseen < share || state.shared.count(now) >= u64::from(limit) {
                     let decision = state.shared.check(limit, now);
                     if decision.retry_after.is_none() {
                         state.own.add(now, 1);
@@ -270,6 +288,11 @@ impl SharedLimits {
                         // per sync, not per request.
                         if state.record(Window::second(now)) {
                             self.mark_dirty(name);
+                        }
+                        // Halfway to the share: sync now, so the request at
+                        // the share rarely has to wait for one.
+                        if unseen + 1 == (share / 2).max(1) {
+                            self.sync_now.notify_one();
                         }
                     }
                     return decision;
@@ -301,10 +324,8 @@ impl SharedLimits {
     /// Takes back one request `check` allowed a moment ago (a later limit
     /// refused the request). If Redis has seen it already, the correction
     /// is a count of −1 at the same second.
-    pub fn uncount(&self, subject: &Subject) {
-        let name = SubjectName::of(subject);
-        let name = name.as_str();
-        let Some(subject) = self.subjects.get(name) else {
+    pub fn uncount(&self, name: &Subject) {
+        let Some(subject) = self.subjects.get(name).map(|t| Arc::clone(&t)) else {
             return;
         };
         let now = self.now();
@@ -326,7 +347,13 @@ impl SharedLimits {
 
     /// The decision without Redis: L / (live replicas) on this replica's
     /// own count, or a refusal. Allowed requests are still kept for Redis.
-    fn fallback(&self, name: &str, state: &mut State, limit: u32, now: Duration) -> RateDecision {
+    fn fallback(
+        &self,
+        name: &Subject,
+        state: &mut State,
+        limit: u32,
+        now: Duration,
+    ) -> RateDecision {
         if self.failure == StoreFailure::Deny && !self.store_up() {
             return RateDecision {
                 limit,
@@ -348,11 +375,36 @@ impl SharedLimits {
         decision
     }
 
-    fn mark_dirty(&self, name: &str) {
+    fn mark_dirty(&self, name: &Subject) {
         let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
         if !dirty.contains(name) {
-            dirty.insert(name.to_owned());
+            dirty.insert(name.clone());
         }
+    }
+
+    /// Forgets the subjects with nothing left to count or send. One in use
+    /// (its `Tracked` held by a check) stays: what the check counts must
+    /// reach the map's entry, not an orphan.
+    fn sweep(&self) {
+        let now = self.now();
+        self.subjects.retain(|_, tracked| {
+            Arc::strong_count(tracked) > 1
+                || !tracked
+                    .state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .idle(now)
+        });
+    }
+
+    /// Subjects this replica tracks (counted in the last minute or so).
+    pub fn len(&self) -> usize {
+        self.subjects.len()
+    }
+
+    /// Whether this replica tracks no subject.
+    pub fn is_empty(&self) -> bool {
+        self.subjects.is_empty()
     }
 
     /// Pushes counts to Redis until `shutdown`, and keeps the live replica
@@ -364,13 +416,18 @@ impl SharedLimits {
             tokio::spawn(async move { this.count_replicas(replicas, shutdown).await })
         };
         let mut probed = tokio::time::Instant::now() - PROBE_INTERVAL;
+        let mut swept = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.sync_now.notified() => {}
                 () = tokio::time::sleep(SYNC_INTERVAL) => {}
             }
-            let names: Vec<String> =
+            if swept.elapsed() >= SWEEP_INTERVAL {
+                swept = tokio::time::Instant::now();
+                self.sweep();
+            }
+            let names: Vec<Subject> =
                 std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner))
                     .into_iter()
                     .collect();
@@ -390,7 +447,7 @@ impl SharedLimits {
     }
 
     /// One pipelined round trip for `names`.
-    async fn sync(&self, names: &[String]) {
+    async fn sync(&self, names: &[Subject]) {
         let now = self.now();
         let oldest = Window::oldest_live_second(now);
         let mut pipe = redis::pipe();
@@ -406,7 +463,7 @@ impl SharedLimits {
                     .cmd("EVALSHA")
                     .arg(self.script.get_hash())
                     .arg(1)
-                    .arg(format!("keygate:rl:{name}"))
+                    .arg(format!("keygate:rl:{}", SubjectName::of(name).as_str()))
                     .arg(oldest)
                     .arg(keygate_core::limits::WINDOW.as_secs() + 2);
                 for (second, n) in &state.in_flight {
@@ -454,8 +511,12 @@ impl SharedLimits {
                     let mut state = subject.state.lock().unwrap_or_else(PoisonError::into_inner);
                     let in_flight = std::mem::take(&mut state.in_flight);
                     state.unsent.splice(0..0, in_flight);
+                    // Counts that left the window meanwhile are not resent.
+                    let resend = !state.unsent.is_empty();
                     drop(state);
-                    self.mark_dirty(name);
+                    if resend {
+                        self.mark_dirty(name);
+                    }
                 }
                 self.set_up(false, Some(e));
             }
@@ -544,9 +605,53 @@ impl SubjectName {
 
 #[cfg(test)]
 mod tests {
-    use keygate_core::clock::SystemClock;
+    use keygate_core::clock::{ManualClock, SystemClock};
 
     use super::*;
+
+    /// Nothing listens on port 1: every sync fails at once.
+    fn unreachable(clock: Arc<ManualClock>) -> SharedLimits {
+        SharedLimits::new("redis://127.0.0.1:1", StoreFailure::Local, clock).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_sweep_forgets_only_subjects_with_nothing_left_to_count_or_send() {
+        let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+        let limits = unreachable(clock.clone());
+        let (a, b) = (
+            Subject::Key(uuid::Uuid::new_v4()),
+            Subject::Key(uuid::Uuid::new_v4()),
+        );
+        for subject in [&a, &b] {
+            assert!(limits.check(subject, 10).await.retry_after.is_none());
+        }
+        // Counted a moment ago and not yet sent: kept.
+        limits.sweep();
+        assert_eq!(limits.len(), 2);
+
+        // A minute later the counts have left the window; the failed sync
+        // drops them instead of keeping them for Redis.
+        clock.advance(chrono::Duration::seconds(61));
+        let dirty: Vec<Subject> = std::mem::take(&mut *limits.dirty.lock().unwrap())
+            .into_iter()
+            .collect();
+        assert_eq!(dirty.len(), 2);
+        limits.sync(&dirty).await;
+        assert!(!limits.store_up());
+        assert!(limits.dirty.lock().unwrap().is_empty(), "nothing to resend");
+        // One is in use by a check right now: kept, so what that check
+        // counts reaches the map's entry and not an orphan.
+        let held = limits.subject(&b);
+        limits.sweep();
+        assert_eq!(limits.len(), 1);
+        assert!(limits.subjects.contains_key(&b) && !limits.subjects.contains_key(&a));
+        drop(held);
+        limits.sweep();
+        assert!(limits.is_empty());
+
+        // A forgotten subject starts over with its full allowance.
+        assert_eq!(limits.check(&a, 10).await.remaining, 9);
+    }
 
     #[tokio::test]
     async fn a_bad_store_url_never_shows_its_password() {
