@@ -1,9 +1,12 @@
 //! Scenario 9, cost in instructions: the server's own work per call,
 //! counted by valgrind's callgrind, so the figures repeat on a noisy machine
 //! where throughput ratios do not. keygate and the no-op Check server run
-//! under callgrind; each case is a closed-loop run between a zero and a dump
-//! of the counters, less an idle run of the same length (the background
-//! work: feed polls, usage flushes), divided by the calls answered.
+//! under callgrind; each case is a fixed number of calls, one at a time,
+//! between a zero and a dump of the counters, less an idle run of the same
+//! length (the background work: feed polls, usage flushes), divided by the
+//! calls. One at a time: with concurrent callers, how many calls one wake-up
+//! or one write happened to carry moved the count per call by a few percent
+//! from one server to the next, more than the differences measured here.
 //! Ratios: cached Authorize ÷ the empty call (scenario 1's pair); keygate's
 //! Check ÷ the no-op's (scenario 5's pair, without Envoy); cached Authorize
 //! with limits on Redis ÷ local limits (scenario 8's pair) and with usage
@@ -19,7 +22,7 @@ use tonic::transport::Channel;
 
 use super::{authorize_call, health_call, warm};
 use crate::Ctx;
-use crate::load::{self, Call, Phases, call};
+use crate::load::{Call, call};
 use crate::outcome::{Outcome, Table, Target, thousands};
 use crate::scenario::envoy::noop_server;
 use crate::server::{Database, Keygate, Redis, bootstrap, connect, create_key};
@@ -27,9 +30,9 @@ use crate::server::{Database, Keygate, Redis, bootstrap, connect, create_key};
 /// Keys the cached calls spread over.
 const KEYS: usize = 4;
 
-/// Callers: enough to keep the slowed server busy, few enough that the
-/// load generator's own cost does not matter (it is not counted anyway).
-const CALLERS: usize = 8;
+/// Calls per case (quick mode: a tenth), after [`WARM_CALLS`] uncounted.
+const CALLS: u64 = 3_000;
+const WARM_CALLS: u64 = 100;
 
 /// A keygate (SQLite) under callgrind with [`KEYS`] cached keys.
 struct Cached {
@@ -83,16 +86,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let noop_pid = noop.id().ok_or("no-op server has no pid")?;
     let noop_channel = connect(&format!("http://{noop_addr}")).await?;
 
-    let phases = Phases {
-        warmup: ctx.pick(
-            std::time::Duration::from_secs(1),
-            std::time::Duration::from_millis(300),
-        ),
-        measure: ctx.pick(
-            std::time::Duration::from_secs(6),
-            std::time::Duration::from_secs(2),
-        ),
-    };
+    let calls = ctx.pick(CALLS, CALLS / 10);
     let unknown = crate::scenario::flood::unknown_key_tokens(20_000)?;
     let cases: Vec<(&str, u32, Call)> = vec![
         (
@@ -130,8 +124,8 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
 
     let mut table = Table::new(
         &format!(
-            "Server instructions per call under callgrind ({CALLERS} callers, {:.0} s a case, less an idle run as long)",
-            phases.measure.as_secs_f64()
+            "Server instructions per call under callgrind ({} calls a case, one at a time, less an idle run as long)",
+            thousands(calls as f64)
         ),
         &[
             "case",
@@ -143,23 +137,19 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     );
     let mut per_call = Vec::new();
     for (name, pid, call) in &cases {
-        let idle = instructions(*pid, dir.path(), || async {
-            tokio::time::sleep(phases.warmup + phases.measure).await;
+        one_by_one(call, 0..WARM_CALLS)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        let (busy, (took, result)) = instructions(*pid, dir.path(), || async {
+            let started = std::time::Instant::now();
+            let result = one_by_one(call, WARM_CALLS..WARM_CALLS + calls).await;
+            (started.elapsed(), result)
         })
         .await?;
-        let mut calls = 0;
-        let busy = instructions(*pid, dir.path(), || async {
-            let stats = load::closed(call, CALLERS, phases).await;
-            calls = stats.calls() + stats.errors;
-            stats.expect_no_errors(name)
-        })
-        .await?;
-        let (busy, result) = busy;
         keep_dump(dir.path(), name);
-        result?;
-        let (idle, ()) = idle;
-        // Every call of the run is counted, warm-up included.
-        let cost = busy.saturating_sub(idle) as f64 / calls.max(1) as f64;
+        result.map_err(|e| format!("{name}: {e}"))?;
+        let (idle, ()) = instructions(*pid, dir.path(), || tokio::time::sleep(took)).await?;
+        let cost = busy.saturating_sub(idle) as f64 / calls as f64;
         table.row(vec![
             (*name).to_owned(),
             thousands(calls as f64),
@@ -195,15 +185,15 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
              `valgrind --tool=callgrind`; {KEYS} cached keys. Two more keygate processes \
              run the same way for the last two cases, one with `--rate-limit-store` on \
              its own redis-server (its background syncs are counted: they run during the \
-             case, not in the idle run), one with `--usage-analytics off`. For each case the server's \
-             counters are zeroed, {CALLERS} closed-loop callers run for {:.1} s (warm-up \
-             included), the counters are dumped; an idle run of the same length, just \
-             before, is subtracted, and the rest divided by the calls. The Check request is \
+             case, not in the idle run), one with `--usage-analytics off`. For each case, \
+             after {WARM_CALLS} uncounted calls, the server's counters are zeroed, {} calls \
+             are made one at a time, the counters are dumped; an idle run as long, just \
+             after, is subtracted, and the rest divided by the calls. The Check request is \
              an Envoy-shaped one for `POST /v1/checkouts` with twelve headers. Instruction \
              counts do not depend on the machine's other load, so these ratios repeat where \
              throughput ratios do not; they leave out what callgrind does not see (the \
              kernel's network stack, waiting, cache misses).",
-            (phases.warmup + phases.measure).as_secs_f64()
+            thousands(calls as f64)
         ),
         quick: ctx.quick,
         tables: vec![table],
@@ -260,12 +250,23 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     })
 }
 
+/// Calls `call(n)` for each `n`, one after the other; the first error.
+async fn one_by_one(call: &Call, ns: std::ops::Range<u64>) -> Result<(), String> {
+    for n in ns {
+        call(n).await?;
+    }
+    Ok(())
+}
+
 /// valgrind's command line for a server named `name`, writing into `dir`.
+/// Names are written out in every dump (not once per process), so each
+/// kept dump can be read by `callgrind_annotate` on its own.
 fn callgrind(dir: &Path, name: &str) -> Vec<String> {
     vec![
         "valgrind".into(),
         "--tool=callgrind".into(),
         "--quiet".into(),
+        "--compress-strings=no".into(),
         format!(
             "--callgrind-out-file={}",
             dir.join(format!("{name}.out")).display()
