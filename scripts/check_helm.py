@@ -236,7 +236,8 @@ def default_checks(chart: Path, objects: list[dict[str, Any]]) -> None:
     assert_database_url_from_secret(objects, secret["metadata"]["name"], "database-url")
     check("database-url" in secret.get("data", {}), "Secret: no database-url key")
 
-    service = the(objects, "Service")
+    service = the(objects, "Service", "server")
+    check(len(find(objects, "Service")) == 1, "Service: a console Service although console.enabled is false")
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     check(ports.get("grpc", {}).get("port") == 50051 and ports["grpc"].get("appProtocol") == "grpc",
           "Service: no grpc port 50051 with appProtocol grpc")
@@ -316,7 +317,15 @@ def all_on_checks(objects: list[dict[str, Any]], values: dict[str, Any]) -> None
     check(env.get("KEYGATE_RATE_LIMIT_STORE_FAILURE", {}).get("value") == "deny", "all-on: rate-limit store failure mode not passed")
     # The console on its own port, HTTPS under TLS.
     check("--console-listen=0.0.0.0:8080" in args, "all-on: no --console-listen")
-    service_ports = {p["name"]: p for p in the(objects, "Service")["spec"]["ports"]}
+    # On a Service of its own that keeps a client on one pod (sessions are
+    # per pod), so the gRPC Service stays free of affinity.
+    grpc_service = the(objects, "Service", "server")
+    check("console" not in {p["name"] for p in grpc_service["spec"]["ports"]}, "all-on: the gRPC Service carries the console port")
+    check(grpc_service["spec"].get("sessionAffinity", "None") == "None", "all-on: the gRPC Service has session affinity")
+    console_service = the(objects, "Service", "console")
+    check(console_service["spec"].get("sessionAffinity") == "ClientIP", "all-on: the console Service has no ClientIP affinity")
+    check(console_service["spec"].get("selector") == grpc_service["spec"].get("selector"), "all-on: the console Service selects other pods")
+    service_ports = {p["name"]: p for p in console_service["spec"]["ports"]}
     console = service_ports.get("console", {})
     check(console.get("port") == 8080 and console.get("targetPort") == "console" and console.get("appProtocol") == "https",
           f"all-on: no console Service port 8080 (https): {console}")
