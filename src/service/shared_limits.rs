@@ -4,8 +4,10 @@
 //! Each replica decides from its own copy of a subject's window: what Redis
 //! said every replica had counted at the last sync, plus what this replica
 //! allowed since. Allowed requests are pushed to Redis in the background
-//! (every [`SYNC_INTERVAL`], one pipelined script call for every subject that
-//! changed), and the reply replaces the copy with everyone's counts. A
+//! (one pipelined script call for every subject that changed: every
+//! [`SYNC_INTERVAL`] for a subject at half its limit or more, every
+//! [`LAZY_SYNC_INTERVAL`] for the others), and the reply replaces the copy
+//! with everyone's counts. A
 //! replica may allow at most `share` requests of a subject that Redis has not
 //! seen yet; halfway there it asks for a sync at once, and at its share it
 //! waits for one (at most [`SYNC_WAIT`]) before allowing more. The bound
@@ -43,11 +45,16 @@ use tokio_util::sync::CancellationToken;
 use super::limits::Subject;
 use super::replicas::Replicas;
 
-/// How often changed subjects are pushed to Redis when none is halfway to
-/// its share (one that is asks for a sync at once). At 5 ms, the syncs of 16
-/// busy keys cost scenario 8 about a tenth of its throughput on two cores
-/// (BENCHMARKS.md); Kong's cluster policy syncs every half second.
+/// How often a subject that is getting close is pushed to Redis: at half
+/// its limit or more, or halfway to its share (that one also asks for a
+/// sync at once).
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+
+/// How often every other changed subject is. Each sync is a Lua script per
+/// subject in Redis and its reply here; at 5 ms for every subject, 16 busy
+/// keys cost scenario 8 an eighth of its throughput and doubled its p99 on
+/// two cores (BENCHMARKS.md). Kong's cluster policy syncs every half second.
+pub const LAZY_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often subjects with nothing left in their windows are forgotten.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
@@ -125,9 +132,25 @@ struct State {
     unsent: Vec<(u64, i64)>,
     /// Sent, reply pending.
     in_flight: Vec<(u64, i64)>,
+    /// The limit the subject was last checked against.
+    limit: u32,
+    /// When it was last sent to Redis; `None`: never.
+    synced_at: Option<tokio::time::Instant>,
 }
 
 impl State {
+    /// Whether the subject's next sync may not wait for
+    /// [`LAZY_SYNC_INTERVAL`]: it is at half its limit or more, halfway to
+    /// its `share` of unseen requests, or was never sent.
+    fn due(&mut self, share: u32, now: Duration) -> bool {
+        let close = self.shared.count(now) * 2 >= u64::from(self.limit)
+            || u64::from(self.unseen()) * 2 >= u64::from(share);
+        close
+            || self
+                .synced_at
+                .is_none_or(|at| at.elapsed() >= LAZY_SYNC_INTERVAL)
+    }
+
     /// Nothing counted in the window any more and nothing waiting for Redis:
     /// forgetting the subject loses nothing.
     fn idle(&mut self, now: Duration) -> bool {
@@ -268,6 +291,7 @@ impl SharedLimits {
             let share = self.share(limit);
             {
                 let mut state = subject.state.lock().unwrap_or_else(PoisonError::into_inner);
+                state.limit = limit;
                 if !self.store_up() || waited {
                     if self.store_up() {
                         self.slow_fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -427,10 +451,7 @@ impl SharedLimits {
                 swept = tokio::time::Instant::now();
                 self.sweep();
             }
-            let names: Vec<Subject> =
-                std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner))
-                    .into_iter()
-                    .collect();
+            let names = self.due();
             if names.is_empty() {
                 if !self.store_up() && probed.elapsed() >= PROBE_INTERVAL {
                     probed = tokio::time::Instant::now();
@@ -446,6 +467,30 @@ impl SharedLimits {
         counter.abort();
     }
 
+    /// Takes the dirty subjects whose sync is due (see [`State::due`]), and
+    /// leaves the others dirty. While Redis is down every one is due: the
+    /// sync that succeeds first must carry every count.
+    fn due(&self) -> Vec<Subject> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner));
+        if !self.store_up() {
+            return dirty.into_iter().collect();
+        }
+        let now = self.now();
+        let (due, later): (Vec<Subject>, Vec<Subject>) = dirty.into_iter().partition(|name| {
+            let tracked = self.subject(name);
+            let mut state = tracked.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let share = self.share(state.limit);
+            state.due(share, now)
+        });
+        if !later.is_empty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(later);
+        }
+        due
+    }
+
     /// One pipelined round trip for `names`.
     async fn sync(&self, names: &[Subject]) {
         let now = self.now();
@@ -458,6 +503,7 @@ impl SharedLimits {
                 let mut state = subject.state.lock().unwrap_or_else(PoisonError::into_inner);
                 let unsent = std::mem::take(&mut state.unsent);
                 state.in_flight.extend(unsent);
+                state.synced_at = Some(tokio::time::Instant::now());
                 state.in_flight.retain(|(second, _)| *second >= oldest);
                 let cmd = pipe
                     .cmd("EVALSHA")
