@@ -187,9 +187,11 @@ pub struct SharedLimits {
     redis: ConnectionManager,
     script: redis::Script,
     clock: Arc<dyn Clock>,
-    /// Every subject counted lately, swept every [`SWEEP_INTERVAL`]. A map
-    /// keyed by the subject itself: a request hashes a key id, never builds
-    /// the Redis name (only a sync does).
+    /// Every subject counted lately, swept every [`SWEEP_INTERVAL`]: only
+    /// keys that authenticated (and their organizations) are counted, so it
+    /// holds what real traffic used in the last minute or so. Keyed by the
+    /// subject itself: a request hashes a key id, never builds the Redis
+    /// name (only a sync does).
     subjects: DashMap<Subject, Arc<Tracked>>,
     /// Subjects with requests Redis has not seen.
     dirty: Mutex<HashSet<Subject>>,
