@@ -127,11 +127,14 @@ async fn revoke(channel: &Channel, admin: &str, key_id: &str) -> Result<Instant,
 }
 
 /// Times for one subscriber count: per revocation, until the last subscriber
-/// had it; and every single delivery.
+/// had it; and every single delivery. The first revocation after the
+/// streams opened is kept apart, reported but not counted in the
+/// percentiles: it is the streams' first event, not the steady state.
 struct Fanout {
     all: hdrhistogram::Histogram<u64>,
     each: hdrhistogram::Histogram<u64>,
     early: u64,
+    first: Duration,
 }
 
 async fn fanout(
@@ -144,10 +147,19 @@ async fn fanout(
         all: histogram(),
         each: histogram(),
         early: 0,
+        first: Duration::ZERO,
     };
-    for key in keys {
+    for (i, key) in keys.iter().enumerate() {
         let returned = revoke(revoker, admin, key).await?;
         let arrivals = subs.all_have(key).await?;
+        if i == 0 {
+            out.first = arrivals
+                .iter()
+                .map(|at| at.saturating_duration_since(returned))
+                .max()
+                .unwrap_or_default();
+            continue;
+        }
         let mut last = Duration::ZERO;
         for at in arrivals {
             // An event can reach a subscriber before RevokeKey's answer
@@ -263,6 +275,7 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
             "one delivery p50 ms",
             "one delivery p99 ms",
             "arrived before the return",
+            "first revocation ms (not counted)",
         ],
     );
     let mut series = vec![
@@ -282,7 +295,7 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
     let mut targets = Vec::new();
     let mut p99_at = HashMap::new();
     for &n in levels {
-        let level_keys: Vec<String> = keys(&revoker, &admin, per_level(n))
+        let level_keys: Vec<String> = keys(&revoker, &admin, per_level(n) + 1)
             .await?
             .into_iter()
             .map(|(id, _)| id)
@@ -292,13 +305,14 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
         drop(subs);
         table.row(vec![
             n.to_string(),
-            level_keys.len().to_string(),
+            (level_keys.len() - 1).to_string(),
             format!("{:.3}", ms(&f.all, 0.5)),
             format!("{:.3}", ms(&f.all, 0.99)),
             format!("{:.3}", f.all.max() as f64 / 1e6),
             format!("{:.3}", ms(&f.each, 0.5)),
             format!("{:.3}", ms(&f.each, 0.99)),
             f.early.to_string(),
+            format!("{:.3}", f.first.as_secs_f64() * 1e3),
         ]);
         series[0].points.push((n as f64, ms(&f.all, 0.99)));
         series[1].points.push((n as f64, ms(&f.all, 0.5)));
@@ -317,7 +331,7 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
 
     // Across replicas: RevokeKey on A, subscribers on B.
     let b = Keygate::start(db, SERVER_FLAGS).await?;
-    let cross_keys: Vec<String> = keys(&revoker, &admin, ctx.pick(50, 5))
+    let cross_keys: Vec<String> = keys(&revoker, &admin, ctx.pick(50, 5) + 1)
         .await?
         .into_iter()
         .map(|(id, _)| id)
@@ -333,14 +347,16 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
             "all have it p99 ms",
             "max ms",
             "one delivery p50 ms",
+            "first revocation ms (not counted)",
         ],
     );
     cross_table.row(vec![
-        cross_keys.len().to_string(),
+        (cross_keys.len() - 1).to_string(),
         format!("{:.3}", ms(&cross.all, 0.5)),
         format!("{:.3}", ms(&cross.all, 0.99)),
         format!("{:.3}", cross.all.max() as f64 / 1e6),
         format!("{:.3}", ms(&cross.each, 0.5)),
+        format!("{:.3}", cross.first.as_secs_f64() * 1e3),
     ]);
     targets.push(Target::ms_at_most(
         "p99 until all 100 subscribers on the other replica have it",
@@ -395,8 +411,9 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
                  the bench process (500 streams per HTTP/2 connection, all with the SYSTEM \
                  admin key). Each revocation is one RevokeKey on replica A, sequentially; the \
                  clock starts when its answer arrives and stops when the last subscriber has \
-                 read the REVOKED event. With tens of revocations per level, p99 is close to \
-                 the maximum. The subscribers run on the same two cores as both servers."
+                 read the REVOKED event. The first revocation after a level's streams opened \
+                 is reported apart and not counted. With tens of revocations per level, p99 is \
+                 close to the maximum. The subscribers run on the same two cores as both servers."
             .into(),
         quick: ctx.quick,
         tables: vec![table, cross_table, client_table],
