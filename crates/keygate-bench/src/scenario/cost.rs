@@ -20,12 +20,12 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use keygate_proto::v1 as pb;
 use tonic::transport::Channel;
 
-use super::{authorize_call, health_call, warm};
+use super::{authorize_call, cached_tokens, health_call};
 use crate::Ctx;
 use crate::load::{Call, call};
 use crate::outcome::{Outcome, Table, Target, thousands};
 use crate::scenario::envoy::noop_server;
-use crate::server::{Database, Keygate, Redis, bootstrap, connect, create_key};
+use crate::server::{Database, Keygate, Redis, bootstrap, connect};
 
 /// Keys the cached calls spread over.
 const KEYS: usize = 4;
@@ -50,15 +50,7 @@ impl Cached {
         let server = Keygate::start_under(&db, extra, &callgrind(dir, name)).await?;
         let pid = server.pid().ok_or("keygate has no pid")?;
         let channels = server.channels(2).await?;
-        let mut tokens = Vec::new();
-        for i in 0..KEYS {
-            tokens.push(
-                create_key(&channels[0], &admin, &format!("org_{i}"))
-                    .await?
-                    .1,
-            );
-        }
-        warm(&channels, &tokens).await?;
+        let tokens = cached_tokens(&channels, &admin, KEYS).await?;
         Ok(Self {
             server,
             pid,

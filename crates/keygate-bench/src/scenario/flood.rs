@@ -10,12 +10,12 @@ use keygate_core::key::Mode;
 use keygate_core::token::{Brand, generate};
 use keygate_proto::v1 as pb;
 
-use super::{authorize_call, warm};
+use super::{authorize_call, cached_tokens};
 use crate::Ctx;
 use crate::load::{self, Stats};
 use crate::outcome::{Outcome, Table, Target, thousands};
 use crate::scenario::limit::{KEYS, MAX_IN_FLIGHT};
-use crate::server::{Database, Keygate, bootstrap, create_key};
+use crate::server::{Database, Keygate, bootstrap};
 
 /// `n` random bytes from the OS.
 pub fn random_bytes(n: usize) -> Result<Vec<u8>, String> {
@@ -80,15 +80,7 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
     let admin = bootstrap(db).await?;
     let server = Keygate::start(db, &[]).await?;
     let channels = server.channels(ctx.connections).await?;
-    let mut tokens = Vec::new();
-    for i in 0..KEYS {
-        tokens.push(
-            create_key(&channels[0], &admin, &format!("org_{i}"))
-                .await?
-                .1,
-        );
-    }
-    warm(&channels, &tokens).await?;
+    let tokens = cached_tokens(&channels, &admin, KEYS).await?;
     // Enough distinct garbage that no call repeats one within the
     // negative cache's lifetime at the peak rates seen here.
     let pool = ctx.pick(400_000, 40_000);

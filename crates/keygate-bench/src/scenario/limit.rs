@@ -5,11 +5,11 @@
 
 use keygate_proto::v1 as pb;
 
-use super::{authorize_call, health_call, warm};
+use super::{authorize_call, cached_tokens, health_call};
 use crate::Ctx;
 use crate::load::{self, Stats};
 use crate::outcome::{Chart, Outcome, Series, Table, Target, thousands};
-use crate::server::{Database, Keygate, bootstrap, create_key};
+use crate::server::{Database, Keygate, bootstrap};
 
 /// Keys the load spreads over, so no key reaches its rate limit (at most
 /// 1,000,000 a minute each) at peak.
@@ -23,15 +23,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let admin = bootstrap(&db).await?;
     let server = Keygate::start(&db, &[]).await?;
     let channels = server.channels(ctx.connections).await?;
-    let mut tokens = Vec::new();
-    for i in 0..KEYS {
-        tokens.push(
-            create_key(&channels[0], &admin, &format!("org_{i}"))
-                .await?
-                .1,
-        );
-    }
-    warm(&channels, &tokens).await?;
+    let tokens = cached_tokens(&channels, &admin, KEYS).await?;
     let health = health_call(&channels);
     let authorize = authorize_call(&channels, &tokens, pb::Decision::Allow);
 

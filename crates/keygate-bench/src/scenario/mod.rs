@@ -18,7 +18,7 @@ use keygate_proto::v1 as pb;
 use tonic::transport::Channel;
 
 use crate::load::{Call, call};
-use crate::server::{authorize_request, expect_decision};
+use crate::server::{authorize_request, create_key, expect_decision};
 
 /// grpc.health.v1 Check: the empty call every ratio is against.
 pub fn health_call(channels: &[Channel]) -> Call {
@@ -50,6 +50,25 @@ pub fn authorize_call(channels: &[Channel], tokens: &[String], want: pb::Decisio
             expect_decision(answer, want)
         }
     })
+}
+
+/// Creates `n` keys, one per organization `org_0`…, and caches them with
+/// [`warm`]; their tokens.
+pub async fn cached_tokens(
+    channels: &[Channel],
+    admin: &str,
+    n: usize,
+) -> Result<Vec<String>, String> {
+    let mut tokens = Vec::with_capacity(n);
+    for i in 0..n {
+        tokens.push(
+            create_key(&channels[0], admin, &format!("org_{i}"))
+                .await?
+                .1,
+        );
+    }
+    warm(channels, &tokens).await?;
+    Ok(tokens)
 }
 
 /// Authorize each token once (8 at a time), so it is cached. A call that

@@ -4,11 +4,11 @@
 
 use keygate_proto::v1 as pb;
 
-use super::{authorize_call, warm};
+use super::{authorize_call, cached_tokens};
 use crate::Ctx;
 use crate::load::{self, Stats};
 use crate::outcome::{Table, thousands};
-use crate::server::{Database, Keygate, bootstrap, create_key};
+use crate::server::{Database, Keygate, bootstrap};
 
 /// Keys the load spreads over: each counted (a limit of its own, not
 /// unlimited), none near its limit at peak.
@@ -56,15 +56,7 @@ pub async fn compare(ctx: &Ctx, baseline: Side<'_>, variant: Side<'_>) -> Result
         (&variant_server, &variant_admin),
     ] {
         let channels = server.channels(ctx.connections).await?;
-        let mut tokens = Vec::new();
-        for i in 0..KEYS {
-            tokens.push(
-                create_key(&channels[0], admin, &format!("org_{i}"))
-                    .await?
-                    .1,
-            );
-        }
-        warm(&channels, &tokens).await?;
+        let tokens = cached_tokens(&channels, admin, KEYS).await?;
         calls.push(authorize_call(&channels, &tokens, pb::Decision::Allow));
     }
     let (base_call, variant_call) = (&calls[0], &calls[1]);
