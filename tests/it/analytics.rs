@@ -234,18 +234,7 @@ async fn a_replica_with_analytics_off_counts_nothing_and_reads_the_others(backen
             .unwrap();
         assert!(r.buckets.is_empty(), "{r:?}");
     }
-    let got = a
-        .admin()
-        .await
-        .get_key(as_key(
-            &a.admin_token,
-            pb::GetKeyRequest {
-                key_id: quiet.key_id.clone(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let got = a.get_key(&quiet.key_id).await;
     assert!(got.last_used_at.is_some(), "B still records last use");
 }
 
