@@ -410,6 +410,14 @@ impl Keygate {
         }
         let (listener_store, stopped) = (self.store.clone(), stopping.clone());
         tokio::spawn(async move { listener_store.listen_for_changes(stopped).await });
+        // SERVING once other replicas' revocations wake this one, not only
+        // at the feed's next poll (a second later by default).
+        if !self.store.wait_listening(LISTEN_WAIT).await {
+            tracing::warn!(
+                wait = ?LISTEN_WAIT,
+                "not yet listening for other replicas' changes; serving anyway, reading them at every poll until it is"
+            );
+        }
         if self.load_key_index {
             // After the feed took its position (in `open`): see `crate::index`.
             let (index, store, stopped) = (
@@ -613,6 +621,10 @@ impl Health {
 /// down (they would lose their caches and fail to start), so it stays
 /// SERVING through store outages and shutdown.
 pub const LIVENESS_SERVICE: &str = "liveness";
+
+/// Longest start-up waits for the PostgreSQL event listener before
+/// answering SERVING without it (a pooler that refuses LISTEN, say).
+const LISTEN_WAIT: Duration = Duration::from_secs(2);
 
 /// NOT_SERVING while the store does not answer, SERVING again when it does.
 async fn watch_store(store: Arc<SqlStore>, health: Health, stopping: CancellationToken) {

@@ -35,14 +35,19 @@ impl Feed {
         let _leave = DecrementOnDrop(self.metrics.subscribers.clone());
         let Subscription { mut live, head } = subscription;
         let mut last = head;
+        // A Watch from now (`after` 0) reads nothing from the store: its
+        // first event must not wait behind a query (nor a new pool
+        // connection), which once held the first revocation after 100
+        // streams opened for ~100 ms.
         let start = async {
+            if after == 0 {
+                return Ok(());
+            }
             let store_head = self.log.head_sequence().await?;
-            if after != 0
-                && (after > store_head || head.saturating_sub(after) > self.settings.max_replay)
-            {
+            if after > store_head || head.saturating_sub(after) > self.settings.max_replay {
                 // A position from another log, or too old to replay.
                 sink.send(FeedItem::Reset(head)).await.ok();
-            } else if after != 0 {
+            } else {
                 last = after;
                 self.replay(&mut last, head, &sink).await?;
             }

@@ -83,6 +83,7 @@ pub(super) async fn listen(url: &str, changes: &Changes, shutdown: CancellationT
             }
         };
         backoff = Duration::from_millis(100);
+        changes.set_listening();
         changes.wake();
         loop {
             tokio::select! {

@@ -184,6 +184,13 @@ impl SqlStore {
         }
     }
 
+    /// Waits at most `within` until [`Self::listen_for_changes`] hears other
+    /// replicas' writes (at once on SQLite, where there are none); whether
+    /// it does. Until then they reach this replica only at the feed's poll.
+    pub async fn wait_listening(&self, within: Duration) -> bool {
+        self.dialect != Dialect::Postgres || self.changes.wait_listening(within).await
+    }
+
     /// A 32-byte secret shared by every replica, created on first use.
     #[instrument(name = "keystore.shared_secret", skip(self), err)]
     pub async fn shared_secret(&self, name: &str) -> Result<[u8; 32], StoreError> {

@@ -61,6 +61,7 @@ store_test_suite!(
     key_ids_after_pages_in_id_order,
     list_events_filters_newest_first,
     events_after_and_head_sequence_follow_the_log,
+    another_replicas_writes_wake_this_one_once_it_listens,
     record_usage_moves_forward_and_counts_per_rotation,
     unannounced_secret_expiries_are_due_and_oldest_first,
     replicas_are_recorded_listed_and_forgotten,
@@ -608,6 +609,42 @@ async fn list_events_filters_newest_first(f: &Fixture) {
         (EventKind::Deleted, acme.id, at(3))
     );
     assert!(deleted.hash.is_some(), "every appended event is chained");
+}
+
+/// What start-up waits for before SERVING: on PostgreSQL, a LISTEN that
+/// another replica's writes wake; on SQLite nothing (its writer is this node).
+async fn another_replicas_writes_wake_this_one_once_it_listens(f: &Fixture) {
+    use std::time::Duration;
+    let postgres = f.store.dialect() == Dialect::Postgres;
+    assert_eq!(
+        f.store.wait_listening(Duration::from_millis(50)).await,
+        !postgres,
+        "before the listener runs, only SQLite counts as listening"
+    );
+    if !postgres {
+        return;
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listening = {
+        let (store, stop) = (f.store.clone(), stop.clone());
+        tokio::spawn(async move { store.listen_for_changes(stop).await })
+    };
+    assert!(f.store.wait_listening(Duration::from_secs(10)).await);
+    let changes = f.store.changes();
+    // The listener wakes once on connecting (to catch up); take that one.
+    tokio::time::timeout(Duration::from_secs(10), changes.changed())
+        .await
+        .expect("the wake-up after connecting");
+    let other = SqlStore::connect(&f.url)
+        .await
+        .expect("another replica's store");
+    insert(&other, &key("acme", 0)).await;
+    tokio::time::timeout(Duration::from_secs(10), changes.changed())
+        .await
+        .expect("another replica's write wakes this one");
+    other.close().await;
+    stop.cancel();
+    listening.await.expect("listener task");
 }
 
 async fn events_after_and_head_sequence_follow_the_log(f: &Fixture) {
