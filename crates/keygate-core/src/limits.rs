@@ -119,11 +119,48 @@ impl LimitedBy {
     }
 }
 
+/// Requests per second slot: two bytes a slot until one second holds more
+/// than `u16::MAX`, then four (boxed, so a window stays half the size for
+/// the keys that never get there: every key used in the last minute has a
+/// window, and at 100,000 keys the windows were the largest thing in memory
+/// after the cached records).
+#[derive(Debug, Clone)]
+enum Counts {
+    Narrow([u16; SLOTS]),
+    Wide(Box<[u32; SLOTS]>),
+}
+
+impl Counts {
+    fn get(&self, slot: usize) -> u32 {
+        match self {
+            Counts::Narrow(c) => u32::from(c[slot]),
+            Counts::Wide(c) => c[slot],
+        }
+    }
+
+    fn set(&mut self, slot: usize, n: u32) {
+        match self {
+            Counts::Narrow(c) => match u16::try_from(n) {
+                Ok(n) => c[slot] = n,
+                Err(_) => {
+                    let mut wide = Box::new([0u32; SLOTS]);
+                    for (w, n) in wide.iter_mut().zip(c.iter()) {
+                        *w = u32::from(*n);
+                    }
+                    wide[slot] = n;
+                    *self = Counts::Wide(wide);
+                }
+            },
+            Counts::Wide(c) => c[slot] = n,
+        }
+    }
+}
+
 /// The requests one key made in the last minute, per second.
 #[derive(Debug, Clone)]
 pub struct Window {
     /// Requests counted in second `s`, at `s % SLOTS`.
-    counts: [u32; SLOTS],
+    counts: Counts,
     /// The latest second counted so far; slots of older seconds that left
     /// the window are zeroed when time passes them.
     newest: u64,
@@ -143,6 +180,11 @@ fn second_of(now: Duration) -> u64 {
     now.as_secs() + u64::from(now.subsec_nanos() > 0)
 }
 
+/// Where second `second` is counted in a window's ring.
+fn slot_of(second: u64) -> usize {
+    (second % SLOTS as u64) as usize
+}
+
 /// Whole seconds until `at`, at least 1.
 fn whole_seconds_until(at: Duration, now: Duration) -> Duration {
     let wait = at.saturating_sub(now);
@@ -153,7 +195,7 @@ impl Window {
     /// An empty window: the full allowance.
     pub fn new() -> Self {
         Self {
-            counts: [0; SLOTS],
+            counts: Counts::Narrow([0; SLOTS]),
             newest: 0,
             total: 0,
         }
@@ -180,9 +222,23 @@ impl Window {
     }
 
     fn clear(&mut self, second: u64) {
-        let slot = &mut self.counts[(second % SLOTS as u64) as usize];
-        self.total -= u64::from(*slot);
-        *slot = 0;
+        let slot = slot_of(second);
+        self.total -= u64::from(self.counts.get(slot));
+        self.counts.set(slot, 0);
+    }
+
+    /// Adds `n` to second `second`'s count (saturating: a count past
+    /// `u32::MAX` a second is beyond any allowance anyway).
+    fn bump(&mut self, second: u64, n: u32) {
+        let slot = slot_of(second);
+        let before = self.counts.get(slot);
+        let after = before.saturating_add(n);
+        self.counts.set(slot, after);
+        self.total += u64::from(after - before);
+    }
+
+    fn has(&self, second: u64) -> bool {
+        self.counts.get(slot_of(second)) > 0
     }
 
     /// A window holding `counts` (second, requests), as another replica or
@@ -194,8 +250,7 @@ impl Window {
         let newest = window.newest;
         for (second, n) in counts {
             if second <= newest && second + (SLOTS as u64) > newest {
-                window.counts[(second % SLOTS as u64) as usize] += n;
-                window.total += u64::from(n);
+                window.bump(second, n);
             }
         }
         window.slide(now);
@@ -206,8 +261,7 @@ impl Window {
     /// (requests another replica already allowed).
     pub fn add(&mut self, now: Duration, n: u32) {
         self.slide(now);
-        self.counts[(self.newest % SLOTS as u64) as usize] += n;
-        self.total += u64::from(n);
+        self.bump(self.newest, n);
     }
 
     /// The second a request at `now` counts in (see [`Window`]).
@@ -232,11 +286,9 @@ impl Window {
         if self.total == 0 {
             return None;
         }
-        let oldest = (self.newest.saturating_sub(SLOTS as u64 - 1)..=self.newest)
-            .find(|s| self.counts[(s % SLOTS as u64) as usize] > 0)?;
-        let newest = (oldest..=self.newest)
-            .rev()
-            .find(|s| self.counts[(s % SLOTS as u64) as usize] > 0)?;
+        let oldest =
+            (self.newest.saturating_sub(SLOTS as u64 - 1)..=self.newest).find(|&s| self.has(s))?;
+        let newest = (oldest..=self.newest).rev().find(|&s| self.has(s))?;
         Some((
             Duration::from_secs(oldest + WINDOW_SECS),
             Duration::from_secs(newest + WINDOW_SECS),
@@ -252,9 +304,10 @@ impl Window {
         let newest = self.newest;
         if let Some(s) = (newest.saturating_sub(SLOTS as u64 - 1)..=newest)
             .rev()
-            .find(|s| self.counts[(s % SLOTS as u64) as usize] > 0)
+            .find(|&s| self.has(s))
         {
-            self.counts[(s % SLOTS as u64) as usize] -= 1;
+            let slot = slot_of(s);
+            self.counts.set(slot, self.counts.get(slot) - 1);
             self.total -= 1;
         }
     }
@@ -264,8 +317,7 @@ impl Window {
     pub fn check(&mut self, limit: u32, now: Duration) -> RateDecision {
         self.slide(now);
         if self.total < u64::from(limit) {
-            self.counts[(self.newest % SLOTS as u64) as usize] += 1;
-            self.total += 1;
+            self.bump(self.newest, 1);
             let reset = self
                 .exits()
                 .map_or(Duration::ZERO, |(_, last)| last.saturating_sub(now));
@@ -503,6 +555,33 @@ mod tests {
             d.retry_after,
             Some(Duration::from_secs(1)),
             "42 leaves at 102 s"
+        );
+    }
+
+    #[test]
+    fn a_second_past_two_bytes_of_requests_keeps_every_count() {
+        let now = Duration::from_millis(100_500);
+        let mut w = Window::from_counts([(80, 3)], now);
+        w.add(now, u32::from(u16::MAX));
+        assert_eq!(w.count(now), 3 + 65_535);
+        w.add(now, 10);
+        assert_eq!(w.count(now), 3 + 65_545, "the window widened, nothing lost");
+        let d = w.check(1_000_000, now);
+        assert_eq!(d.remaining, 1_000_000 - 65_549);
+        w.uncount();
+        assert_eq!(w.count(now), 3 + 65_545, "the last one taken back");
+        // Second 80 leaves at 140 s, the busy second 101 at 161 s.
+        assert_eq!(w.count(Duration::from_secs(140)), 65_545);
+        assert_eq!(w.count(Duration::from_secs(161)), 0);
+    }
+
+    #[test]
+    fn a_window_takes_half_the_bytes_of_four_byte_slots() {
+        // Every key used within a minute holds one (see `Counts`).
+        assert!(
+            std::mem::size_of::<Window>() <= 144,
+            "{} bytes",
+            std::mem::size_of::<Window>()
         );
     }
 
