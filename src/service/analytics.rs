@@ -213,10 +213,16 @@ impl KeyService {
         if minutes.is_empty() {
             return Ok(0);
         }
+        // The minutes move into the write (no second copy of them): a
+        // failed one puts them back from there.
         let mut all = analytics::hourly(&minutes);
-        all.extend(minutes.iter().cloned());
+        all.extend(minutes);
         if let Err(e) = self.store.add_usage_counts(&all).await {
-            self.usage.counts.restore(minutes);
+            self.usage.counts.restore(
+                all.into_iter()
+                    .filter(|c| c.granularity == Granularity::Minute)
+                    .collect(),
+            );
             return Err(e.into());
         }
         Ok(all.len())

@@ -113,22 +113,36 @@ pub struct UsageCount {
 
 /// The per-hour counts that per-minute `counts` add up to: one entry per
 /// (key, hour, outcome), so a batch never names a row twice.
+/// Sorted by (key, hour, outcome). Sorted references folded in place rather
+/// than a map: a flush of 100,000 keys' minutes built a 15 MB map here.
 pub fn hourly(counts: &[UsageCount]) -> Vec<UsageCount> {
-    let mut hours: std::collections::HashMap<(Uuid, DateTime<Utc>, usize), UsageCount> =
-        std::collections::HashMap::new();
-    for c in counts {
-        let start = Granularity::Hour.bucket_start(c.start);
-        hours
-            .entry((c.key_id, start, outcome_index(c.outcome)))
-            .and_modify(|h| h.count += c.count)
-            .or_insert_with(|| UsageCount {
-                granularity: Granularity::Hour,
-                start,
-                ..c.clone()
-            });
+    let mut sorted: Vec<(Uuid, DateTime<Utc>, usize, &UsageCount)> = counts
+        .iter()
+        .map(|c| {
+            (
+                c.key_id,
+                Granularity::Hour.bucket_start(c.start),
+                outcome_index(c.outcome),
+                c,
+            )
+        })
+        .collect();
+    sorted.sort_unstable_by_key(|&(key, start, outcome, _)| (key, start, outcome));
+    let mut out: Vec<UsageCount> = Vec::new();
+    let mut last = None;
+    for (key, start, outcome, c) in sorted {
+        match out.last_mut() {
+            Some(h) if last == Some((key, start, outcome)) => h.count += c.count,
+            _ => {
+                out.push(UsageCount {
+                    granularity: Granularity::Hour,
+                    start,
+                    ..c.clone()
+                });
+                last = Some((key, start, outcome));
+            }
+        }
     }
-    let mut out: Vec<UsageCount> = hours.into_values().collect();
-    out.sort_by_key(|c| (c.key_id, c.start, outcome_index(c.outcome)));
     out
 }
 
