@@ -142,12 +142,15 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
         ));
     }
 
-    // Cached keys' latency while a flood runs: cached Authorize at a quarter
-    // of its peak, plus a second stream at another quarter that is either
+    // Cached keys' latency while a flood runs: cached Authorize at a tenth
+    // of its peak, plus a second stream at another tenth that is either
     // more cached Authorize (the control: the same load of valid traffic)
-    // or the three floods mixed.
+    // or the three floods mixed. At a quarter each (half the peak in all,
+    // with the load generator on the same two cores) the control itself
+    // overloaded the machine in some rounds (p99 1.9 s), which measured
+    // the machine, not the flood.
     let cached_peak = cached_rps.iter().sum::<f64>() / cached_rps.len().max(1) as f64;
-    let rate = cached_peak / 4.0;
+    let rate = cached_peak / 10.0;
     let mixed: Vec<String> = (0..pool).map(|i| floods[i % 3].1[i / 3].clone()).collect();
     let flood = authorize_call(&channels, &mixed, pb::Decision::Deny);
     let other_cached = authorize_call(&channels, &tokens[KEYS / 2..], pb::Decision::Allow);
