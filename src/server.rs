@@ -410,8 +410,9 @@ impl Keygate {
         }
         let (listener_store, stopped) = (self.store.clone(), stopping.clone());
         tokio::spawn(async move { listener_store.listen_for_changes(stopped).await });
-        // SERVING once other replicas' revocations wake this one, not only
-        // at the feed's next poll (a second later by default).
+        // SERVING once other replicas' revocations wake this one: until the
+        // listener is up they wait for its first catch-up or the feed's next
+        // poll (on a TLS connection to PostgreSQL, tens of ms at least).
         if !self.store.wait_listening(LISTEN_WAIT).await {
             tracing::warn!(
                 wait = ?LISTEN_WAIT,
