@@ -18,6 +18,7 @@ const FORBIDDEN: &str = "GET /v1/transactions/42";
 
 on_both_backends!(
     five_allows_and_three_insufficient_scope_show_after_a_flush,
+    a_failed_flush_loses_no_count_and_counts_none_twice,
     two_replicas_counts_add_up,
     a_replica_with_analytics_off_counts_nothing_and_reads_the_others,
     usage_is_isolated_by_organization_and_needs_read,
@@ -168,6 +169,48 @@ async fn five_allows_and_three_insufficient_scope_show_after_a_flush(backend: Ba
         .unwrap();
     let hour_total: u64 = hours.buckets.iter().map(|b| b.allowed).sum();
     assert_eq!(hour_total, 7);
+}
+
+async fn a_failed_flush_loses_no_count_and_counts_none_twice(backend: Backend) {
+    // Only the test's own flushes run.
+    let Some(s) = TestServer::start_with(backend, |settings| {
+        settings.usage_flush_interval = std::time::Duration::from_secs(3600);
+    })
+    .await
+    else {
+        return;
+    };
+    let (key, token) = s.org_key("org_a", &["checkout:create"]).await;
+    calls(&s, &token, 5, 3).await;
+    // The buckets' table is away: the write fails and the counts go back.
+    execute(&s, "ALTER TABLE key_usage RENAME TO key_usage_away").await;
+    assert!(s.keys.flush_usage().await.is_err());
+    execute(&s, "ALTER TABLE key_usage_away RENAME TO key_usage").await;
+    calls(&s, &token, 1, 0).await;
+    s.keys.flush_usage().await.unwrap();
+    for granularity in [pb::UsageGranularity::Minute, pb::UsageGranularity::Hour] {
+        let r = usage(&s, &s.admin_token, &key.key_id, granularity)
+            .await
+            .unwrap();
+        let (allowed, denied) = totals(&r);
+        assert_eq!(allowed, 6, "{granularity:?}: {r:?}");
+        assert_eq!(
+            denied,
+            [(pb::DenyReason::InsufficientScope, 3)],
+            "{granularity:?}"
+        );
+    }
+    // Nothing is left to write twice.
+    let rows = count_rows(&s).await;
+    s.keys.flush_usage().await.unwrap();
+    assert_eq!(count_rows(&s).await, rows);
+}
+
+async fn execute(s: &TestServer, statement: &'static str) {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&s.database_url).await.unwrap();
+    sqlx::query(statement).execute(&mut conn).await.unwrap();
 }
 
 async fn two_replicas_counts_add_up(backend: Backend) {
