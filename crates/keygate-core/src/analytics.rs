@@ -112,9 +112,9 @@ pub struct UsageCount {
 }
 
 /// The per-hour counts that per-minute `counts` add up to: one entry per
-/// (key, hour, outcome), so a batch never names a row twice.
-/// Sorted by (key, hour, outcome). Sorted references folded in place rather
-/// than a map: a flush of 100,000 keys' minutes built a 15 MB map here.
+/// (key, hour, outcome), so a batch never names a row twice, in that order.
+/// Sorted references folded in place rather than a map: a flush of 100,000
+/// keys' minutes built a 15 MB map here.
 pub fn hourly(counts: &[UsageCount]) -> Vec<UsageCount> {
     let mut sorted: Vec<(Uuid, DateTime<Utc>, usize, &UsageCount)> = counts
         .iter()
@@ -129,18 +129,16 @@ pub fn hourly(counts: &[UsageCount]) -> Vec<UsageCount> {
         .collect();
     sorted.sort_unstable_by_key(|&(key, start, outcome, _)| (key, start, outcome));
     let mut out: Vec<UsageCount> = Vec::new();
-    let mut last = None;
     for (key, start, outcome, c) in sorted {
         match out.last_mut() {
-            Some(h) if last == Some((key, start, outcome)) => h.count += c.count,
-            _ => {
-                out.push(UsageCount {
-                    granularity: Granularity::Hour,
-                    start,
-                    ..c.clone()
-                });
-                last = Some((key, start, outcome));
+            Some(h) if (h.key_id, h.start, outcome_index(h.outcome)) == (key, start, outcome) => {
+                h.count += c.count;
             }
+            _ => out.push(UsageCount {
+                granularity: Granularity::Hour,
+                start,
+                ..c.clone()
+            }),
         }
     }
     out
