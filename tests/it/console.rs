@@ -521,10 +521,18 @@ async fn sign_in_refusals_look_alike_and_are_limited_per_address() {
         return;
     };
     let console = s.console.unwrap();
-    let (_, token) = s.org_key("org_a", &["api_key:read"]).await;
-    let mut wrong = token.clone();
-    // Change the secret, keep the shape: parses, names the key, wrong secret.
-    wrong.replace_range(token.len() - 12..token.len() - 11, "Q");
+    let (key, token) = s.org_key("org_a", &["api_key:read"]).await;
+    // Well-formed, names the key, another secret. (Editing one character of
+    // the real token broke its checksum instead, and left it unchanged when
+    // that character was already the replacement: a 1-in-62 flake.)
+    let wrong = keygate_core::token::generate(
+        &keygate_core::token::Brand::default(),
+        keygate_core::key::Mode::Live,
+        uuid::Uuid::parse_str(&key.key_id).unwrap(),
+    )
+    .unwrap()
+    .token;
+    assert_ne!(wrong, token);
     let unknown = keygate_core::token::generate(
         &keygate_core::token::Brand::default(),
         keygate_core::key::Mode::Live,
