@@ -17,7 +17,9 @@ use std::time::Duration;
 use keygate_core::clock::SystemClock;
 use keygate_core::event::EventKind;
 use keygate_core::freshness::Contact;
+use keygate_core::intern::Interner;
 use keygate_core::key::{KeyRecord, KeyState};
+use keygate_core::scope::Scope;
 use moka::sync::Cache;
 use tokio::sync::{Notify, OnceCell, Semaphore, watch};
 use uuid::Uuid;
@@ -224,6 +226,8 @@ pub struct KeyCache {
     /// misses start a new read instead of joining one that began before the
     /// change. Never locked across an await.
     flights: Mutex<HashMap<Uuid, Arc<Flight>>>,
+    /// One scope set per distinct set among the cached keys.
+    scope_sets: Interner<[Scope]>,
     /// Slots for store reads from the Authorize path.
     reads: Semaphore,
     read_wait: Duration,
@@ -254,6 +258,7 @@ impl KeyCache {
                 .time_to_live(settings.negative_ttl)
                 .build(),
             flights: Mutex::default(),
+            scope_sets: Interner::default(),
             reads: Semaphore::new(usize::try_from(settings.store_reads.max(1)).unwrap_or(1)),
             read_wait: settings.store_read_wait,
         }
@@ -343,7 +348,10 @@ impl KeyCache {
             .get_key(id)
             .await
             .map_err(Arc::new)?
-            .map(Arc::new);
+            .map(|mut key| {
+                key.scopes = key.scopes.interned(&self.scope_sets);
+                Arc::new(key)
+            });
         // An invalidation during the read may mean the row we read is stale:
         // serve it to the lookups already waiting, but do not keep it.
         if keep && !flight.invalidated.load(Ordering::SeqCst) {

@@ -2,7 +2,8 @@
 //! memory, added to the store's buckets by the usage flush, read back by
 //! GetKeyUsage, and swept when older than their retention.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
@@ -10,6 +11,7 @@ use keygate_core::analytics::{
     self, Granularity, OUTCOMES, Outcome, UsageBucket, UsageCount, UsageRange, UsageRetention,
     outcome_at, outcome_index,
 };
+use keygate_core::intern::Interner;
 use keygate_core::key::KeyRecord;
 use uuid::Uuid;
 
@@ -31,11 +33,23 @@ const MAX_ROWS: u32 = 50_000;
 const SWEEP_BATCH: u32 = 1000;
 const SWEEP_BATCHES_PER_ROUND: usize = 100;
 
-/// One key's calls in one minute, by outcome.
+/// One key's calls in one minute, by outcome. Four-byte counts: one
+/// replica cannot answer 2^32 calls of one key in a minute (71 million a
+/// second); counts added in bulk (restored after a failed flush) saturate.
 #[derive(Debug)]
 struct Slot {
-    organization_id: Option<String>,
-    calls: [AtomicU64; OUTCOMES],
+    /// Shared with every slot of the organization (see `orgs`).
+    organization_id: Option<Arc<str>>,
+    calls: [AtomicU32; OUTCOMES],
+}
+
+impl Slot {
+    fn add(&self, i: usize, n: u64) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let _ = self.calls[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+            Some(c.saturating_add(n))
+        });
+    }
 }
 
 /// Outcomes not yet added to the store, per (key, minute since the epoch).
@@ -46,6 +60,8 @@ pub struct UsageCounts {
     /// Off (`--usage-analytics off`): nothing is counted.
     off: bool,
     pending: DashMap<(Uuid, i64), Slot>,
+    /// One copy of each organization id among the slots.
+    orgs: Interner<str>,
     slots: AtomicUsize,
     dropped: AtomicU64,
 }
@@ -69,6 +85,7 @@ impl UsageCounts {
         let slot = (key.id, now.timestamp().div_euclid(60));
         let i = outcome_index(outcome);
         if let Some(s) = self.pending.get(&slot) {
+            // No saturation check on the hot path: see `Slot`.
             s.calls[i].fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -90,12 +107,11 @@ impl UsageCounts {
             .or_insert_with(|| {
                 self.slots.fetch_add(1, Ordering::Relaxed);
                 Slot {
-                    organization_id: organization_id.map(str::to_owned),
+                    organization_id: organization_id.map(|org| self.orgs.intern(org)),
                     calls: Default::default(),
                 }
             })
-            .calls[i]
-            .fetch_add(n, Ordering::Relaxed);
+            .add(i, n);
     }
 
     /// Takes every per-minute count so far, to write.
@@ -111,11 +127,11 @@ impl UsageCounts {
                 continue;
             };
             for (i, calls) in s.calls.into_iter().enumerate() {
-                let count = calls.into_inner();
+                let count = u64::from(calls.into_inner());
                 if let (true, Some(outcome)) = (count > 0, outcome_at(i)) {
                     out.push(UsageCount {
                         key_id,
-                        organization_id: s.organization_id.clone(),
+                        organization_id: s.organization_id.as_deref().map(str::to_owned),
                         granularity: Granularity::Minute,
                         start,
                         outcome,

@@ -12,6 +12,7 @@ pub mod decision;
 pub mod event;
 pub mod freshness;
 pub mod grant;
+pub mod intern;
 pub mod jwt;
 pub mod key;
 pub mod limits;

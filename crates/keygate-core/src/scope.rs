@@ -13,6 +13,9 @@
 //! (`api_key:read`, `api_key:*`) or `*:*` grants them.
 
 use std::fmt;
+use std::sync::Arc;
+
+use crate::intern::Interner;
 
 const CREATE: u8 = 1;
 const READ: u8 = 2;
@@ -30,7 +33,7 @@ pub const MAX_SCOPE_LEN: usize = 100;
 pub const ADMIN_RESOURCES: &[&str] = &["api_key", "revocation"];
 
 /// One parsed scope. Keeps the text it was written as, for display.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Scope {
     text: String,
     /// `None` is `*`, every resource.
@@ -127,7 +130,7 @@ impl fmt::Display for Scope {
 
 /// The scopes a key holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ScopeSet(Vec<Scope>);
+pub struct ScopeSet(Arc<[Scope]>);
 
 /// Most scopes one key may hold.
 pub const MAX_SCOPES: usize = 100;
@@ -142,7 +145,14 @@ impl ScopeSet {
                 set.push(scope);
             }
         }
-        Ok(Self(set))
+        Ok(Self(set.into()))
+    }
+
+    /// The same set, sharing its scopes with every equal set `interner` has
+    /// handed out (what the key cache keeps, so keys with the same scopes
+    /// cost one set between them).
+    pub fn interned(&self, interner: &Interner<[Scope]>) -> Self {
+        Self(interner.intern(&self.0))
     }
 
     /// The scopes, in the order first given, each once.
@@ -196,6 +206,21 @@ mod tests {
         assert!(!write.covers(&s("links:read")));
         assert!(!write.covers(&s("links:execute")));
         assert!(!write.covers(&s("sessions:create")));
+    }
+
+    #[test]
+    fn interned_sets_are_equal_and_share_their_scopes() {
+        let interner = Interner::default();
+        let a = ScopeSet::parse(&["checkout:create", "checkout:read"]).unwrap();
+        let b = ScopeSet::parse(&["checkout:create", "checkout:read"]).unwrap();
+        let (a, b) = (a.interned(&interner), b.interned(&interner));
+        assert_eq!(a, b);
+        assert!(Arc::ptr_eq(&a.0, &b.0));
+        assert!(a.grants(&s("checkout:read")));
+        let other = ScopeSet::parse(&["checkout:read"])
+            .unwrap()
+            .interned(&interner);
+        assert_ne!(a, other);
     }
 
     #[test]
