@@ -94,7 +94,7 @@ pub fn record_weight(key: &KeyRecord) -> u32 {
     let bytes = std::mem::size_of::<KeyRecord>()
         + ENTRY_OVERHEAD
         + key.name.len()
-        + key.organization_id.as_ref().map_or(0, String::len)
+        + key.organization_id.as_deref().map_or(0, str::len)
         + key.prefix.len()
         + key.created_by.len()
         + reason
@@ -226,8 +226,10 @@ pub struct KeyCache {
     /// misses start a new read instead of joining one that began before the
     /// change. Never locked across an await.
     flights: Mutex<HashMap<Uuid, Arc<Flight>>>,
-    /// One scope set per distinct set among the cached keys.
+    /// One scope set, and one organization id, per distinct value among
+    /// the cached keys.
     scope_sets: Interner<[Scope]>,
+    organizations: Interner<str>,
     /// Slots for store reads from the Authorize path.
     reads: Semaphore,
     read_wait: Duration,
@@ -259,6 +261,7 @@ impl KeyCache {
                 .build(),
             flights: Mutex::default(),
             scope_sets: Interner::default(),
+            organizations: Interner::default(),
             reads: Semaphore::new(usize::try_from(settings.store_reads.max(1)).unwrap_or(1)),
             read_wait: settings.store_read_wait,
         }
@@ -350,6 +353,9 @@ impl KeyCache {
             .map_err(Arc::new)?
             .map(|mut key| {
                 key.scopes = key.scopes.interned(&self.scope_sets);
+                if let Some(org) = &key.organization_id {
+                    key.organization_id = Some(self.organizations.intern(org));
+                }
                 Arc::new(key)
             });
         // An invalidation during the read may mean the row we read is stale:
@@ -475,7 +481,7 @@ mod tests {
         KeyRecord {
             id,
             name: "bulk".into(),
-            organization_id: Some(format!("org_{}", n % 1000)),
+            organization_id: Some(format!("org_{}", n % 1000).into()),
             tier: Tier::Organization,
             mode: Mode::Live,
             prefix: t.prefix,

@@ -23,7 +23,7 @@ pub fn api_key(k: &KeyRecord, now: DateTime<Utc>) -> pb::ApiKey {
     pb::ApiKey {
         key_id: k.id.to_string(),
         name: k.name.clone(),
-        organization_id: k.organization_id.clone().unwrap_or_default(),
+        organization_id: k.organization_id.as_deref().unwrap_or_default().to_owned(),
         tier: pb::KeyTier::from(k.tier).into(),
         mode: pb::Mode::from(k.mode).into(),
         prefix: k.prefix.clone(),
@@ -88,7 +88,7 @@ pub fn authorize_response(o: Outcome) -> pb::AuthorizeResponse {
     };
     match o.principal {
         Some(Principal::Key(k)) => {
-            r.organization_id = k.organization_id.clone().unwrap_or_default();
+            r.organization_id = k.organization_id.as_deref().unwrap_or_default().to_owned();
             r.key_id = k.id.to_string();
             r.scopes = k.scopes.to_strings();
             r.mode = pb::Mode::from(k.mode).into();

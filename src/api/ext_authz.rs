@@ -235,7 +235,7 @@ impl<'a> Identity<'a> {
     fn of(principal: &'a Principal) -> Self {
         let (organization_id, scopes, mode, tier, key_id, subject, credential) = match principal {
             Principal::Key(key) => (
-                &key.organization_id,
+                key.organization_id.as_deref(),
                 &key.scopes,
                 key.mode.as_str(),
                 key.tier,
@@ -244,7 +244,7 @@ impl<'a> Identity<'a> {
                 "api_key",
             ),
             Principal::Jwt(jwt) => (
-                &jwt.identity.organization_id,
+                jwt.identity.organization_id.as_deref(),
                 &jwt.identity.scopes,
                 "",
                 jwt.identity.tier(),
@@ -255,7 +255,7 @@ impl<'a> Identity<'a> {
         };
         let scopes: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
         Self {
-            organization_id: organization_id.as_deref().unwrap_or_default(),
+            organization_id: organization_id.unwrap_or_default(),
             key_id,
             scope_header: scopes.join(","),
             scopes,

@@ -11,7 +11,6 @@ use keygate_core::analytics::{
     self, Granularity, OUTCOMES, Outcome, UsageBucket, UsageCount, UsageRange, UsageRetention,
     outcome_at, outcome_index,
 };
-use keygate_core::intern::Interner;
 use keygate_core::key::KeyRecord;
 use uuid::Uuid;
 
@@ -38,7 +37,7 @@ const SWEEP_BATCHES_PER_ROUND: usize = 100;
 /// second); counts added in bulk (restored after a failed flush) saturate.
 #[derive(Debug)]
 struct Slot {
-    /// Shared with every slot of the organization (see `orgs`).
+    /// The key record's own (the cache shares one per organization).
     organization_id: Option<Arc<str>>,
     calls: [AtomicU32; OUTCOMES],
 }
@@ -60,8 +59,6 @@ pub struct UsageCounts {
     /// Off (`--usage-analytics off`): nothing is counted.
     off: bool,
     pending: DashMap<(Uuid, i64), Slot>,
-    /// One copy of each organization id among the slots.
-    orgs: Interner<str>,
     slots: AtomicUsize,
     dropped: AtomicU64,
 }
@@ -89,10 +86,10 @@ impl UsageCounts {
             s.calls[i].fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.add(slot, key.organization_id.as_deref(), i, 1);
+        self.add(slot, key.organization_id.as_ref(), i, 1);
     }
 
-    fn add(&self, slot: (Uuid, i64), organization_id: Option<&str>, i: usize, n: u64) {
+    fn add(&self, slot: (Uuid, i64), organization_id: Option<&Arc<str>>, i: usize, n: u64) {
         if self.slots.load(Ordering::Relaxed) >= MAX_SLOTS && !self.pending.contains_key(&slot) {
             if self.dropped.fetch_add(n, Ordering::Relaxed) == 0 {
                 tracing::warn!(
@@ -107,7 +104,7 @@ impl UsageCounts {
             .or_insert_with(|| {
                 self.slots.fetch_add(1, Ordering::Relaxed);
                 Slot {
-                    organization_id: organization_id.map(|org| self.orgs.intern(org)),
+                    organization_id: organization_id.cloned(),
                     calls: Default::default(),
                 }
             })
@@ -148,9 +145,10 @@ impl UsageCounts {
     pub fn restore(&self, counts: Vec<UsageCount>) {
         for c in counts {
             let minute = c.start.timestamp().div_euclid(60);
+            let organization_id = c.organization_id.map(Arc::<str>::from);
             self.add(
                 (c.key_id, minute),
-                c.organization_id.as_deref(),
+                organization_id.as_ref(),
                 outcome_index(c.outcome),
                 c.count,
             );

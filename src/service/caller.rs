@@ -119,7 +119,7 @@ impl Caller {
             Some(org) if !self.can_see(Some(&org)) => Err(Error::NotFound("organization")),
             Some(org) => Ok(Some(org)),
             None if self.is_system() => Ok(None),
-            None => Ok(self.key.organization_id.clone()),
+            None => Ok(self.key.organization_id.as_deref().map(str::to_owned)),
         }
     }
 

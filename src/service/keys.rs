@@ -159,7 +159,7 @@ impl KeyService {
             Tier::Organization => {
                 let org = spec
                     .organization_id
-                    .or_else(|| caller.key().organization_id.clone())
+                    .or_else(|| caller.key().organization_id.as_deref().map(str::to_owned))
                     .ok_or_else(|| {
                         Error::invalid("organization_id", "is required for ORGANIZATION keys")
                     })?;
@@ -182,7 +182,7 @@ impl KeyService {
         let mut key = KeyRecord {
             id,
             name: spec.name,
-            organization_id,
+            organization_id: organization_id.map(Arc::from),
             tier: spec.tier,
             mode: spec.mode,
             prefix,
@@ -424,7 +424,7 @@ impl KeyService {
             let ev = NewEvent {
                 kind: EventKind::SecretExpired,
                 key_id: key.id,
-                organization_id: key.organization_id.clone(),
+                organization_id: key.organization_id.as_deref().map(str::to_owned),
                 actor: Actor::Keygate,
                 at: now,
                 reason: String::new(),
@@ -555,7 +555,7 @@ fn event(
     NewEvent {
         kind,
         key_id: key.id,
-        organization_id: key.organization_id.clone(),
+        organization_id: key.organization_id.as_deref().map(str::to_owned),
         actor: caller.actor().clone(),
         at,
         // An update's reason names the changed fields; `key` is the key

@@ -250,7 +250,7 @@ fn event(kind: EventKind, key: &KeyRecord, at_s: i64) -> NewEvent {
     NewEvent {
         kind,
         key_id: key.id,
-        organization_id: key.organization_id.clone(),
+        organization_id: key.organization_id.as_deref().map(str::to_owned),
         actor: Actor::Bootstrap,
         at: at(at_s),
         reason: String::new(),

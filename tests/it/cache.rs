@@ -65,7 +65,7 @@ async fn caching_many_large_keys_stays_within_the_byte_budget(backend: Backend) 
         let event = NewEvent {
             kind: EventKind::Created,
             key_id: key.id,
-            organization_id: key.organization_id.clone(),
+            organization_id: key.organization_id.as_deref().map(str::to_owned),
             actor: Actor::Bootstrap,
             at: key.created_at,
             reason: String::new(),
@@ -106,4 +106,42 @@ async fn caching_many_large_keys_stays_within_the_byte_budget(backend: Backend) 
     );
 }
 
-on_both_backends!(caching_many_large_keys_stays_within_the_byte_budget);
+async fn cached_keys_of_one_organization_share_its_id_and_their_scopes(backend: Backend) {
+    let Some(s) = TestServer::start(backend).await else {
+        return;
+    };
+    let cache = KeyCache::new(
+        s.store.clone(),
+        CacheSettings::default(),
+        Arc::new(Freshness::new(Duration::from_secs(60))),
+    );
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        let key = large_key();
+        let event = NewEvent {
+            kind: EventKind::Created,
+            key_id: key.id,
+            organization_id: key.organization_id.as_deref().map(str::to_owned),
+            actor: Actor::Bootstrap,
+            at: key.created_at,
+            reason: String::new(),
+            details: String::new(),
+        };
+        s.store.insert_key(&key, &event).await.unwrap();
+        keys.push(cache.get(key.id).await.unwrap().unwrap());
+    }
+    let org = |k: &KeyRecord| Arc::clone(k.organization_id.as_ref().unwrap());
+    for other in &keys[1..] {
+        assert!(Arc::ptr_eq(&org(&keys[0]), &org(other)));
+        assert!(keys[0].scopes.shares_with(&other.scopes));
+    }
+    // Shared, still what was stored.
+    assert_eq!(&*org(&keys[2]), "org_large");
+    assert_eq!(keys[2].scopes, large_key().scopes);
+    assert!(!keys[0].scopes.shares_with(&large_key().scopes));
+}
+
+on_both_backends!(
+    caching_many_large_keys_stays_within_the_byte_budget,
+    cached_keys_of_one_organization_share_its_id_and_their_scopes,
+);

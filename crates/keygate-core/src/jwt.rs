@@ -18,6 +18,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Deserialize;
@@ -415,7 +416,7 @@ impl JwtIdentity {
         KeyRecord {
             id: self.subject_id(),
             name: self.actor().to_string(),
-            organization_id: self.organization_id.clone(),
+            organization_id: self.organization_id.as_deref().map(Arc::from),
             tier: self.tier(),
             mode: Mode::Live,
             prefix: String::new(),

@@ -1,5 +1,7 @@
 //! The key record and its lifecycle rules.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Duration, Utc};
 use ipnet::IpNet;
 use uuid::Uuid;
@@ -143,8 +145,9 @@ pub struct KeyRecord {
     /// A name for people; every way of making or renaming a key bounds it to
     /// [`MAX_NAME_CHARS`](crate::bounds::MAX_NAME_CHARS) characters.
     pub name: String,
-    /// `None` exactly for SYSTEM keys.
-    pub organization_id: Option<String>,
+    /// `None` exactly for SYSTEM keys. Shared: the key cache gives keys of
+    /// one organization one copy.
+    pub organization_id: Option<Arc<str>>,
     /// ORGANIZATION or SYSTEM.
     pub tier: Tier,
     /// Live or test traffic.

@@ -155,6 +155,11 @@ impl ScopeSet {
         Self(interner.intern(&self.0))
     }
 
+    /// Whether both hold the very same scopes in memory (an interned pair).
+    pub fn shares_with(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The scopes, in the order first given, each once.
     pub fn iter(&self) -> impl Iterator<Item = &Scope> {
         self.0.iter()
@@ -215,7 +220,7 @@ mod tests {
         let b = ScopeSet::parse(&["checkout:create", "checkout:read"]).unwrap();
         let (a, b) = (a.interned(&interner), b.interned(&interner));
         assert_eq!(a, b);
-        assert!(Arc::ptr_eq(&a.0, &b.0));
+        assert!(a.shares_with(&b));
         assert!(a.grants(&s("checkout:read")));
         let other = ScopeSet::parse(&["checkout:read"])
             .unwrap()
