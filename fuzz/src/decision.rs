@@ -111,16 +111,15 @@ impl KeySpec {
         key.mode = self.parts.mode();
         key.prefix = token::prefix_for(&self.parts.brand(), key.mode, key.id);
         key.secret_digest = SecretDigest::of(&self.parts.secret());
-        key.previous_secret = self
-            .previous
-            .as_ref()
-            .map(|(secret, expires)| PreviousSecret {
+        key.previous_secret = self.previous.as_ref().map(|(secret, expires)| {
+            Box::new(PreviousSecret {
                 digest: SecretDigest::of(&super::token::secret_from(secret)),
                 expires_at: at(*expires),
                 announced: false,
                 last_used_at: None,
                 uses: 0,
-            });
+            })
+        });
         key.scopes = ScopeSet::parse(&scopes).expect("valid scopes parse");
         key.allowed_cidrs = self
             .written_cidrs()

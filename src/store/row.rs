@@ -290,7 +290,7 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
         .try_get::<Option<Vec<u8>>, _>("previous_secret_digest")
         .map_err(get_err)?
     {
-        Some(d) => Some(PreviousSecret {
+        Some(d) => Some(Box::new(PreviousSecret {
             digest: digest(d)?,
             expires_at: time(
                 opt_i64("previous_secret_expires_at")?.ok_or("previous secret without expiry")?,
@@ -305,7 +305,7 @@ fn decode(row: &AnyRow, id: &str) -> Result<KeyRecord, String> {
                 .try_get::<i64, _>("previous_secret_announced")
                 .map_err(get_err)?
                 != 0,
-        }),
+        })),
         None => None,
     };
     let scopes_text = text("scopes")?;

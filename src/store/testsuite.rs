@@ -219,13 +219,13 @@ fn full_key() -> KeyRecord {
         mode: Mode::Test,
         prefix: "kg_test_cd34".into(),
         secret_digest: SecretDigest([2; 32]),
-        previous_secret: Some(PreviousSecret {
+        previous_secret: Some(Box::new(PreviousSecret {
             digest: SecretDigest([3; 32]),
             expires_at: at(500),
             announced: true,
             last_used_at: Some(at(450)),
             uses: 42,
-        }),
+        })),
         scopes: ScopeSet::parse(&["checkout:create", "transaction:read"]).expect("scopes"),
         allowed_cidrs: vec![
             "10.0.0.0/8".parse().expect("cidr"),
@@ -354,13 +354,13 @@ async fn update_stores_the_next_version_or_none_when_stale(f: &Fixture) {
 async fn update_keeps_usage_a_stale_record_does_not_know(f: &Fixture) {
     let mut stored = key("acme", 1);
     stored.rotated_at = Some(at(10));
-    stored.previous_secret = Some(PreviousSecret {
+    stored.previous_secret = Some(Box::new(PreviousSecret {
         digest: SecretDigest([9; 32]),
         expires_at: at(1000),
         announced: false,
         last_used_at: None,
         uses: 0,
-    });
+    }));
     insert(&f.store, &stored).await;
     // A usage flush lands after the admin read the record.
     f.store
@@ -393,13 +393,13 @@ async fn update_keeps_usage_a_stale_record_does_not_know(f: &Fixture) {
     // A rotation starts the previous secret's usage over.
     let mut rotated = after_update.clone();
     rotated.rotated_at = Some(at(70));
-    rotated.previous_secret = Some(PreviousSecret {
+    rotated.previous_secret = Some(Box::new(PreviousSecret {
         digest: SecretDigest([8; 32]),
         expires_at: at(2000),
         announced: false,
         last_used_at: None,
         uses: 0,
-    });
+    }));
     f.store
         .update_key(&rotated, &event(EventKind::Rotated, &rotated, 70))
         .await
@@ -682,13 +682,13 @@ async fn events_after_and_head_sequence_follow_the_log(f: &Fixture) {
 async fn record_usage_moves_forward_and_counts_per_rotation(f: &Fixture) {
     let mut rotated = key("acme", 1);
     rotated.rotated_at = Some(at(10));
-    rotated.previous_secret = Some(PreviousSecret {
+    rotated.previous_secret = Some(Box::new(PreviousSecret {
         digest: SecretDigest([9; 32]),
         expires_at: at(1000),
         announced: false,
         last_used_at: None,
         uses: 0,
-    });
+    }));
     let plain = key("acme", 2);
     insert(&f.store, &rotated).await;
     insert(&f.store, &plain).await;
@@ -739,13 +739,13 @@ async fn record_usage_moves_forward_and_counts_per_rotation(f: &Fixture) {
 async fn unannounced_secret_expiries_are_due_and_oldest_first(f: &Fixture) {
     let with_previous = |created: i64, expires: i64, announced: bool| KeyRecord {
         rotated_at: Some(at(created)),
-        previous_secret: Some(PreviousSecret {
+        previous_secret: Some(Box::new(PreviousSecret {
             digest: SecretDigest([4; 32]),
             expires_at: at(expires),
             announced,
             last_used_at: None,
             uses: 0,
-        }),
+        })),
         ..key("acme", created)
     };
     let later = with_previous(1, 200, false);

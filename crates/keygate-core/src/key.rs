@@ -157,8 +157,9 @@ pub struct KeyRecord {
     pub prefix: String,
     /// The digest of the current secret.
     pub secret_digest: SecretDigest,
-    /// The secret the last rotation replaced, while it is remembered.
-    pub previous_secret: Option<PreviousSecret>,
+    /// The secret the last rotation replaced, while it is remembered. Boxed:
+    /// most keys have none, and a cached record is 64 bytes smaller for it.
+    pub previous_secret: Option<Box<PreviousSecret>>,
     /// What the key may do.
     pub scopes: ScopeSet,
     /// Where the key may be used from; empty means from anywhere.
@@ -265,7 +266,9 @@ impl KeyRecord {
 
     /// The previous secret, only while its grace period runs.
     pub fn live_previous_secret(&self, now: DateTime<Utc>) -> Option<&PreviousSecret> {
-        self.previous_secret.as_ref().filter(|p| p.expires_at > now)
+        self.previous_secret
+            .as_deref()
+            .filter(|p| p.expires_at > now)
     }
 
     /// Revokes the key for good, recording when and why. Fails only if it
@@ -357,13 +360,13 @@ impl KeyRecord {
         if matches!(self.state, KeyState::Revoked { .. }) {
             return Err(LifecycleError::Revoked);
         }
-        self.previous_secret = Some(PreviousSecret {
+        self.previous_secret = Some(Box::new(PreviousSecret {
             digest: self.secret_digest,
             expires_at: now + grace,
             announced: grace.is_zero(),
             last_used_at: None,
             uses: 0,
-        });
+        }));
         self.secret_digest = new_digest;
         self.rotated_at = Some(now);
         Ok(())
