@@ -225,6 +225,19 @@ pub async fn write(results: &Path, out: &Path, charts: &Path, note: &str) -> Res
         }
     }
     s.push('\n');
+    // The fixes and the misses' causes, kept by hand beside the results
+    // (docs/bench/fixes.md for the committed run; quick runs have none).
+    if let Some(fixes) = results
+        .parent()
+        .and_then(|dir| std::fs::read_to_string(dir.join("fixes.md")).ok())
+    {
+        let body = fixes
+            .lines()
+            .skip_while(|l| l.starts_with("<!--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let _ = writeln!(s, "## Fixes: before and after\n\n{}\n", body.trim());
+    }
     for o in &all {
         s.push_str(&scenario_markdown(o, Some(&rel)));
     }
