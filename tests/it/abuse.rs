@@ -319,22 +319,35 @@ async fn calls_beyond_the_global_limit_are_refused_and_open_watches_hold_no_perm
             .decision(),
         pb::Decision::Allow
     );
-    // Two stalled calls, on two connections, take both permits.
-    let first = tokio::spawn(stalled_authorize(channel(&s).await));
-    let second = tokio::spawn(stalled_authorize(channel(&s).await));
-    let refused = eventually(
-        Duration::from_secs(10),
-        "the limit to be reached",
-        || async {
-            authorize(
-                &s,
-                authorize_request(&s.admin_token, "POST /v1/checkouts", "", &[]),
-            )
-            .await
-            .err()
-        },
-    )
-    .await;
+    // Two stalled calls, on two connections, take both permits. A probe
+    // below holds a permit while it runs: a stalled call arriving then is
+    // refused and ends, so it is started again until both hold theirs.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(tokio::spawn(stalled_authorize(channel(&s).await)));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        for call in &mut stalled {
+            if call.is_finished() {
+                *call = tokio::spawn(stalled_authorize(channel(&s).await));
+            }
+        }
+        let probe = authorize(
+            &s,
+            authorize_request(&s.admin_token, "POST /v1/checkouts", "", &[]),
+        )
+        .await;
+        if let Err(status) = probe {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for the limit to be reached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let [first, second] = <[_; 2]>::try_from(stalled).unwrap();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused.message().contains("2 calls in progress"),

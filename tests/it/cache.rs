@@ -46,6 +46,20 @@ fn large_key() -> KeyRecord {
     }
 }
 
+/// Writes `key` to the server's store as its bootstrap creation.
+async fn store_key(s: &TestServer, key: &KeyRecord) {
+    let event = NewEvent {
+        kind: EventKind::Created,
+        key_id: key.id,
+        organization_id: key.organization_id.as_deref().map(str::to_owned),
+        actor: Actor::Bootstrap,
+        at: key.created_at,
+        reason: String::new(),
+        details: String::new(),
+    };
+    s.store.insert_key(key, &event).await.unwrap();
+}
+
 async fn caching_many_large_keys_stays_within_the_byte_budget(backend: Backend) {
     let Some(s) = TestServer::start(backend).await else {
         return;
@@ -62,16 +76,7 @@ async fn caching_many_large_keys_stays_within_the_byte_budget(backend: Backend) 
     let mut ids = Vec::new();
     for _ in 0..200 {
         let key = large_key();
-        let event = NewEvent {
-            kind: EventKind::Created,
-            key_id: key.id,
-            organization_id: key.organization_id.as_deref().map(str::to_owned),
-            actor: Actor::Bootstrap,
-            at: key.created_at,
-            reason: String::new(),
-            details: String::new(),
-        };
-        s.store.insert_key(&key, &event).await.unwrap();
+        store_key(&s, &key).await;
         ids.push(key.id);
     }
     let one = cache.get(ids[0]).await.unwrap().unwrap();
@@ -118,16 +123,7 @@ async fn cached_keys_of_one_organization_share_its_id_and_their_scopes(backend: 
     let mut keys = Vec::new();
     for _ in 0..3 {
         let key = large_key();
-        let event = NewEvent {
-            kind: EventKind::Created,
-            key_id: key.id,
-            organization_id: key.organization_id.as_deref().map(str::to_owned),
-            actor: Actor::Bootstrap,
-            at: key.created_at,
-            reason: String::new(),
-            details: String::new(),
-        };
-        s.store.insert_key(&key, &event).await.unwrap();
+        store_key(&s, &key).await;
         keys.push(cache.get(key.id).await.unwrap().unwrap());
     }
     let org = |k: &KeyRecord| Arc::clone(k.organization_id.as_ref().unwrap());
