@@ -342,6 +342,13 @@ impl KeyCache {
 
     /// One store read for `flight`, within the cap on concurrent reads.
     async fn read(&self, id: Uuid, keep: bool, flight: &Flight) -> Loaded {
+        // A lookup that missed the cache just before the previous flight for
+        // this id kept its record, and reached the flights just after that
+        // flight's last waiter left, starts this one: the record is there
+        // now (a flight keeps it before anyone leaves), so no second read.
+        if keep && let Some(key) = self.known.get(&id) {
+            return Ok(Some(key));
+        }
         let Ok(Ok(_slot)) = tokio::time::timeout(self.read_wait, self.reads.acquire()).await else {
             self.metrics.busy.increment(1);
             return Err(Arc::new(StoreError::Busy));
