@@ -268,3 +268,35 @@ impl KeyService {
         Ok(swept)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(n: u64) -> UsageCount {
+        UsageCount {
+            key_id: Uuid::from_u128(7),
+            organization_id: Some("org_a".into()),
+            granularity: Granularity::Minute,
+            start: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            outcome: None,
+            count: n,
+        }
+    }
+
+    #[test]
+    fn restored_counts_add_up_and_saturate_at_four_bytes() {
+        let counts = UsageCounts::new(true);
+        counts.restore(vec![count(5), count(7)]);
+        let drained = counts.drain();
+        assert_eq!(drained.len(), 1);
+        assert_eq!(drained[0].count, 12);
+        assert_eq!(drained[0].organization_id.as_deref(), Some("org_a"));
+        assert!(counts.is_empty());
+        // Beyond what one minute of one key can hold: kept at the most, not wrapped.
+        counts.restore(vec![count(u64::from(u32::MAX) - 1), count(10)]);
+        assert_eq!(counts.drain()[0].count, u64::from(u32::MAX));
+        counts.restore(vec![count(u64::MAX)]);
+        assert_eq!(counts.drain()[0].count, u64::from(u32::MAX));
+    }
+}
