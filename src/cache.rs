@@ -19,6 +19,7 @@ use keygate_core::event::EventKind;
 use keygate_core::freshness::Contact;
 use keygate_core::intern::Interner;
 use keygate_core::key::{KeyRecord, KeyState};
+use keygate_core::key_id::KeyIds;
 use keygate_core::scope::Scope;
 use moka::sync::Cache;
 use tokio::sync::{Notify, OnceCell, Semaphore, watch};
@@ -219,6 +220,9 @@ pub struct KeyCache {
     store: Arc<dyn KeyReader>,
     freshness: Arc<Freshness>,
     index: Arc<KeyIndex>,
+    /// Which ids a keygate of this cluster made: an id the index lacks and
+    /// none made is refused without waiting for the log.
+    key_ids: Arc<KeyIds>,
     known: Cache<Uuid, Arc<KeyRecord>>,
     unknown: Cache<Uuid, ()>,
     /// The read in flight for each id that has one. An invalidation marks
@@ -237,11 +241,13 @@ pub struct KeyCache {
 
 impl KeyCache {
     /// An empty cache over `store`, trusted while `freshness` says this
-    /// replica is in touch with the event log.
+    /// replica is in touch with the event log; `key_ids` tells the ids this
+    /// cluster made from forged ones.
     pub fn new(
         store: Arc<dyn KeyReader>,
         settings: CacheSettings,
         freshness: Arc<Freshness>,
+        key_ids: Arc<KeyIds>,
     ) -> Self {
         let unknown_bytes = settings.max_bytes / 8;
         Self {
@@ -249,6 +255,7 @@ impl KeyCache {
             store,
             freshness,
             index: Arc::new(KeyIndex::new()),
+            key_ids,
             known: Cache::builder()
                 .max_capacity(settings.max_bytes - unknown_bytes)
                 .weigher(|_, key: &Arc<KeyRecord>| record_weight(key))
@@ -267,6 +274,11 @@ impl KeyCache {
         }
     }
 
+    /// What makes new key ids, so that this cache recognises them.
+    pub fn key_ids(&self) -> &Arc<KeyIds> {
+        &self.key_ids
+    }
+
     /// The key-id index this cache consults (loaded by the server at start).
     pub fn index(&self) -> &Arc<KeyIndex> {
         &self.index
@@ -274,20 +286,31 @@ impl KeyCache {
 
     /// The key with this id: from memory when cached, `None` without a
     /// store read when the loaded key-id index has no such id, else from the
-    /// store. While out of touch with the event log, always from the store
-    /// (neither the cache nor the index may have heard of a change), so an
-    /// unreachable store fails closed instead of serving a revoked key.
+    /// store. While out of touch with the event log, from the store (neither
+    /// the cache nor the index may have heard of a change), so an
+    /// unreachable store fails closed instead of serving a revoked key; an
+    /// id that is neither indexed nor made by this cluster is refused even
+    /// then.
     pub async fn get(&self, id: Uuid) -> Result<Option<Arc<KeyRecord>>, StoreError> {
         let fresh = self.freshness.is_fresh();
+        if fresh && let Some(key) = self.known.get(&id) {
+            self.metrics.hits.increment(1);
+            return Ok(Some(key));
+        }
+        // Every key made since ids were tagged has a tag, and every key made
+        // before is in the loaded index (the index only misses keys created
+        // after it was loaded, and those were minted): an id with neither is
+        // forged, whatever the feed may not have read yet.
+        if self.index.refuses(id) && !self.key_ids.minted(id) {
+            self.metrics.refused.increment(1);
+            return Ok(None);
+        }
         if fresh {
-            if let Some(key) = self.known.get(&id) {
-                self.metrics.hits.increment(1);
-                return Ok(Some(key));
-            }
             // A key made on another replica a moment ago may not have reached
             // this replica's feed yet: before refusing, wait for one read of
             // the log that began after this lookup (shared by every lookup
-            // waiting, so forged ids cost no read of their own).
+            // waiting, so ids of deleted keys, or a forger who guessed a tag,
+            // cost no read of their own).
             // If that read does not come in time, the log is not readable
             // right now: ask the store rather than refuse a key that may
             // exist (the read cap bounds what that costs, and a store that is

@@ -25,7 +25,10 @@
 //!   load's cursor was. Until then the id is missing here, as on any replica
 //!   for a key created elsewhere a moment ago: that is why a lookup for a
 //!   missing id first waits for one read of the log that began after it
-//!   arrived (`Freshness::read_since_now`) before it is refused.
+//!   arrived (`Freshness::read_since_now`) before it is refused, unless the
+//!   id lacks the tag every id keygate makes carries
+//!   ([`KeyIds`](keygate_core::key_id::KeyIds)): keys created after the
+//!   load were all made with a tag, so such an id is forged.
 //!
 //! Removals only follow DELETED events (or a local delete), after which the
 //! key does not exist. A page read before a deletion and inserted after the

@@ -7,6 +7,7 @@ use std::time::Duration;
 use keygate_core::analytics::UsageRetention;
 use keygate_core::clock::Clock;
 use keygate_core::jwt::IssuerConfig;
+use keygate_core::key_id::KeyIds;
 use keygate_core::limits::Allowance;
 use keygate_core::policy::RouteTable;
 use keygate_core::token::Brand;
@@ -268,11 +269,13 @@ impl Keygate {
         let console_clock = clock.clone();
         let store = Arc::new(SqlStore::connect_with(&settings.database_url, settings.store).await?);
         let page_key = store.shared_secret("page_token_key").await?;
+        let key_ids = Arc::new(KeyIds::new(store.shared_secret("key_id_key").await?));
         let freshness = Arc::new(Freshness::new(settings.max_staleness));
         let cache = Arc::new(KeyCache::new(
             store.clone(),
             settings.cache,
             freshness.clone(),
+            key_ids,
         ));
         let poll_interval = settings.feed.poll_interval;
         let heartbeat = settings.feed.heartbeat;

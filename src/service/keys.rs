@@ -173,7 +173,7 @@ impl KeyService {
         if spec.expires_at.is_some_and(|at| at <= now) {
             return Err(Error::invalid("expires_at", "must be in the future"));
         }
-        let id = Uuid::new_v4();
+        let id = self.new_id()?;
         let NewToken {
             token,
             prefix,
@@ -442,7 +442,7 @@ impl KeyService {
     /// first key (`keygate bootstrap`).
     pub async fn bootstrap(&self, name: String, mode: Mode) -> Result<(KeyRecord, String), Error> {
         let now = self.clock.now();
-        let id = Uuid::new_v4();
+        let id = self.new_id()?;
         let NewToken {
             token,
             prefix,
@@ -537,6 +537,14 @@ impl KeyService {
             Some(key) if caller.can_see(key.organization_id.as_deref()) => Ok(key),
             _ => Err(Error::NotFound("key")),
         }
+    }
+
+    /// A tagged id, so every replica of the cluster tells it from a forged one.
+    fn new_id(&self) -> Result<Uuid, Error> {
+        self.cache
+            .key_ids()
+            .mint()
+            .map_err(|e| Error::Internal(format!("OS random source failed: {e}")))
     }
 
     fn new_token(&self, mode: Mode, id: Uuid) -> Result<NewToken, Error> {

@@ -72,6 +72,7 @@ async fn caching_many_large_keys_stays_within_the_byte_budget(backend: Backend) 
             ..CacheSettings::default()
         },
         Arc::new(Freshness::new(Duration::from_secs(60))),
+        s.cache.key_ids().clone(),
     );
     let mut ids = Vec::new();
     for _ in 0..200 {
@@ -119,6 +120,7 @@ async fn cached_keys_of_one_organization_share_its_id_and_their_scopes(backend: 
         s.store.clone(),
         CacheSettings::default(),
         Arc::new(Freshness::new(Duration::from_secs(60))),
+        s.cache.key_ids().clone(),
     );
     let mut keys = Vec::new();
     for _ in 0..3 {

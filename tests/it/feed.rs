@@ -483,6 +483,7 @@ async fn a_read_racing_an_invalidation_never_resurrects_the_old_record(backend: 
         reader.clone(),
         CacheSettings::default(),
         Arc::new(Freshness::new(Duration::from_secs(60))),
+        s.cache.key_ids().clone(),
     ));
     let pending = tokio::spawn({
         let cache = cache.clone();

@@ -15,6 +15,7 @@ pub mod grant;
 pub mod intern;
 pub mod jwt;
 pub mod key;
+pub mod key_id;
 pub mod limits;
 pub mod organization;
 pub mod page;
