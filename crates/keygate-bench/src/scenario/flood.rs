@@ -7,6 +7,7 @@
 //! runs.
 
 use keygate_core::key::Mode;
+use keygate_core::key_id::KeyIds;
 use keygate_core::token::{Brand, generate};
 use keygate_proto::v1 as pb;
 
@@ -57,17 +58,47 @@ fn malformed_tokens(count: usize) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// Well-formed tokens (valid checksum) for fresh random key ids: no such key.
+/// Well-formed tokens (valid checksum) for fresh random key ids: no such
+/// key, and no id keygate made (what anyone can forge).
 pub fn unknown_key_tokens(count: usize) -> Result<Vec<String>, String> {
+    tokens_for(count, || Ok(uuid::Uuid::new_v4()))
+}
+
+/// Well-formed tokens for ids tagged with the store's own key-id key: what a
+/// key created a moment ago on another replica looks like before this one
+/// has read its creation, or a forger who has read the store's settings.
+async fn minted_unknown_tokens(db: &Database, count: usize) -> Result<Vec<String>, String> {
+    use sqlx::{Connection, Row};
+    let mut conn = sqlx::PgConnection::connect(&db.url)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let key: Vec<u8> = sqlx::query("SELECT value FROM keygate_settings WHERE name = 'key_id_key'")
+        .fetch_one(&mut conn)
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| format!("reading the key-id key: {e}"))?;
+    let ids = KeyIds::new(
+        key.try_into()
+            .map_err(|_| "the key-id key is not 32 bytes")?,
+    );
+    tokens_for(count, || ids.mint().map_err(|e| format!("mint: {e}")))
+}
+
+fn tokens_for(
+    count: usize,
+    mut id: impl FnMut() -> Result<uuid::Uuid, String>,
+) -> Result<Vec<String>, String> {
     let brand = Brand::default();
     (0..count)
         .map(|_| {
-            generate(&brand, Mode::Live, uuid::Uuid::new_v4())
+            generate(&brand, Mode::Live, id()?)
                 .map(|t| t.token)
                 .map_err(|e| format!("token: {e}"))
         })
         .collect()
 }
+
+const MINTED: &str = "ids keygate made, of no key";
 
 pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let db = Database::postgres().await?;
@@ -88,6 +119,7 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
         ("random strings", random_strings(pool)?),
         ("malformed tokens", malformed_tokens(pool)?),
         ("unknown key ids", unknown_key_tokens(pool)?),
+        (MINTED, minted_unknown_tokens(db, pool).await?),
     ];
     let cached = authorize_call(&channels, &tokens, pb::Decision::Allow);
 
@@ -135,11 +167,15 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
             format!("{gets_total:.0}"),
             Some(gets_total == 0.0),
         ));
-        targets.push(Target::ratio_at_least(
-            &format!("{name}: throughput ÷ cached Authorize's"),
-            ratio_sum / ctx.rounds as f64,
-            0.9,
-        ));
+        let what = format!("{name}: throughput ÷ cached Authorize's");
+        let ratio = ratio_sum / ctx.rounds as f64;
+        // Not one of the issue's floods: ids only keygate can make, shown
+        // for what the wait for the log costs the few who can send them.
+        targets.push(if *name == MINTED {
+            Target::new(&what, "(none set)", format!("{ratio:.3}"), None)
+        } else {
+            Target::ratio_at_least(&what, ratio, 0.9)
+        });
     }
 
     // Cached keys' latency while a flood runs: cached Authorize at a tenth
@@ -151,6 +187,7 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
     // the machine, not the flood.
     let cached_peak = cached_rps.iter().sum::<f64>() / cached_rps.len().max(1) as f64;
     let rate = cached_peak / 10.0;
+    // The three floods anyone can send.
     let mixed: Vec<String> = (0..pool).map(|i| floods[i % 3].1[i / 3].clone()).collect();
     let flood = authorize_call(&channels, &mixed, pb::Decision::Deny);
     let other_cached = authorize_call(&channels, &tokens[KEYS / 2..], pb::Decision::Allow);
@@ -197,7 +234,10 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
         method: format!(
             "keygate on PostgreSQL as its own process. Floods: {pool} distinct printable random \
              strings; {pool} token-shaped strings with a wrong checksum; {pool} well-formed \
-             tokens (valid checksum) for random key ids that are no key. Each flood is measured \
+             tokens (valid checksum) for random key ids that are no key; and, with no target, \
+             {pool} well-formed tokens for ids tagged with the store's own key-id key (as a \
+             key just created on another replica, or a forger who read the store's \
+             settings, would send). Each flood is measured \
              closed-loop right after a cached-Authorize run ({KEYS} cached keys), {} rounds. \
              Store queries are keygate's own counters, read from its metrics port before and \
              after each run. The p99 comparison holds the total load equal: the flood replaces \
@@ -211,9 +251,10 @@ async fn measure(ctx: &Ctx, db: &Database) -> Result<Outcome, String> {
         charts: Vec::new(),
         notes: vec![
             "Log reads are the revocation feed's reads of the event log: a well-formed token \
-             for an id the key-id index lacks waits for one read that began after it arrived \
-             (shared by every lookup waiting), so a key created a moment ago on another \
-             replica is not refused. They read the log, not keys."
+             for an id the key-id index lacks whose tag is valid waits for one read that began \
+             after it arrived (shared by every lookup waiting), so a key created a moment ago \
+             on another replica is not refused. They read the log, not keys. An id without a \
+             valid tag was never made by keygate and is refused at once."
                 .into(),
         ],
     })
