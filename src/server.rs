@@ -602,7 +602,7 @@ impl Health {
     }
 
     async fn set_all(&self, status: ServingStatus) {
-        use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+        use crate::api::check_wire::CheckServer;
         use pb::v1::{
             authorizer_server::AuthorizerServer, key_admin_server::KeyAdminServer,
             revocation_feed_server::RevocationFeedServer,
@@ -613,7 +613,7 @@ impl Health {
             <AuthorizerServer<AuthorizerApi> as NamedService>::NAME,
             <KeyAdminServer<AdminApi> as NamedService>::NAME,
             <RevocationFeedServer<FeedApi> as NamedService>::NAME,
-            <AuthorizationServer<ExtAuthzApi> as NamedService>::NAME,
+            <CheckServer as NamedService>::NAME,
         ] {
             self.0.set_service_status(name, status).await;
         }

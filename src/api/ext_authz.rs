@@ -4,23 +4,19 @@
 //! request as Envoy describes it into an Authorize call, and the outcome into
 //! what Envoy should do with the request.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use envoy_types::ext_authz::v3::pb::{
-    Address, Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction,
-    HttpStatusCode,
+    Address, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
 };
-use envoy_types::ext_authz::v3::{
-    CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
-};
-use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use envoy_types::ext_authz::v3::{CheckResponseExt, DeniedHttpResponseBuilder};
 use keygate_core::decision::DenyReason;
 use keygate_core::limits::LimitedBy;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::authorizer::record_outcome;
+use super::check_wire::{CheckServer, Encoded, Writer};
 use crate::error::Error;
 use crate::service::authorize::Principal;
 use crate::service::{AuthorizeInput, Authorizer, Outcome};
@@ -100,8 +96,8 @@ impl ExtAuthzApi {
     }
 
     /// The tonic service to add to a server.
-    pub fn into_server(self) -> AuthorizationServer<Self> {
-        AuthorizationServer::new(self)
+    pub fn into_server(self) -> CheckServer {
+        CheckServer::new(self)
     }
 
     fn credential<'a>(&self, headers: &'a RequestHeaders<'a>) -> &'a str {
@@ -112,14 +108,10 @@ impl ExtAuthzApi {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for ExtAuthzApi {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
+impl ExtAuthzApi {
+    /// Decides one Check; the answer comes encoded (see [`super::check_wire`]).
+    pub(super) async fn check_encoded(&self, check: &CheckRequest) -> Result<Encoded, Status> {
         let started = Instant::now();
-        let check = request.get_ref();
         let http = check
             .attributes
             .as_ref()
@@ -143,76 +135,121 @@ impl Authorization for ExtAuthzApi {
             // route bound): the client's fault, so a 4xx for the client,
             // not an error that Envoy's failure mode would decide.
             Err(Error::InvalidArgument { field, reason }) => {
-                return Ok(Response::new(bad_request(field, &reason)));
+                return Ok(bad_request(field, &reason).into());
             }
             // A store failure is a gRPC error: Envoy's failure_mode_allow decides.
             Err(e) => return Err(e.into()),
         };
         record_outcome(&self.metrics, &outcome, started);
-        let response = match outcome.deny {
-            None => self.allow(&outcome, &headers),
-            Some(reason) => deny(reason, &outcome),
-        };
-        Ok(Response::new(response))
+        Ok(match outcome.deny {
+            None => allow(&self.settings, &outcome, &headers),
+            Some(reason) => deny(reason, &outcome).into(),
+        })
     }
 }
 
-impl ExtAuthzApi {
-    fn allow(&self, outcome: &Outcome, headers: &RequestHeaders<'_>) -> CheckResponse {
-        let mut ok = OkHttpResponseBuilder::new();
-        let identity = outcome
-            .principal
-            .as_ref()
-            .map(Identity::of)
-            .unwrap_or_default();
-        let identity_headers = identity.headers();
+/// CheckResponse { status: OK, ok_response: { headers, headers_to_remove,
+/// response_headers_to_add }, dynamic_metadata }, written by hand.
+fn allow(settings: &ExtAuthzSettings, outcome: &Outcome, headers: &RequestHeaders<'_>) -> Encoded {
+    let identity = outcome
+        .principal
+        .as_ref()
+        .map(Identity::of)
+        .unwrap_or_default();
+    let identity_headers = identity.headers();
+    let mut w = Writer::with_capacity(1024);
+    w.message(CHECK_STATUS, |_| {});
+    w.message(CHECK_OK_RESPONSE, |ok| {
         for (name, value) in identity_headers {
             if value.is_empty() {
                 // Removing rather than setting "" leaves no doubt upstream.
-                ok.remove_header(name);
+                ok.string(OK_HEADERS_TO_REMOVE, name);
             } else {
-                ok.add_header(
-                    name,
-                    value,
-                    Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
-                    false,
-                );
+                ok.message(OK_HEADERS, |option| overwrite(option, name, value));
             }
         }
-        // Whatever else the client sent under keygate's prefix is a forgery;
-        // its credential headers are stripped when configured. Only headers
-        // the request has are named: each removal is work for Envoy too.
+        // Whatever else the client sent under keygate's prefix is a
+        // forgery; its credential headers are stripped when configured.
+        // Only headers the request has are named: each removal is work
+        // for Envoy too.
         let mut removed: Vec<&str> = Vec::new();
         for name in headers.names() {
             let forged = name.starts_with(IDENTITY_PREFIX)
                 && !identity_headers.iter().any(|(n, _)| *n == name);
-            let credential = self.settings.strip_credentials
-                && self
-                    .settings
+            let credential = settings.strip_credentials
+                && settings
                     .credential_headers
                     .iter()
                     .any(|c| c.eq_ignore_ascii_case(name));
             if (forged || credential) && !removed.contains(&name) {
-                ok.remove_header(name);
+                ok.string(OK_HEADERS_TO_REMOVE, name);
                 removed.push(name);
             }
         }
         if let Some(rate) = &outcome.rate {
-            for (name, value) in rate_headers(rate.limit, rate.remaining, rate.reset) {
-                ok.add_response_header(
-                    name,
-                    value,
-                    Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
-                    false,
-                );
+            let mut digits = [0u8; 20];
+            for (name, value) in [
+                ("x-ratelimit-limit", u64::from(rate.limit)),
+                ("x-ratelimit-remaining", u64::from(rate.remaining)),
+                ("x-ratelimit-reset", whole_seconds(rate.reset)),
+            ] {
+                let value = decimal(value, &mut digits);
+                ok.message(OK_RESPONSE_HEADERS_TO_ADD, |option| {
+                    overwrite(option, name, value)
+                });
             }
         }
-        let mut response = CheckResponse::with_status(Status::ok(""));
-        response
-            .set_http_response(ok)
-            .set_dynamic_metadata(Some(identity.metadata()));
-        response
+    });
+    w.message(CHECK_DYNAMIC_METADATA, |metadata| {
+        identity.metadata(metadata)
+    });
+    w.finish()
+}
+
+// Field numbers of envoy.service.auth.v3.CheckResponse and OkHttpResponse,
+// envoy.config.core.v3.HeaderValueOption and HeaderValue, and
+// google.protobuf.Struct, Value and ListValue.
+const CHECK_STATUS: u32 = 1;
+const CHECK_OK_RESPONSE: u32 = 3;
+const CHECK_DYNAMIC_METADATA: u32 = 4;
+const OK_HEADERS: u32 = 2;
+const OK_HEADERS_TO_REMOVE: u32 = 5;
+const OK_RESPONSE_HEADERS_TO_ADD: u32 = 6;
+const OPTION_HEADER: u32 = 1;
+const OPTION_APPEND_ACTION: u32 = 3;
+const HEADER_KEY: u32 = 1;
+const HEADER_VALUE: u32 = 2;
+const STRUCT_FIELDS: u32 = 1;
+const ENTRY_KEY: u32 = 1;
+const ENTRY_VALUE: u32 = 2;
+const VALUE_STRING: u32 = 3;
+const VALUE_LIST: u32 = 6;
+const LIST_VALUES: u32 = 1;
+
+/// A HeaderValueOption setting `name` to `value`, replacing what is there.
+fn overwrite(option: &mut Writer, name: &str, value: &str) {
+    option.message(OPTION_HEADER, |header| {
+        header.string(HEADER_KEY, name);
+        header.string(HEADER_VALUE, value);
+    });
+    option.uint(
+        OPTION_APPEND_ACTION,
+        HeaderAppendAction::OverwriteIfExistsOrAdd as u64,
+    );
+}
+
+/// `v` in decimal, written into `digits`.
+fn decimal(mut v: u64, digits: &mut [u8; 20]) -> &str {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
     }
+    std::str::from_utf8(&digits[at..]).expect("ASCII digits")
 }
 
 /// The caller's identity as the upstream and Envoy's access log see it,
@@ -280,27 +317,31 @@ impl<'a> Identity<'a> {
     }
 
     /// Dynamic metadata under the ext_authz filter's namespace, for access
-    /// logs (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)%`) and RBAC.
-    fn metadata(&self) -> Struct {
-        let string = |s: &str| Value {
-            kind: Some(Kind::StringValue(s.to_owned())),
+    /// logs (`%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)%`) and
+    /// RBAC: a Struct's fields, written into `w`.
+    fn metadata(&self, w: &mut Writer) {
+        let string = |w: &mut Writer, key: &str, value: &str| {
+            w.message(STRUCT_FIELDS, |entry| {
+                entry.string(ENTRY_KEY, key);
+                entry.message(ENTRY_VALUE, |v| v.string(VALUE_STRING, value));
+            });
         };
-        let scopes = Value {
-            kind: Some(Kind::ListValue(ListValue {
-                values: self.scopes.iter().map(|s| string(s)).collect(),
-            })),
-        };
-        Struct {
-            fields: HashMap::from([
-                ("organization_id".to_owned(), string(self.organization_id)),
-                ("key_id".to_owned(), string(&self.key_id)),
-                ("scopes".to_owned(), scopes),
-                ("mode".to_owned(), string(self.mode)),
-                ("tier".to_owned(), string(self.tier)),
-                ("subject".to_owned(), string(self.subject)),
-                ("credential".to_owned(), string(self.credential)),
-            ]),
-        }
+        string(w, "organization_id", self.organization_id);
+        string(w, "key_id", &self.key_id);
+        w.message(STRUCT_FIELDS, |entry| {
+            entry.string(ENTRY_KEY, "scopes");
+            entry.message(ENTRY_VALUE, |v| {
+                v.message(VALUE_LIST, |list| {
+                    for scope in &self.scopes {
+                        list.message(LIST_VALUES, |v| v.string(VALUE_STRING, scope));
+                    }
+                });
+            });
+        });
+        string(w, "mode", self.mode);
+        string(w, "tier", self.tier);
+        string(w, "subject", self.subject);
+        string(w, "credential", self.credential);
     }
 }
 
@@ -563,6 +604,153 @@ mod tests {
             keygate_proto::convert::deny_code(DenyReason::RateLimited),
             tonic::Code::ResourceExhausted
         );
+    }
+
+    /// What Envoy reads from an allow answer: the identity headers set
+    /// (replacing what the client sent), an empty one and every other
+    /// `x-keygate-*` or credential header removed, the rate-limit headers
+    /// for the client, and the identity as metadata.
+    #[test]
+    fn an_allow_answer_decodes_to_what_envoy_applies() {
+        use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+        use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+        use envoy_types::pb::google::protobuf::{ListValue, Value, value::Kind};
+        use keygate_core::key::{KeyRecord, KeyState, Mode, Tier};
+        use keygate_core::limits::RateDecision;
+        use keygate_core::scope::ScopeSet;
+        use keygate_core::token::SecretDigest;
+        use prost::Message;
+
+        let key = KeyRecord {
+            id: uuid::Uuid::new_v4(),
+            name: "checkout".into(),
+            organization_id: Some("acme".into()),
+            tier: Tier::Organization,
+            mode: Mode::Live,
+            prefix: "kg_live_abc".into(),
+            secret_digest: SecretDigest([7; 32]),
+            previous_secret: None,
+            scopes: ScopeSet::parse(&["checkout:create", "refund:read"]).unwrap(),
+            allowed_cidrs: vec![],
+            rate_limit_per_minute: 0,
+            unlimited: false,
+            state: KeyState::Active,
+            created_at: chrono::Utc::now(),
+            last_used_at: None,
+            expires_at: None,
+            rotated_at: None,
+            created_by: "bootstrap".into(),
+            version: 1,
+        };
+        let id = key.id.to_string();
+        let outcome = Outcome {
+            deny: None,
+            principal: Some(Principal::Key(Arc::new(key))),
+            required_scope: Some("checkout:create".into()),
+            rate: Some(RateDecision {
+                limit: 100,
+                remaining: 99,
+                reset: std::time::Duration::from_millis(59_500),
+                retry_after: None,
+            }),
+            limited_by: Some(LimitedBy::Key),
+            organization_rate_limit: None,
+        };
+        let http = HttpRequest {
+            method: "POST".into(),
+            path: "/v1/checkouts".into(),
+            headers: [
+                ("authorization", "Bearer kg_live_x"),
+                ("x-keygate-key-id", "forged"),
+                ("x-keygate-evil", "1"),
+                ("accept", "*/*"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            ..Default::default()
+        };
+        let encoded = allow(
+            &ExtAuthzSettings::default(),
+            &outcome,
+            &RequestHeaders::new(&http),
+        );
+        let response = CheckResponse::decode(&encoded.0[..]).unwrap();
+
+        assert_eq!(response.status.map(|s| s.code), Some(0));
+        let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
+            panic!("not an ok response: {:?}", response.http_response);
+        };
+        let set = |options: &[HeaderValueOption]| -> Vec<(String, String)> {
+            options
+                .iter()
+                .map(|o| {
+                    assert_eq!(
+                        o.append_action,
+                        HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+                    );
+                    let h = o.header.as_ref().unwrap();
+                    (h.key.clone(), h.value.clone())
+                })
+                .collect()
+        };
+        let owned = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            set(&ok.headers),
+            owned(&[
+                (ORGANIZATION_HEADER, "acme"),
+                (KEY_ID_HEADER, &id),
+                (SCOPES_HEADER, "checkout:create,refund:read"),
+                (MODE_HEADER, "live"),
+                (TIER_HEADER, "organization"),
+                (CREDENTIAL_HEADER, "api_key"),
+            ])
+        );
+        let mut removed = ok.headers_to_remove.clone();
+        removed.sort();
+        assert_eq!(removed, ["authorization", "x-keygate-evil", SUBJECT_HEADER]);
+        assert_eq!(
+            set(&ok.response_headers_to_add),
+            owned(&[
+                ("x-ratelimit-limit", "100"),
+                ("x-ratelimit-remaining", "99"),
+                ("x-ratelimit-reset", "60"),
+            ])
+        );
+
+        let fields = response.dynamic_metadata.unwrap().fields;
+        let string = |s: &str| Value {
+            kind: Some(Kind::StringValue(s.to_owned())),
+        };
+        assert_eq!(fields.len(), 7);
+        assert_eq!(fields["organization_id"], string("acme"));
+        assert_eq!(fields["key_id"], string(&id));
+        assert_eq!(
+            fields["scopes"],
+            Value {
+                kind: Some(Kind::ListValue(ListValue {
+                    values: vec![string("checkout:create"), string("refund:read")],
+                })),
+            }
+        );
+        assert_eq!(fields["mode"], string("live"));
+        assert_eq!(fields["tier"], string("organization"));
+        assert_eq!(fields["subject"], string(""));
+        assert_eq!(fields["credential"], string("api_key"));
+    }
+
+    #[test]
+    fn decimals_are_written_in_full() {
+        let mut digits = [0; 20];
+        assert_eq!(decimal(0, &mut digits), "0");
+        assert_eq!(decimal(60, &mut digits), "60");
+        assert_eq!(decimal(u64::MAX, &mut digits), u64::MAX.to_string());
     }
 
     #[test]
