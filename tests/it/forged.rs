@@ -111,6 +111,16 @@ async fn two_thousand_forged_tokens_cost_no_store_read(backend: Backend) {
     );
 }
 
+/// Authorizes every token, 100 calls at a time, and checks each is refused
+/// as INVALID_TOKEN; how many reads of the log that took, and how long.
+async fn log_reads_to_refuse(s: &TestServer, tokens: &[String]) -> (u64, Duration) {
+    let (before, started) = (s.store.log_reads(), std::time::Instant::now());
+    let answers = authorize_in_parallel(s, tokens, 100).await;
+    let (reads, elapsed) = (s.store.log_reads() - before, started.elapsed());
+    assert_invalid_token(&answers);
+    (reads, elapsed)
+}
+
 /// A token for an id this cluster's keygate never made is refused at once:
 /// it waits for no read of the log, so a flood of them costs the store
 /// nothing at all, not even the feed's reads (only its own polls).
@@ -120,10 +130,7 @@ async fn a_flood_of_forged_ids_waits_for_no_log_read(backend: Backend) {
     };
     index_loaded(&s).await;
     let tokens: Vec<String> = (0..4000).map(|_| forged()).collect();
-    let (before, started) = (s.store.log_reads(), std::time::Instant::now());
-    let answers = authorize_in_parallel(&s, &tokens, 100).await;
-    let (reads, elapsed) = (s.store.log_reads() - before, started.elapsed());
-    assert_invalid_token(&answers);
+    let (reads, elapsed) = log_reads_to_refuse(&s, &tokens).await;
     // The feed's polls (every 200 ms here) and the read in flight at each
     // end; a read per lookup's wait would be one every 5 ms.
     let bound = elapsed.as_millis() / 200 + 3;
@@ -151,10 +158,7 @@ async fn a_flood_of_unknown_minted_ids_shares_a_bounded_number_of_log_reads(back
                 .token
         })
         .collect();
-    let (before, started) = (s.store.log_reads(), std::time::Instant::now());
-    let answers = authorize_in_parallel(&s, &tokens, 100).await;
-    let (reads, elapsed) = (s.store.log_reads() - before, started.elapsed());
-    assert_invalid_token(&answers);
+    let (reads, elapsed) = log_reads_to_refuse(&s, &tokens).await;
     assert!(
         reads > 0,
         "an id keygate made waits for a read of the log before it is refused"
