@@ -79,6 +79,9 @@ pub(super) struct Scopes {
     delete: Scope,
 }
 
+/// Keys whose last-used times one transaction of the usage flush writes.
+const USAGE_FLUSH_CHUNK: usize = 500;
+
 /// The admin API's key lifecycle over the store. Every call checks the
 /// caller's scope (`api_key:create`, `:read`, `:update`, `:delete`) and
 /// organization (another organization's key is NOT_FOUND) and never lets a
@@ -274,11 +277,27 @@ impl KeyService {
     /// Analytics counts go with it (see [`Self::flush_usage_counts`]).
     /// Returns how many keys' last-used times were written.
     pub async fn flush_usage(&self) -> Result<usize, Error> {
-        let records = self.usage.drain();
+        let mut records = self.usage.drain();
         let n = records.len();
-        let written = self.store.record_usage(&records).await;
+        // One transaction a chunk, not one for the whole flush: each holds
+        // the row locks of its keys, and an admin write of one of them (and
+        // every write queued behind it on the event log's lock) waits for
+        // that transaction. On a slow database a flush of thousands of keys
+        // in one transaction outlasted the store timeout of those writes.
+        // Chunks that committed stay written; the one that failed and those
+        // after it are restored for the next flush.
+        records.sort_unstable_by_key(|r| r.key_id);
+        let mut written = Ok(());
+        let mut done = 0;
+        for chunk in records.chunks(USAGE_FLUSH_CHUNK) {
+            written = self.store.record_usage(chunk).await;
+            if written.is_err() {
+                break;
+            }
+            done += chunk.len();
+        }
         if written.is_err() {
-            self.usage.restore(records);
+            self.usage.restore(records.split_off(done));
         }
         let counted = self.flush_usage_counts().await;
         written?;

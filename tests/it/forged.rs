@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use keygate::cache::{CacheSettings, Freshness, KeyCache};
 use keygate::index::KeyIndex;
-use keygate::store::{KeyReader, KeyStore, SqlStore, StoreError};
+use keygate::store::{KeyReader, SqlStore, StoreError};
 use keygate_core::key::{KeyRecord, KeyState, Mode};
 use keygate_core::key_id::KeyIds;
 use keygate_core::token::{Brand, generate};
@@ -209,40 +209,7 @@ async fn untagged_keys_of_older_versions_keep_working(backend: Backend) {
 /// keygate did before ids were tagged; its id and token.
 async fn legacy_key(s: &TestServer) -> (Uuid, String) {
     let id = Uuid::new_v4();
-    let new = generate(&Brand::default(), Mode::Live, id).unwrap();
-    let now = chrono::Utc::now();
-    let key = KeyRecord {
-        id,
-        name: "untagged".into(),
-        organization_id: Some("org_a".into()),
-        tier: keygate_core::key::Tier::Organization,
-        mode: Mode::Live,
-        prefix: new.prefix,
-        secret_digest: new.digest,
-        previous_secret: None,
-        scopes: keygate_core::scope::ScopeSet::parse(&["checkout:create"]).unwrap(),
-        allowed_cidrs: Vec::new(),
-        rate_limit_per_minute: 0,
-        unlimited: false,
-        state: KeyState::Active,
-        created_at: now,
-        last_used_at: None,
-        expires_at: None,
-        rotated_at: None,
-        created_by: "bootstrap".into(),
-        version: 1,
-    };
-    let event = keygate_core::event::NewEvent {
-        kind: keygate_core::event::EventKind::Created,
-        key_id: id,
-        organization_id: Some("org_a".into()),
-        actor: keygate_core::event::Actor::Bootstrap,
-        at: now,
-        reason: String::new(),
-        details: String::new(),
-    };
-    s.store.insert_key(&key, &event).await.unwrap();
-    (id, new.token)
+    (id, s.store_key_with_id(id).await)
 }
 
 async fn before_the_index_loads_forged_tokens_are_checked_in_the_store(backend: Backend) {

@@ -306,6 +306,49 @@ impl TestServer {
         KeyAdminClient::new(self.channel().await)
     }
 
+    /// Writes an active ORGANIZATION key of `org_a` with `id` and the scope
+    /// `checkout:create` straight into the store (no RPC, no cache); its token.
+    pub async fn store_key_with_id(&self, id: uuid::Uuid) -> String {
+        let new =
+            keygate_core::token::generate(&keygate_core::token::Brand::default(), Mode::Live, id)
+                .unwrap();
+        let now = chrono::Utc::now();
+        let key = keygate_core::key::KeyRecord {
+            id,
+            name: "stored".into(),
+            organization_id: Some("org_a".into()),
+            tier: keygate_core::key::Tier::Organization,
+            mode: Mode::Live,
+            prefix: new.prefix,
+            secret_digest: new.digest,
+            previous_secret: None,
+            scopes: keygate_core::scope::ScopeSet::parse(&["checkout:create"]).unwrap(),
+            allowed_cidrs: Vec::new(),
+            rate_limit_per_minute: 0,
+            unlimited: false,
+            state: keygate_core::key::KeyState::Active,
+            created_at: now,
+            last_used_at: None,
+            expires_at: None,
+            rotated_at: None,
+            created_by: "bootstrap".into(),
+            version: 1,
+        };
+        let event = keygate_core::event::NewEvent {
+            kind: keygate_core::event::EventKind::Created,
+            key_id: id,
+            organization_id: Some("org_a".into()),
+            actor: keygate_core::event::Actor::Bootstrap,
+            at: now,
+            reason: String::new(),
+            details: String::new(),
+        };
+        keygate::store::KeyStore::insert_key(&*self.store, &key, &event)
+            .await
+            .unwrap();
+        new.token
+    }
+
     /// Creates a key as the bootstrap admin; returns it and its token.
     pub async fn create_key(&self, req: pb::CreateKeyRequest) -> (pb::ApiKey, String) {
         let resp = self
