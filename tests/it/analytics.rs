@@ -43,6 +43,12 @@ fn request(
     }
 }
 
+/// The end of a range that takes in calls made at the test clock's `now`: a
+/// range's end is exclusive, and the clock has not moved since the calls.
+fn just_after(now: DateTime<Utc>) -> DateTime<Utc> {
+    now + Duration::seconds(1)
+}
+
 /// The last hour of `key_id`'s usage, asked as `token`.
 async fn usage(
     s: &TestServer,
@@ -51,7 +57,13 @@ async fn usage(
     granularity: pb::UsageGranularity,
 ) -> Result<pb::GetKeyUsageResponse, tonic::Status> {
     let now = s.clock.now();
-    let req = request(key_id, "", now - Duration::hours(1), now, granularity);
+    let req = request(
+        key_id,
+        "",
+        now - Duration::hours(1),
+        just_after(now),
+        granularity,
+    );
     s.admin()
         .await
         .get_key_usage(as_key(token, req))
@@ -325,7 +337,7 @@ async fn usage_is_isolated_by_organization_and_needs_read(backend: Backend) {
             "",
             org,
             now - Duration::hours(1),
-            now,
+            just_after(now),
             pb::UsageGranularity::Minute,
         );
         let s = &s;

@@ -671,7 +671,10 @@ async fn the_usage_chart_shows_a_known_sequence_summed_over_two_replicas(backend
                 start: Some(keygate_proto::convert::timestamp(
                     now - chrono::Duration::hours(1),
                 )),
-                end: Some(keygate_proto::convert::timestamp(now)),
+                // Exclusive, and the calls were made at `now`.
+                end: Some(keygate_proto::convert::timestamp(
+                    now + chrono::Duration::seconds(1),
+                )),
                 granularity: pb::UsageGranularity::Hour.into(),
                 ..Default::default()
             },

@@ -325,9 +325,14 @@ pub async fn key_page(
     let key = or_error!(signed, console.keys.get(&signed.caller, id).await);
     let chart = ChartRange::parse(q.get("range").map_or("", String::as_str));
     let now = console.keys.now();
+    // Through the end of the bucket `now` falls in, so the chart always ends
+    // with the current bucket, even at its first instant (a range's end is
+    // exclusive).
+    let granularity = chart.granularity();
+    let end = granularity.bucket_start(now) + granularity.width();
     let range = or_error!(
         signed,
-        UsageRange::new(now - chart.span(), now, chart.granularity())
+        UsageRange::new(end - chart.span(), end, granularity)
             .map_err(|e| Error::invalid(e.field, e.reason))
     );
     let spec = UsageSpec {
