@@ -1,5 +1,6 @@
-//! The ext_authz Check service on the wire: requests are decoded with prost,
-//! allow answers are written straight as protobuf into one buffer.
+//! The ext_authz Check service on the wire: requests are read in place
+//! ([`CheckView`]), allow answers are written straight as protobuf into one
+//! buffer.
 //!
 //! An allow answer carries seven identity headers, the rate-limit headers,
 //! the headers to remove and the identity again as dynamic metadata. Built
@@ -12,14 +13,16 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+use envoy_types::ext_authz::v3::pb::CheckResponse;
 use prost::Message;
+use prost::bytes::Buf;
 use tonic::body::Body;
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
+use super::check_request::CheckView;
 use super::ext_authz::ExtAuthzApi;
 
 /// envoy.service.auth.v3.Authorization, as Envoy calls it.
@@ -151,11 +154,11 @@ where
 
 struct Check(Arc<ExtAuthzApi>);
 
-impl UnaryService<CheckRequest> for Check {
+impl UnaryService<CheckView> for Check {
     type Response = Encoded;
     type Future = BoxFuture<Response<Encoded>, Status>;
 
-    fn call(&mut self, request: Request<CheckRequest>) -> Self::Future {
+    fn call(&mut self, request: Request<CheckView>) -> Self::Future {
         let api = self.0.clone();
         Box::pin(async move {
             api.check_encoded(request.get_ref())
@@ -165,21 +168,38 @@ impl UnaryService<CheckRequest> for Check {
     }
 }
 
-/// Decodes a CheckRequest with prost; encodes an [`Encoded`] as is.
+/// Reads a CheckRequest in place; writes an [`Encoded`] as is.
 struct CheckCodec;
 
 impl Codec for CheckCodec {
     type Encode = Encoded;
-    type Decode = CheckRequest;
+    type Decode = CheckView;
     type Encoder = EncodedEncoder;
-    type Decoder = tonic_prost::ProstDecoder<CheckRequest>;
+    type Decoder = ViewDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {
         EncodedEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(BufferSettings::default())
+        ViewDecoder
+    }
+}
+
+struct ViewDecoder;
+
+impl Decoder for ViewDecoder {
+    type Item = CheckView;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<CheckView>, Status> {
+        // The message's own bytes, split off tonic's buffer rather than copied.
+        let bytes = src.copy_to_bytes(src.remaining());
+        // INTERNAL, as tonic answers for a message prost cannot parse (and
+        // as gRPC's status-code guide has it), naming the field.
+        CheckView::decode(bytes)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("failed to decode Protobuf message: {e}")))
     }
 }
 

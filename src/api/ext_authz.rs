@@ -7,15 +7,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use envoy_types::ext_authz::v3::pb::{
-    Address, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
-};
+use envoy_types::ext_authz::v3::pb::{CheckResponse, HeaderAppendAction, HttpStatusCode};
 use envoy_types::ext_authz::v3::{CheckResponseExt, DeniedHttpResponseBuilder};
 use keygate_core::decision::DenyReason;
 use keygate_core::limits::LimitedBy;
 use tonic::Status;
 
 use super::authorizer::record_outcome;
+use super::check_request::CheckView;
 use super::check_wire::{CheckServer, Encoded, Writer};
 use crate::error::Error;
 use crate::service::authorize::Principal;
@@ -100,9 +99,9 @@ impl ExtAuthzApi {
         CheckServer::new(self)
     }
 
-    fn credential<'a>(&self, headers: &'a RequestHeaders<'a>) -> &'a str {
+    fn credential<'a>(&self, check: &'a CheckView) -> &'a str {
         keygate_core::token::find_credential(&self.settings.credential_headers, |name| {
-            headers.get(name)
+            check.header(name)
         })
         .unwrap_or("")
     }
@@ -110,23 +109,18 @@ impl ExtAuthzApi {
 
 impl ExtAuthzApi {
     /// Decides one Check; the answer comes encoded (see [`super::check_wire`]).
-    pub(super) async fn check_encoded(&self, check: &CheckRequest) -> Result<Encoded, Status> {
+    pub(super) async fn check_encoded(&self, check: &CheckView) -> Result<Encoded, Status> {
         let started = Instant::now();
-        let http = check
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref())
-            .ok_or_else(|| {
-                Status::invalid_argument("attributes.request.http: Envoy sent no HTTP request")
-            })?;
-        let headers = RequestHeaders::new(http);
-        let route = route(&http.method, &http.path);
-        let ip = source_ip(check).unwrap_or("");
+        if !check.has_http() {
+            return Err(Status::invalid_argument(
+                "attributes.request.http: Envoy sent no HTTP request",
+            ));
+        }
+        let route = route(check.method(), check.path());
         let input = AuthorizeInput {
-            token: self.credential(&headers),
+            token: self.credential(check),
             route: &route,
-            ip,
+            ip: check.source_ip().unwrap_or(""),
             required_scopes: &[],
         };
         let outcome = match self.authorizer.authorize(input).await {
@@ -142,7 +136,7 @@ impl ExtAuthzApi {
         };
         record_outcome(&self.metrics, &outcome, started);
         Ok(match outcome.deny {
-            None => allow(&self.settings, &outcome, &headers),
+            None => allow(&self.settings, &outcome, check),
             Some(reason) => deny(reason, &outcome).into(),
         })
     }
@@ -150,7 +144,7 @@ impl ExtAuthzApi {
 
 /// CheckResponse { status: OK, ok_response: { headers, headers_to_remove,
 /// response_headers_to_add }, dynamic_metadata }, written by hand.
-fn allow(settings: &ExtAuthzSettings, outcome: &Outcome, headers: &RequestHeaders<'_>) -> Encoded {
+fn allow(settings: &ExtAuthzSettings, outcome: &Outcome, check: &CheckView) -> Encoded {
     let identity = outcome
         .principal
         .as_ref()
@@ -173,7 +167,7 @@ fn allow(settings: &ExtAuthzSettings, outcome: &Outcome, headers: &RequestHeader
         // Only headers the request has are named: each removal is work
         // for Envoy too.
         let mut removed: Vec<&str> = Vec::new();
-        for name in headers.names() {
+        for name in check.header_names() {
             let forged = name.starts_with(IDENTITY_PREFIX)
                 && !identity_headers.iter().any(|(n, _)| *n == name);
             let credential = settings.strip_credentials
@@ -470,67 +464,6 @@ fn route(method: &str, path: &str) -> String {
     route
 }
 
-/// The downstream address Envoy reports as the request's source (after its
-/// own trusted-proxy rules for X-Forwarded-For).
-fn source_ip(check: &CheckRequest) -> Option<&str> {
-    let address = check
-        .attributes
-        .as_ref()?
-        .source
-        .as_ref()?
-        .address
-        .as_ref()?
-        .address
-        .as_ref()?;
-    match address {
-        Address::SocketAddress(socket) => Some(socket.address.as_str()),
-        _ => None,
-    }
-}
-
-/// The client's request headers, from `headers` or, when Envoy is configured
-/// with `encode_raw_headers`, from `header_map`.
-struct RequestHeaders<'a> {
-    http: &'a envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
-}
-
-impl<'a> RequestHeaders<'a> {
-    fn new(
-        http: &'a envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
-    ) -> Self {
-        Self { http }
-    }
-
-    /// The raw headers, each value read as UTF-8 only when asked for (a
-    /// value that is not UTF-8 reads as empty: no credential).
-    fn raw(
-        &self,
-    ) -> impl Iterator<Item = &'a envoy_types::pb::envoy::config::core::v3::HeaderValue> + 'a {
-        self.http.header_map.iter().flat_map(|m| m.headers.iter())
-    }
-
-    fn get(&self, name: &str) -> Option<&'a str> {
-        match self.http.headers.get(name) {
-            Some(v) => Some(v.as_str()),
-            None => self.raw().find(|h| h.key == name).map(|h| {
-                if h.value.is_empty() {
-                    std::str::from_utf8(&h.raw_value).unwrap_or("")
-                } else {
-                    h.value.as_str()
-                }
-            }),
-        }
-    }
-
-    fn names(&self) -> impl Iterator<Item = &'a str> + 'a {
-        self.http
-            .headers
-            .keys()
-            .map(String::as_str)
-            .chain(self.raw().map(|h| h.key.as_str()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,8 +545,10 @@ mod tests {
     /// for the client, and the identity as metadata.
     #[test]
     fn an_allow_answer_decodes_to_what_envoy_applies() {
+        use envoy_types::ext_authz::v3::pb::CheckRequest;
         use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
-        use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+        use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
         use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
         use envoy_types::pb::google::protobuf::{ListValue, Value, value::Kind};
         use keygate_core::key::{KeyRecord, KeyState, Mode, Tier};
@@ -671,11 +606,17 @@ mod tests {
             .collect(),
             ..Default::default()
         };
-        let encoded = allow(
-            &ExtAuthzSettings::default(),
-            &outcome,
-            &RequestHeaders::new(&http),
-        );
+        let check = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(http),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let check = CheckView::decode(check.encode_to_vec().into()).unwrap();
+        let encoded = allow(&ExtAuthzSettings::default(), &outcome, &check);
         let response = CheckResponse::decode(&encoded.0[..]).unwrap();
 
         assert_eq!(response.status.map(|s| s.code), Some(0));

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod admission;
 pub mod authorizer;
 mod caller;
+pub mod check_request;
 pub mod check_wire;
 pub mod console;
 pub mod convert;
