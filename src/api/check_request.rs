@@ -77,7 +77,9 @@ impl CheckView {
             method: 0..0,
             path: 0..0,
             source: None,
-            headers: Vec::new(),
+            // Room for a typical request's headers: one allocation, not
+            // one each time it doubles.
+            headers: Vec::with_capacity(16),
         };
         let bytes = view.bytes.clone();
         let mut r = Reader {
@@ -234,10 +236,14 @@ impl CheckView {
         Ok(())
     }
 
+    fn span(&self, span: &Span) -> &[u8] {
+        &self.bytes[span.start as usize..span.end as usize]
+    }
+
     fn str(&self, span: &Span) -> &str {
         // Checked as UTF-8 when read (`Reader::string`); a span never
         // reads as anything else.
-        std::str::from_utf8(&self.bytes[span.start as usize..span.end as usize]).unwrap_or("")
+        std::str::from_utf8(self.span(span)).unwrap_or("")
     }
 
     /// Whether Envoy sent `attributes.request.http` at all.
@@ -266,22 +272,22 @@ impl CheckView {
     /// first of `header_map`'s, whose `raw_value` is read as UTF-8 when
     /// `value` is empty (not UTF-8: empty, so no credential).
     pub fn header(&self, name: &str) -> Option<&str> {
-        let named = |h: &&Header| self.str(&h.key) == name;
+        let named = |h: &&Header| self.span(&h.key) == name.as_bytes();
         if let Some(h) = self.headers.iter().filter(|h| h.from_map).rfind(named) {
             return Some(self.str(&h.value));
         }
         let h = self.headers.iter().filter(|h| !h.from_map).find(named)?;
         if h.value.is_empty() {
-            let raw = &self.bytes[h.raw_value.start as usize..h.raw_value.end as usize];
-            Some(std::str::from_utf8(raw).unwrap_or(""))
+            Some(std::str::from_utf8(self.span(&h.raw_value)).unwrap_or(""))
         } else {
             Some(self.str(&h.value))
         }
     }
 
-    /// Every header's name, as often as the request has it.
-    pub fn header_names(&self) -> impl Iterator<Item = &str> {
-        self.headers.iter().map(|h| self.str(&h.key))
+    /// Every header's name, as often as the request has it, as the bytes
+    /// it was sent as (UTF-8, checked when read).
+    pub fn header_names(&self) -> impl Iterator<Item = &[u8]> {
+        self.headers.iter().map(|h| self.span(&h.key))
     }
 }
 
@@ -302,6 +308,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn byte(&mut self) -> Result<u8, DecodeError> {
         if self.pos >= self.end {
             return Err(self.error("buffer underflow"));
@@ -311,7 +318,19 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
+    #[inline]
     fn varint(&mut self) -> Result<u64, DecodeError> {
+        // Keys and most lengths fit one byte.
+        let first = self.byte()?;
+        if first < 0x80 {
+            return Ok(u64::from(first));
+        }
+        self.pos -= 1;
+        self.long_varint()
+    }
+
+    #[cold]
+    fn long_varint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for shift in (0..70).step_by(7) {
             let b = self.byte()?;
@@ -328,6 +347,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next field's number and wire type; `None` at the message's end.
+    #[inline]
     fn key(&mut self) -> Result<Option<(u32, u8)>, DecodeError> {
         if self.pos == self.end {
             return Ok(None);
@@ -343,6 +363,7 @@ impl<'a> Reader<'a> {
 
     /// The span of length-delimited field `field`'s body (`field` names it
     /// in errors).
+    #[inline]
     fn delimited(&mut self, wire: u8, field: &'static str) -> Result<Span, DecodeError> {
         let error = |reason| DecodeError { at: field, reason };
         if wire != LENGTH_DELIMITED {
@@ -587,11 +608,11 @@ mod tests {
         assert_eq!(view.header("x-forwarded-proto"), Some("https"));
         assert_eq!(view.header("x-keygate-key-id"), Some("forged"));
         assert_eq!(view.header("authorization"), None);
-        let mut names: Vec<&str> = view.header_names().collect();
+        let mut names: Vec<&[u8]> = view.header_names().collect();
         names.sort_unstable();
         assert_eq!(
             names,
-            ["x-api-key", "x-forwarded-proto", "x-keygate-key-id"]
+            [&b"x-api-key"[..], b"x-forwarded-proto", b"x-keygate-key-id"]
         );
     }
 

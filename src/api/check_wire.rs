@@ -69,9 +69,14 @@ impl Writer {
 
     /// A string field, written even when empty (as a oneof member is).
     pub fn string(&mut self, field: u32, s: &str) {
+        self.bytes(field, s.as_bytes());
+    }
+
+    /// A string field from bytes known to be UTF-8, or a bytes field.
+    pub fn bytes(&mut self, field: u32, b: &[u8]) {
         self.key(field, LENGTH_DELIMITED);
-        self.varint(s.len() as u64);
-        self.0.extend_from_slice(s.as_bytes());
+        self.varint(b.len() as u64);
+        self.0.extend_from_slice(b);
     }
 
     /// A varint field (an enum, an unsigned integer).
@@ -92,9 +97,22 @@ impl Writer {
         if len < 0x80 {
             self.0[at] = len as u8;
         } else {
-            let mut prefix = Writer(Vec::with_capacity(10));
-            prefix.varint(len as u64);
-            self.0.splice(at..=at, prefix.0);
+            // Written into a stack buffer and the body moved over in place:
+            // no allocation.
+            let mut prefix = [0u8; 10];
+            let mut n = 0;
+            let mut v = len as u64;
+            while v >= 0x80 {
+                prefix[n] = (v as u8) | 0x80;
+                v >>= 7;
+                n += 1;
+            }
+            prefix[n] = v as u8;
+            n += 1;
+            let end = self.0.len();
+            self.0.resize(end + n - 1, 0);
+            self.0.copy_within(at + 1..end, at + n);
+            self.0[at..at + n].copy_from_slice(&prefix[..n]);
         }
     }
 }
@@ -223,18 +241,21 @@ mod tests {
     #[test]
     fn lengths_over_a_byte_are_moved_over() {
         use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-        let long = "x".repeat(300);
-        let mut w = Writer::with_capacity(8);
-        w.message(1, |entry| {
-            entry.string(1, "k");
-            entry.message(2, |v| v.string(3, &long));
-        });
-        let decoded = Struct::decode(&w.finish().0[..]).unwrap();
-        assert_eq!(
-            decoded.fields.get("k"),
-            Some(&Value {
-                kind: Some(Kind::StringValue(long))
-            })
-        );
+        // Lengths of two and three varint bytes.
+        for len in [300, 20_000] {
+            let long = "x".repeat(len);
+            let mut w = Writer::with_capacity(8);
+            w.message(1, |entry| {
+                entry.string(1, "k");
+                entry.message(2, |v| v.string(3, &long));
+            });
+            let decoded = Struct::decode(&w.finish().0[..]).unwrap();
+            assert_eq!(
+                decoded.fields.get("k"),
+                Some(&Value {
+                    kind: Some(Kind::StringValue(long))
+                })
+            );
+        }
     }
 }

@@ -166,17 +166,17 @@ fn allow(settings: &ExtAuthzSettings, outcome: &Outcome, check: &CheckView) -> E
         // forgery; its credential headers are stripped when configured.
         // Only headers the request has are named: each removal is work
         // for Envoy too.
-        let mut removed: Vec<&str> = Vec::new();
+        let mut removed: Vec<&[u8]> = Vec::new();
         for name in check.header_names() {
-            let forged = name.starts_with(IDENTITY_PREFIX)
-                && !identity_headers.iter().any(|(n, _)| *n == name);
+            let forged = name.starts_with(IDENTITY_PREFIX.as_bytes())
+                && !identity_headers.iter().any(|(n, _)| n.as_bytes() == name);
             let credential = settings.strip_credentials
                 && settings
                     .credential_headers
                     .iter()
-                    .any(|c| c.eq_ignore_ascii_case(name));
+                    .any(|c| c.as_bytes().eq_ignore_ascii_case(name));
             if (forged || credential) && !removed.contains(&name) {
-                ok.string(OK_HEADERS_TO_REMOVE, name);
+                ok.bytes(OK_HEADERS_TO_REMOVE, name);
                 removed.push(name);
             }
         }
