@@ -522,6 +522,19 @@ pub fn expect_decision(
     }
 }
 
+/// CPU time process `pid` has used so far, user and system, all threads:
+/// fields 14 and 15 of `/proc/<pid>/stat`, in Linux's fixed 100 ticks a
+/// second.
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it don't.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(std::time::Duration::from_millis((user + system) * 10))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

