@@ -703,10 +703,14 @@ async fn refresh_organization_limits(
 /// Accepted connections, with Nagle's algorithm off: small gRPC answers must
 /// leave at once, not wait for a delayed ACK (a 40 ms stall otherwise), and
 /// with TCP keepalive so dead gateways' connections are noticed.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::api::connection::Connection>> {
+    use tokio_stream::StreamExt;
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
+        .map(|accepted| accepted.map(crate::api::connection::Connection))
 }
 
 /// Writes last-used times every `interval`; the final flush happens when the

@@ -6,6 +6,7 @@ pub mod authorizer;
 mod caller;
 pub mod check_request;
 pub mod check_wire;
+pub mod connection;
 pub mod console;
 pub mod convert;
 pub mod ext_authz;
