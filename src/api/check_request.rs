@@ -42,6 +42,9 @@ pub struct CheckView {
     /// `attributes.source.address.socket_address.address`, when the
     /// address is a socket address.
     source: Option<Span>,
+    /// No bound of its own: the Check request size bound
+    /// (`--ext-authz-max-request-size`) caps how many there can be, and a
+    /// header costs less here than the two strings prost would make of it.
     headers: Vec<Header>,
 }
 
@@ -184,12 +187,12 @@ impl CheckView {
                             _ => entry.skip(field, wire)?,
                         }
                     }
-                    self.push(Header {
+                    self.headers.push(Header {
                         key,
                         value,
                         raw_value: 0..0,
                         from_map: true,
-                    })?;
+                    });
                 }
                 13 => {
                     // HeaderMap { 1: repeated HeaderValue { 1: key, 2: value, 3: raw_value } }
@@ -216,7 +219,7 @@ impl CheckView {
                                         _ => h.skip(field, wire)?,
                                     }
                                 }
-                                self.push(header)?;
+                                self.headers.push(header);
                             }
                             _ => map.skip(field, wire)?,
                         }
@@ -225,14 +228,6 @@ impl CheckView {
                 _ => r.skip(field, wire)?,
             }
         }
-        Ok(())
-    }
-
-    /// No bound of its own: the message size bound (`--max-message-bytes`)
-    /// caps how many there can be, and a header costs less here than the
-    /// two strings prost would make of it.
-    fn push(&mut self, header: Header) -> Result<(), DecodeError> {
-        self.headers.push(header);
         Ok(())
     }
 
