@@ -21,7 +21,6 @@ use prost::bytes::Bytes;
 type Span = Range<u32>;
 
 /// One of the client's request headers.
-#[derive(Debug, Clone)]
 struct Header {
     key: Span,
     value: Span,
@@ -31,8 +30,8 @@ struct Header {
     from_map: bool,
 }
 
-/// The fields of a CheckRequest that keygate reads.
-#[derive(Debug)]
+/// The fields of a CheckRequest that keygate reads. Its `Debug` shows no
+/// header value: the request carries the caller's credential.
 pub struct CheckView {
     bytes: Bytes,
     /// `attributes.request.http` was present.
@@ -46,6 +45,17 @@ pub struct CheckView {
     /// (`--ext-authz-max-request-size`) caps how many there can be, and a
     /// header costs less here than the two strings prost would make of it.
     headers: Vec<Header>,
+}
+
+impl std::fmt::Debug for CheckView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckView")
+            .field("method", &self.method())
+            .field("path", &self.path())
+            .field("source", &self.source_ip())
+            .field("headers", &self.headers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a request could not be read, naming the message or field at fault
@@ -609,6 +619,15 @@ mod tests {
             names,
             [&b"x-api-key"[..], b"x-forwarded-proto", b"x-keygate-key-id"]
         );
+    }
+
+    #[test]
+    fn debug_shows_no_header_value() {
+        let bytes = sample("kg_live_secretvalue").encode_to_vec();
+        let view = CheckView::decode(Bytes::from(bytes)).unwrap();
+        let shown = format!("{view:?}");
+        assert!(shown.contains("/v1/checkouts"), "{shown}");
+        assert!(!shown.contains("secretvalue"), "{shown}");
     }
 
     #[test]
