@@ -166,19 +166,26 @@ fn allow(settings: &ExtAuthzSettings, outcome: &Outcome, check: &CheckView) -> E
         // forgery; its credential headers are stripped when configured.
         // Only headers the request has are named: each removal is work
         // for Envoy too.
-        let mut removed: Vec<&[u8]> = Vec::new();
-        for name in check.header_names() {
-            let forged = name.starts_with(IDENTITY_PREFIX.as_bytes())
-                && !identity_headers.iter().any(|(n, _)| n.as_bytes() == name);
-            let credential = settings.strip_credentials
-                && settings
-                    .credential_headers
-                    .iter()
-                    .any(|c| c.as_bytes().eq_ignore_ascii_case(name));
-            if (forged || credential) && !removed.contains(&name) {
-                ok.bytes(OK_HEADERS_TO_REMOVE, name);
-                removed.push(name);
-            }
+        // Each named once: sorted and deduplicated rather than looked up
+        // one by one, as a request (bounded only by its size) can carry
+        // thousands of forged names.
+        let mut removed: Vec<&[u8]> = check
+            .header_names()
+            .filter(|name| {
+                let forged = name.starts_with(IDENTITY_PREFIX.as_bytes())
+                    && !identity_headers.iter().any(|(n, _)| n.as_bytes() == *name);
+                let credential = settings.strip_credentials
+                    && settings
+                        .credential_headers
+                        .iter()
+                        .any(|c| c.as_bytes().eq_ignore_ascii_case(name));
+                forged || credential
+            })
+            .collect();
+        removed.sort_unstable();
+        removed.dedup();
+        for name in removed {
+            ok.bytes(OK_HEADERS_TO_REMOVE, name);
         }
         if let Some(rate) = &outcome.rate {
             let mut digits = [0u8; 20];
@@ -546,7 +553,7 @@ mod tests {
     #[test]
     fn an_allow_answer_decodes_to_what_envoy_applies() {
         use envoy_types::ext_authz::v3::pb::CheckRequest;
-        use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
+        use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, HeaderValueOption};
         use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
         use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
         use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
@@ -605,6 +612,22 @@ mod tests {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
             ..Default::default()
+        };
+        // The same names again as raw headers, twice: each is removed once.
+        let raw = |key: &str| HeaderValue {
+            key: key.into(),
+            raw_value: b"x".to_vec(),
+            ..Default::default()
+        };
+        let http = HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: vec![
+                    raw("x-keygate-evil"),
+                    raw("authorization"),
+                    raw("x-keygate-evil"),
+                ],
+            }),
+            ..http
         };
         let check = CheckRequest {
             attributes: Some(AttributeContext {
