@@ -55,12 +55,9 @@ impl Writer {
         Encoded(self.0)
     }
 
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.0.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.0.push(v as u8);
+    fn varint(&mut self, v: u64) {
+        let (bytes, n) = varint(v);
+        self.0.extend_from_slice(&bytes[..n]);
     }
 
     fn key(&mut self, field: u32, wire_type: u64) {
@@ -97,24 +94,27 @@ impl Writer {
         if len < 0x80 {
             self.0[at] = len as u8;
         } else {
-            // Written into a stack buffer and the body moved over in place:
-            // no allocation.
-            let mut prefix = [0u8; 10];
-            let mut n = 0;
-            let mut v = len as u64;
-            while v >= 0x80 {
-                prefix[n] = (v as u8) | 0x80;
-                v >>= 7;
-                n += 1;
-            }
-            prefix[n] = v as u8;
-            n += 1;
+            // The body moved over in place: no allocation.
+            let (prefix, n) = varint(len as u64);
             let end = self.0.len();
             self.0.resize(end + n - 1, 0);
             self.0.copy_within(at + 1..end, at + n);
             self.0[at..at + n].copy_from_slice(&prefix[..n]);
         }
     }
+}
+
+/// `v` as a protobuf varint: the bytes and how many of them are used.
+fn varint(mut v: u64) -> ([u8; 10], usize) {
+    let mut bytes = [0u8; 10];
+    let mut n = 0;
+    while v >= 0x80 {
+        bytes[n] = (v as u8) | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    bytes[n] = v as u8;
+    (bytes, n + 1)
 }
 
 /// Check over [`ExtAuthzApi`], with the allow answer encoded by hand.
