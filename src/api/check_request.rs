@@ -187,49 +187,18 @@ impl CheckView {
                 2 => self.method = r.string(wire, "HttpRequest.method")?,
                 4 => self.path = r.string(wire, "HttpRequest.path")?,
                 3 => {
-                    // map<string, string> entry { 1: key, 2: value }
                     let mut entry = r.message(wire, "HttpRequest.headers", "HeadersEntry")?;
-                    let (mut key, mut value) = (0..0, 0..0);
-                    while let Some((field, wire)) = entry.key()? {
-                        match field {
-                            1 => key = entry.string(wire, "HeadersEntry.key")?,
-                            2 => value = entry.string(wire, "HeadersEntry.value")?,
-                            _ => entry.skip(field, wire)?,
-                        }
-                    }
-                    self.headers.push(Header {
-                        key,
-                        value,
-                        raw_value: 0..0,
-                        from_map: true,
-                    });
+                    self.headers.push(header(&mut entry, true)?);
                 }
                 13 => {
-                    // HeaderMap { 1: repeated HeaderValue { 1: key, 2: value, 3: raw_value } }
+                    // HeaderMap { 1: repeated HeaderValue }
                     let mut map = r.message(wire, "HttpRequest.header_map", "HeaderMap")?;
                     while let Some((field, wire)) = map.key()? {
                         match field {
                             1 => {
                                 let mut h =
                                     map.message(wire, "HeaderMap.headers", "HeaderValue")?;
-                                let mut header = Header {
-                                    key: 0..0,
-                                    value: 0..0,
-                                    raw_value: 0..0,
-                                    from_map: false,
-                                };
-                                while let Some((field, wire)) = h.key()? {
-                                    match field {
-                                        1 => header.key = h.string(wire, "HeaderValue.key")?,
-                                        2 => header.value = h.string(wire, "HeaderValue.value")?,
-                                        3 => {
-                                            header.raw_value =
-                                                h.bytes(wire, "HeaderValue.raw_value")?
-                                        }
-                                        _ => h.skip(field, wire)?,
-                                    }
-                                }
-                                self.headers.push(header);
+                                self.headers.push(header(&mut h, false)?);
                             }
                             _ => map.skip(field, wire)?,
                         }
@@ -294,6 +263,31 @@ impl CheckView {
     pub fn header_names(&self) -> impl Iterator<Item = &[u8]> {
         self.headers.iter().map(|h| self.span(&h.key))
     }
+}
+
+/// A `headers` map entry { 1: key, 2: value } (`from_map`), or a
+/// `header_map` HeaderValue { 1: key, 2: value, 3: raw_value }.
+fn header(r: &mut Reader<'_>, from_map: bool) -> Result<Header, DecodeError> {
+    let [key, value] = if from_map {
+        ["HeadersEntry.key", "HeadersEntry.value"]
+    } else {
+        ["HeaderValue.key", "HeaderValue.value"]
+    };
+    let mut header = Header {
+        key: 0..0,
+        value: 0..0,
+        raw_value: 0..0,
+        from_map,
+    };
+    while let Some((field, wire)) = r.key()? {
+        match field {
+            1 => header.key = r.string(wire, key)?,
+            2 => header.value = r.string(wire, value)?,
+            3 if !from_map => header.raw_value = r.bytes(wire, "HeaderValue.raw_value")?,
+            _ => r.skip(field, wire)?,
+        }
+    }
+    Ok(header)
 }
 
 /// A cursor over one message's bytes.
