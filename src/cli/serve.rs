@@ -249,6 +249,16 @@ pub struct ServeArgs {
         action = clap::ArgAction::Set
     )]
     ext_authz_strip_credentials: bool,
+    /// Envoy ext_authz: also hand Envoy the identity as dynamic metadata
+    /// under envoy.filters.http.ext_authz, for RBAC rules and access logs
+    /// that read it there (the identity headers carry the same).
+    #[arg(
+        long,
+        env = "KEYGATE_EXT_AUTHZ_DYNAMIC_METADATA",
+        default_value_t = ExtAuthzSettings::default().dynamic_metadata,
+        action = clap::ArgAction::Set
+    )]
+    ext_authz_dynamic_metadata: bool,
     /// HTTP/2 streams one connection may have open at once; each open Watch
     /// is one for its whole life.
     #[arg(
@@ -425,6 +435,7 @@ fn settings(args: &ServeArgs) -> Result<Settings, String> {
         ext_authz: ExtAuthzSettings {
             credential_headers: args.ext_authz_credential_headers.clone(),
             strip_credentials: args.ext_authz_strip_credentials,
+            dynamic_metadata: args.ext_authz_dynamic_metadata,
         },
         console: args.console_listen.map(|_| ConsoleSettings::default()),
         rate_limit_store: args.rate_limit_store.clone().map(|url| RateLimitStore {

@@ -17,6 +17,7 @@ on_both_backends!(
     a_revoked_key_is_refused_on_the_very_next_request,
     over_the_limit_is_429_with_retry_after,
     an_organization_limit_is_429_naming_it_and_unlimited_keys_get_no_headers,
+    the_identity_is_dynamic_metadata_when_asked_for,
 );
 
 async fn start(backend: Backend) -> Option<(TestServer, Gateway)> {
@@ -116,8 +117,42 @@ async fn a_valid_key_reaches_the_upstream_with_its_identity_and_without_its_secr
     assert_eq!(echo.header("x-keygate-tier"), Some("system"));
     assert_eq!(echo.header("x-keygate-mode"), Some("test"));
 
-    // Envoy got the identity as dynamic metadata, for its access log.
-    let line = format!("200 key={} org=org_a mode=live", key.key_id);
+    // Envoy's access log reads the identity from the headers; no dynamic
+    // metadata unless asked for.
+    let line = format!(
+        "200 key={} org=org_a mode=live metadata: key=- org=- scopes=-",
+        key.key_id
+    );
+    crate::harness::eventually(Duration::from_secs(10), "the access log", || async {
+        gateway.access_log().contains(&line).then_some(())
+    })
+    .await;
+}
+
+/// With `--ext-authz-dynamic-metadata`, Envoy also gets the identity as
+/// dynamic metadata, for RBAC rules and access logs that read it there.
+async fn the_identity_is_dynamic_metadata_when_asked_for(backend: Backend) {
+    let Some(server) =
+        TestServer::start_with(backend, |s| s.ext_authz.dynamic_metadata = true).await
+    else {
+        return;
+    };
+    let Some(gateway) = Gateway::start(server.addr).await else {
+        return;
+    };
+    let (key, token) = server
+        .org_key("org_a", &["checkout:create", "transaction:read"])
+        .await;
+    let echo = gateway
+        .send("POST", "/v1/checkouts", &[("x-api-key", &token)])
+        .await
+        .echo();
+    assert_eq!(echo.header("x-keygate-key-id"), Some(key.key_id.as_str()));
+    let line = format!(
+        "200 key={id} org=org_a mode=live metadata: key={id} org=org_a \
+         scopes=[\"checkout:create\",\"transaction:read\"]",
+        id = key.key_id
+    );
     crate::harness::eventually(Duration::from_secs(10), "the access log", || async {
         gateway.access_log().contains(&line).then_some(())
     })

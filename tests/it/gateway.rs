@@ -196,8 +196,8 @@ impl Drop for Gateway {
 }
 
 /// Envoy's config for the tests: the shape of examples/envoy/envoy.yaml with
-/// loopback ports, and an access log of the identity keygate hands Envoy as
-/// dynamic metadata.
+/// loopback ports, and an access log of the identity keygate hands Envoy, as
+/// headers and as dynamic metadata.
 fn test_config(port: u16, upstream: SocketAddr, keygate: SocketAddr, access_log: &Path) -> String {
     format!(
         r#"
@@ -223,7 +223,7 @@ static_resources:
               path: {access_log}
               log_format:
                 text_format_source:
-                  inline_string: "%RESPONSE_CODE% key=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)% org=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:organization_id)% mode=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:mode)%\n"
+                  inline_string: "%RESPONSE_CODE% key=%REQ(X-KEYGATE-KEY-ID)% org=%REQ(X-KEYGATE-ORGANIZATION-ID)% mode=%REQ(X-KEYGATE-MODE)% metadata: key=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:key_id)% org=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:organization_id)% scopes=%DYNAMIC_METADATA(envoy.filters.http.ext_authz:scopes)%\n"
           route_config:
             virtual_hosts:
             - name: api
