@@ -60,6 +60,9 @@ enum Command {
     NoopServer {
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// A file holding the encoded CheckResponse to answer with.
+        #[arg(long)]
+        answer: Option<std::path::PathBuf>,
     },
 }
 
@@ -175,7 +178,9 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), String> {
     let (opts, outcome) = match command {
         Command::Report(r) => return report::write(&r.results, &r.out, &r.charts, &r.note).await,
-        Command::NoopServer { listen } => return noop::serve(listen).await,
+        Command::NoopServer { listen, answer } => {
+            return noop::serve(listen, answer.as_deref()).await;
+        }
         Command::Soak(o) => return soak::run(&o).await,
         Command::Limit(o) => (o.clone(), scenario::limit::run(&Ctx::from(&o)).await?),
         Command::Cold(o) => (o.clone(), scenario::cold::run(&Ctx::from(&o)).await?),

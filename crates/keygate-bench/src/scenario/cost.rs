@@ -74,7 +74,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let no_analytics =
         Cached::start(dir.path(), "no-analytics", &["--usage-analytics", "off"]).await?;
     let (pid, channels, tokens) = (main.pid, &main.channels, &main.tokens);
-    let (noop, noop_addr) = noop_server(&callgrind(dir.path(), "noop")).await?;
+    let (noop, noop_addr) = noop_server(&callgrind(dir.path(), "noop"), None).await?;
     let noop_pid = noop.id().ok_or("no-op server has no pid")?;
     let noop_channel = connect(&format!("http://{noop_addr}")).await?;
 
@@ -367,7 +367,7 @@ fn check_call(channels: &[Channel], tokens: &[String]) -> Call {
 /// A Check as Envoy sends it for `POST /v1/checkouts` with a typical API
 /// client's headers, as raw header bytes (`encode_raw_headers: true`, the
 /// setting keygate's Envoy configuration uses).
-fn check_request(token: &str) -> CheckRequest {
+pub fn check_request(token: &str) -> CheckRequest {
     use envoy_types::pb::envoy::config::core::v3::{
         Address, HeaderMap, HeaderValue, SocketAddress, address,
     };

@@ -2,14 +2,19 @@
 //! `direct_response` route), four ways in one run: no auth; Envoy's built-in
 //! `envoy.filters.http.api_key_auth` with the same key; ext_authz to a
 //! no-op Check server (tonic + envoy-types, always OK); ext_authz to keygate.
-//! Targets: keygate ≥ 0.95 × the no-op's throughput; p99 added over the
-//! no-op ≤ 0.2 ms at half of peak.
+//! Two more ways split keygate's cost from its answer's: the no-op answering
+//! keygate's own allow (what applying that answer costs Envoy), and keygate
+//! with `--ext-authz-dynamic-metadata` (what that option costs). Targets: keygate ≥ 0.95 × the no-op's throughput; p99
+//! added over the no-op ≤ 0.2 ms at half of peak.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use envoy_types::ext_authz::v3::pb::CheckResponse;
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use prost::Message;
 use tokio::process::{Child, Command};
 
 use crate::Ctx;
@@ -40,18 +45,29 @@ enum Way {
     NoAuth,
     ApiKeyAuth,
     Noop,
+    NoopKeygateAnswer,
     Keygate,
+    KeygateMetadata,
 }
 
 impl Way {
-    const ALL: [Way; 4] = [Way::NoAuth, Way::ApiKeyAuth, Way::Noop, Way::Keygate];
+    const ALL: [Way; 6] = [
+        Way::NoAuth,
+        Way::ApiKeyAuth,
+        Way::Noop,
+        Way::NoopKeygateAnswer,
+        Way::Keygate,
+        Way::KeygateMetadata,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Way::NoAuth => "no auth",
             Way::ApiKeyAuth => "api_key_auth (built in)",
             Way::Noop => "ext_authz → no-op Check",
+            Way::NoopKeygateAnswer => "ext_authz → no-op answering keygate's allow",
             Way::Keygate => "ext_authz → keygate",
+            Way::KeygateMetadata => "ext_authz → keygate, dynamic metadata on",
         }
     }
 }
@@ -71,7 +87,7 @@ fn config(way: Way, port: u16, token: &str, authz: Option<SocketAddr>) -> String
               key_sources:
               - header: x-api-key"#
         ),
-        Way::Noop | Way::Keygate => r#"
+        Way::Noop | Way::NoopKeygateAnswer | Way::Keygate | Way::KeygateMetadata => r#"
           - name: envoy.filters.http.ext_authz
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
@@ -283,8 +299,12 @@ async fn wrk(envoy: &Envoy, token: &str, connections: usize, seconds: f64) -> Re
 }
 
 /// The bench binary serving the no-op Check, as its own process (under
-/// `wrapper`, such as valgrind, when it is not empty).
-pub async fn noop_server(wrapper: &[String]) -> Result<(Child, SocketAddr), String> {
+/// `wrapper`, such as valgrind, when it is not empty), answering with the
+/// CheckResponse encoded in `answer` when given.
+pub async fn noop_server(
+    wrapper: &[String],
+    answer: Option<&std::path::Path>,
+) -> Result<(Child, SocketAddr), String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let addr = free_port()?;
     let mut command = match wrapper.split_first() {
@@ -296,8 +316,11 @@ pub async fn noop_server(wrapper: &[String]) -> Result<(Child, SocketAddr), Stri
         None => Command::new(me),
     };
     let patience = Duration::from_secs(if wrapper.is_empty() { 10 } else { 120 });
+    command.args(["noop-server", "--listen", &addr.to_string()]);
+    if let Some(answer) = answer {
+        command.arg("--answer").arg(answer);
+    }
     let child = command
-        .args(["noop-server", "--listen", &addr.to_string()])
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -325,54 +348,161 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
+/// keygate's allow for `token`, as it answers Envoy's Check: what the canned
+/// no-op answers every Check with.
+async fn keygate_answer(keygate: &Keygate, token: &str) -> Result<CheckResponse, String> {
+    let answer = AuthorizationClient::new(keygate.channel().await?)
+        .check(crate::scenario::cost::check_request(token))
+        .await
+        .map_err(|s| format!("keygate's Check: {:?} {}", s.code(), s.message()))?
+        .into_inner();
+    match answer.status.as_ref().map(|s| s.code) {
+        Some(0) => Ok(answer),
+        code => Err(format!("keygate's Check answered code {code:?}, not OK")),
+    }
+}
+
+/// A keygate process on its own SQLite file with `extra` flags, and a
+/// cached-to-be key's token.
+async fn keygate_with_key(extra: &[&str]) -> Result<(Database, Keygate, String), String> {
     let db = Database::sqlite()?;
     let admin = bootstrap(&db).await?;
-    let keygate = Keygate::start(&db, &[]).await?;
+    let keygate = Keygate::start(&db, extra).await?;
     let (_, token) = create_key(&keygate.channel().await?, &admin, "org_envoy").await?;
-    let (noop_child, noop_addr) = noop_server(&[]).await?;
+    Ok((db, keygate, token))
+}
+
+/// One way's Envoy, the token its requests carry, and the processes whose
+/// CPU time is measured: Envoy and the Check server (none without ext_authz).
+struct Lane {
+    way: Way,
+    envoy: Envoy,
+    token: String,
+    pids: [Option<u32>; 2],
+}
+
+impl Lane {
+    /// Envoy's and the Check server's CPU time so far.
+    fn cpu(&self) -> [Option<Duration>; 2] {
+        self.pids.map(|pid| pid.and_then(cpu_time))
+    }
+
+    /// What each used since `before`; an error when a process that was
+    /// read before is unreadable now.
+    fn cpu_since(&self, before: [Option<Duration>; 2]) -> Result<[Option<Duration>; 2], String> {
+        let now = self.cpu();
+        let mut used = [None; 2];
+        for i in 0..2 {
+            used[i] = match (before[i], now[i]) {
+                (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+                (None, _) => None,
+                (Some(_), None) => {
+                    return Err(format!("{}: CPU time unreadable", self.way.name()));
+                }
+            };
+        }
+        Ok(used)
+    }
+}
+
+/// Connections of the open-loop client: enough that its own one request
+/// at a time on each is never what holds the rate back (at ~10,000
+/// requests/s, 16 left each a budget of 1.6 ms a request, so a stall of
+/// Envoy's became a queue in the client).
+const OPEN_LOOP_CONNECTIONS: usize = 64;
+
+pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
+    let (db, keygate, token) = keygate_with_key(&[]).await?;
+    let (_meta_db, keygate_meta, meta_token) =
+        keygate_with_key(&["--ext-authz-dynamic-metadata", "true"]).await?;
+    let (noop_child, noop_addr) = noop_server(&[], None).await?;
     let noop_pid = noop_child.id().ok_or("the no-op server has no pid")?;
+    let answer = db.dir.path().join("keygate-answer.pb");
+    std::fs::write(
+        &answer,
+        keygate_answer(&keygate, &token).await?.encode_to_vec(),
+    )
+    .map_err(|e| format!("{}: {e}", answer.display()))?;
+    let (canned_child, canned_addr) = noop_server(&[], Some(&answer)).await?;
+    let canned_pid = canned_child.id().ok_or("the no-op server has no pid")?;
     let keygate_pid = keygate.pid().ok_or("keygate has no pid")?;
-    let mut envoys = Vec::new();
+    let keygate_meta_pid = keygate_meta.pid().ok_or("keygate has no pid")?;
+    let mut lanes = Vec::new();
     for way in Way::ALL {
-        let authz = match way {
-            Way::Noop => Some(noop_addr),
-            Way::Keygate => Some(keygate.addr),
-            Way::NoAuth | Way::ApiKeyAuth => None,
+        let (authz, token, server) = match way {
+            Way::Noop => (Some(noop_addr), &token, Some(noop_pid)),
+            Way::NoopKeygateAnswer => (Some(canned_addr), &token, Some(canned_pid)),
+            Way::Keygate => (Some(keygate.addr), &token, Some(keygate_pid)),
+            Way::KeygateMetadata => (Some(keygate_meta.addr), &meta_token, Some(keygate_meta_pid)),
+            Way::NoAuth | Way::ApiKeyAuth => (None, &token, None),
         };
-        envoys.push((way, Envoy::start(way, &token, authz, db.dir.path()).await?));
+        let envoy = Envoy::start(way, token, authz, db.dir.path()).await?;
+        let envoy_pid = envoy.child.id().ok_or("Envoy has no pid")?;
+        lanes.push(Lane {
+            way,
+            envoy,
+            token: token.clone(),
+            pids: [Some(envoy_pid), server],
+        });
     }
     let connections = ctx.pick(32, 16);
     let seconds = ctx.phases.measure.as_secs_f64();
+    // With the share of a core Envoy and the Check server each used over
+    // the measured run: where the cores went at the peak.
     let mut peak = Table::new(
         &format!("Peak: wrk, 1 thread, {connections} connections, alternating"),
-        &["way", "requests/s", "p50 ms", "p99 ms", "errors"],
+        &[
+            "way",
+            "requests/s",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+            "Envoy % of a core",
+            "Check server % of a core",
+        ],
     );
-    let mut sums = [0.0f64; 4];
+    let mut sums = [0.0f64; Way::ALL.len()];
     for round in 1..=ctx.rounds {
-        for (i, (way, envoy)) in envoys.iter().enumerate() {
+        for (i, lane) in lanes.iter().enumerate() {
             // wrk's own warm-up: a short run that is not counted.
-            wrk(envoy, &token, connections, ctx.phases.warmup.as_secs_f64()).await?;
-            let w = wrk(envoy, &token, connections, seconds).await?;
+            wrk(
+                &lane.envoy,
+                &lane.token,
+                connections,
+                ctx.phases.warmup.as_secs_f64(),
+            )
+            .await?;
+            let started = (Instant::now(), lane.cpu());
+            let w = wrk(&lane.envoy, &lane.token, connections, seconds).await?;
+            let wall = started.0.elapsed().as_secs_f64();
+            let used = lane.cpu_since(started.1)?;
             if w.errors > 0 {
-                return Err(format!("{}: {} failed requests", way.name(), w.errors));
+                return Err(format!("{}: {} failed requests", lane.way.name(), w.errors));
             }
+            let share = |cpu: Option<Duration>| {
+                cpu.map_or_else(
+                    || "-".into(),
+                    |d| format!("{:.0}", d.as_secs_f64() * 100.0 / wall),
+                )
+            };
             peak.row(vec![
-                format!("{} #{round}", way.name()),
+                format!("{} #{round}", lane.way.name()),
                 thousands(w.rps),
                 format!("{:.3}", w.p50_ms),
                 format!("{:.3}", w.p99_ms),
                 w.errors.to_string(),
+                share(used[0]),
+                share(used[1]),
             ]);
             sums[i] += w.rps;
         }
     }
-    let [_, builtin, noop, kg] = sums;
+    let [_, builtin, noop, canned, kg, kg_meta] = sums;
 
     // p99 at half of keygate's peak, the same rate for the no-op.
     let rate = kg / ctx.rounds as f64 / 2.0;
     let mut open = Table::latency(&format!(
-        "Open loop at half of keygate's peak ({} requests/s), 16 keep-alive connections, alternating",
+        "Open loop at half of keygate's peak ({} requests/s), {OPEN_LOOP_CONNECTIONS} keep-alive connections, alternating",
         thousands(rate)
     ));
     let phases = Phases {
@@ -389,30 +519,25 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     );
     let requests = rate * (phases.warmup + phases.measure).as_secs_f64();
     let per_request = |d: Duration| d.as_secs_f64() * 1e6 / requests;
-    let mut cpu_sums = [[0.0f64; 2]; 4];
+    let mut cpu_sums = [[0.0f64; 2]; Way::ALL.len()];
     let (mut noop_p99, mut kg_p99) = (Vec::new(), Vec::new());
     for round in 1..=ctx.rounds {
-        for (i, (way, envoy)) in envoys.iter().enumerate() {
-            let server = match way {
-                Way::Noop => Some(noop_pid),
-                Way::Keygate => Some(keygate_pid),
-                Way::NoAuth | Way::ApiKeyAuth => None,
-            };
-            let envoy_pid = envoy.child.id().ok_or("Envoy has no pid")?;
-            let before = (cpu_time(envoy_pid), server.and_then(cpu_time));
-            let s: Stats =
-                crate::http1::open(envoy.addr, request(&token), rate, phases, 16).await?;
-            let after = (cpu_time(envoy_pid), server.and_then(cpu_time));
+        for (i, lane) in lanes.iter().enumerate() {
+            let way = lane.way;
+            let before = lane.cpu();
+            let s: Stats = crate::http1::open(
+                lane.envoy.addr,
+                request(&lane.token),
+                rate,
+                phases,
+                OPEN_LOOP_CONNECTIONS,
+            )
+            .await?;
+            let [envoy_cpu, server_cpu] = lane.cpu_since(before)?;
             open.stats(&format!("{} #{round}", way.name()), &s);
             s.expect_no_errors(way.name())?;
-            let envoy_us = match (before.0, after.0) {
-                (Some(b), Some(a)) => per_request(a.saturating_sub(b)),
-                _ => return Err("Envoy's CPU time is unreadable".into()),
-            };
-            let server_us = match (before.1, after.1) {
-                (Some(b), Some(a)) => Some(per_request(a.saturating_sub(b))),
-                _ => None,
-            };
+            let envoy_us = per_request(envoy_cpu.ok_or("Envoy's CPU time is unreadable")?);
+            let server_us = server_cpu.map(per_request);
             cpu.row(vec![
                 format!("{} #{round}", way.name()),
                 format!("{envoy_us:.1}"),
@@ -423,25 +548,27 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             match way {
                 Way::Noop => noop_p99.push(s.ms(0.99)),
                 Way::Keygate => kg_p99.push(s.ms(0.99)),
-                Way::NoAuth | Way::ApiKeyAuth => {}
+                Way::NoAuth | Way::ApiKeyAuth | Way::NoopKeygateAnswer | Way::KeygateMetadata => {}
             }
         }
     }
-    let [_, _, noop_cpu, kg_cpu] = cpu_sums;
+    let [_, _, noop_cpu, canned_cpu, kg_cpu, kg_meta_cpu] = cpu_sums;
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let added = median(&mut kg_p99) - median(&mut noop_p99);
     keygate.stop().await;
+    keygate_meta.stop().await;
     Ok(Outcome {
         number: 5,
         name: "envoy".into(),
         method: format!(
-            "Envoy {} with --concurrency 1 and a direct_response route (no upstream), four \
+            "Envoy {} with --concurrency 1 and a direct_response route (no upstream), six \
              Envoys side by side, one per way, each request carrying the key in x-api-key. \
-             keygate (SQLite, the key cached) and the no-op Check server each run as their \
-             own process; wrk, the Envoys and both servers share the machine's cores. Peak from \
+             keygate (SQLite, the key cached; its default answer, and a second keygate with \
+             --ext-authz-dynamic-metadata) and the no-op Check server (one answering a bare OK, \
+             one keygate's allow for the key, fetched once) each run as their own process; wrk, the Envoys and the servers share the machine's cores. Peak from \
              wrk (closed loop); latency at a fixed rate from the bench's own HTTP/1.1 client, \
              measured from each request's due time.",
             crate::report::envoy_version(&envoy_bin()?.display().to_string())
@@ -469,6 +596,36 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 "Check server's CPU per request at the open-loop rate, keygate ÷ no-op",
                 "(none set)",
                 ratio(kg_cpu[1], noop_cpu[1]),
+                None,
+            ),
+            Target::new(
+                "ext_authz → keygate throughput ÷ → the no-op answering keygate's allow (what deciding costs)",
+                "(none set)",
+                format!("{:.3}", kg / canned),
+                None,
+            ),
+            Target::new(
+                "ext_authz → the no-op answering keygate's allow ÷ → the no-op's bare OK (what applying keygate's answer costs Envoy)",
+                "(none set)",
+                format!("{:.3}", canned / noop),
+                None,
+            ),
+            Target::new(
+                "Envoy's CPU per request at the open-loop rate, no-op answering keygate's allow ÷ bare OK",
+                "(none set)",
+                ratio(canned_cpu[0], noop_cpu[0]),
+                None,
+            ),
+            Target::new(
+                "With --ext-authz-dynamic-metadata: keygate's throughput ÷ the no-op's",
+                "(none set)",
+                format!("{:.3}", kg_meta / noop),
+                None,
+            ),
+            Target::new(
+                "With --ext-authz-dynamic-metadata: Envoy's CPU per request ÷ with the no-op",
+                "(none set)",
+                ratio(kg_meta_cpu[0], noop_cpu[0]),
                 None,
             ),
             Target::new(
