@@ -558,6 +558,10 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         v[v.len() / 2]
     };
     let added = median(&mut kg_p99) - median(&mut noop_p99);
+    // The same no-op, the same rate, one round against another: what a
+    // difference of two p99s can resolve on this machine.
+    let noop_lowest = noop_p99.iter().copied().fold(f64::INFINITY, f64::min);
+    let noop_highest = noop_p99.iter().copied().fold(0.0, f64::max);
     keygate.stop().await;
     keygate_meta.stop().await;
     Ok(Outcome {
@@ -585,6 +589,15 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 "p99 added by keygate over the no-op, at half of keygate's peak (median of rounds)",
                 added,
                 0.2,
+            ),
+            Target::new(
+                "The no-op's own p99 at that rate, highest round − lowest (the noise the added p99 sits in)",
+                "(none set)",
+                format!(
+                    "{noop_highest:.3} ms − {noop_lowest:.3} ms = {:.3} ms",
+                    noop_highest - noop_lowest
+                ),
+                None,
             ),
             Target::new(
                 "Envoy's CPU per request at the open-loop rate, ext_authz → keygate ÷ → no-op",
