@@ -612,13 +612,13 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 None,
             ),
             Target::new(
-                "ext_authz → keygate throughput ÷ → the no-op answering keygate's allow (what deciding costs)",
+                "ext_authz → keygate throughput ÷ → the no-op answering keygate's allow (which prost-decodes each request and writes each answer alone)",
                 "(none set)",
                 format!("{:.3}", kg / canned),
                 None,
             ),
             Target::new(
-                "ext_authz → the no-op answering keygate's allow ÷ → the no-op's bare OK (what applying keygate's answer costs Envoy)",
+                "ext_authz → the no-op answering keygate's allow ÷ → the no-op's bare OK (an upper bound on what applying keygate's answer costs)",
                 "(none set)",
                 format!("{:.3}", canned / noop),
                 None,
