@@ -162,16 +162,20 @@ fn allow(settings: &ExtAuthzSettings, outcome: &Outcome, check: &CheckView) -> E
     w.message(CHECK_STATUS, |_| {});
     w.message(CHECK_OK_RESPONSE, |ok| {
         for (name, value) in identity_headers {
-            if !value.is_empty() {
+            if value.is_empty() {
+                // Removing rather than setting "" leaves no doubt upstream.
+                // Removed whether or not the Check shows it: Envoy's
+                // `allowed_headers` can keep a forged one from keygate's
+                // sight, and the upstream must never see it.
+                ok.string(OK_HEADERS_TO_REMOVE, name);
+            } else {
                 ok.message(OK_HEADERS, |option| overwrite(option, name, value));
             }
         }
         // Whatever else the client sent under keygate's prefix is a
-        // forgery, an identity header keygate has no value for included
-        // (removed rather than set to "", which leaves no doubt upstream);
-        // its credential headers are stripped when configured. Only
-        // headers the request has are named: each removal is work for
-        // Envoy too.
+        // forgery; its credential headers are stripped when configured.
+        // Only headers the request has are named: each removal is work
+        // for Envoy too.
         // Each named once: sorted and deduplicated rather than looked up
         // one by one, as a request (bounded only by its size) can carry
         // thousands of forged names.
@@ -179,9 +183,7 @@ fn allow(settings: &ExtAuthzSettings, outcome: &Outcome, check: &CheckView) -> E
             .header_names()
             .filter(|name| {
                 let forged = name.starts_with(IDENTITY_PREFIX.as_bytes())
-                    && !identity_headers
-                        .iter()
-                        .any(|(n, v)| !v.is_empty() && n.as_bytes() == *name);
+                    && !identity_headers.iter().any(|(n, _)| n.as_bytes() == *name);
                 let credential = settings.strip_credentials
                     && settings
                         .credential_headers
@@ -642,10 +644,9 @@ mod tests {
     }
 
     /// What Envoy reads from an allow answer: the identity headers set
-    /// (replacing what the client sent), a forged one keygate has no value
-    /// for and every other `x-keygate-*` or credential header removed, the
-    /// rate-limit headers for the client, and, when configured, the
-    /// identity as metadata.
+    /// (replacing what the client sent), an empty one and every other
+    /// `x-keygate-*` or credential header removed, the rate-limit headers
+    /// for the client, and, when configured, the identity as metadata.
     #[test]
     fn an_allow_answer_decodes_to_what_envoy_applies() {
         let (outcome, id) = allowed_key();
@@ -707,7 +708,7 @@ mod tests {
         );
         let mut removed = ok.headers_to_remove.clone();
         removed.sort();
-        // The forged subject goes, though the key has none to set.
+        // The forged subject goes once, though the key has none to set.
         assert_eq!(removed, ["authorization", "x-keygate-evil", SUBJECT_HEADER]);
         assert_eq!(
             set(&ok.response_headers_to_add),
@@ -739,10 +740,11 @@ mod tests {
         assert_eq!(fields["credential"], string("api_key"));
     }
 
-    /// Identity headers keygate has no value for are named for removal
-    /// only when the client sent them: each removal is work for Envoy.
+    /// An identity header keygate has no value for is removed even when the
+    /// Check does not show it (Envoy's `allowed_headers` can hide a forged
+    /// one); other headers are named only when the request has them.
     #[test]
-    fn an_allow_removes_only_headers_the_request_has() {
+    fn an_empty_identity_header_is_removed_unseen() {
         let (outcome, _) = allowed_key();
         let check = check_of(&[("x-api-key", "kg_live_x"), ("accept", "*/*")], &[]);
         let encoded = allow(&ExtAuthzSettings::default(), &outcome, &check);
@@ -750,7 +752,9 @@ mod tests {
         let Some(HttpResponse::OkResponse(ok)) = response.http_response else {
             panic!("not an ok response: {:?}", response.http_response);
         };
-        assert_eq!(ok.headers_to_remove, ["x-api-key"]);
+        let mut removed = ok.headers_to_remove.clone();
+        removed.sort();
+        assert_eq!(removed, ["x-api-key", SUBJECT_HEADER]);
         assert_eq!(ok.headers.len(), 6);
     }
 
