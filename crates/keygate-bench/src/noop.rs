@@ -4,10 +4,11 @@
 //! (`keygate-bench noop-server`), like keygate.
 //!
 //! Given an answer, it sends that to every Check instead of a bare OK: with
-//! keygate's own allow, it shows what applying keygate's answer costs Envoy,
-//! apart from what deciding it costs keygate. The answer is encoded once
-//! and copied out as is, and the request decoded by prost as the generated
-//! server does, so the two no-ops differ in their answer's bytes alone.
+//! keygate's own allow, it bounds what applying keygate's answer costs
+//! Envoy, apart from what deciding it costs keygate. The answer is encoded
+//! once and copied out as is, and the request decoded by prost as the
+//! generated server does, so the two no-ops differ in their answer's bytes
+//! (and in the writes bigger answers take).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

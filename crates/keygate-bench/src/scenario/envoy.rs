@@ -2,10 +2,11 @@
 //! `direct_response` route), four ways in one run: no auth; Envoy's built-in
 //! `envoy.filters.http.api_key_auth` with the same key; ext_authz to a
 //! no-op Check server (tonic + envoy-types, always OK); ext_authz to keygate.
-//! Two more ways split keygate's cost from its answer's: the no-op answering
-//! keygate's own allow (what applying that answer costs Envoy), and keygate
-//! with `--ext-authz-dynamic-metadata` (what that option costs). Targets: keygate ≥ 0.95 × the no-op's throughput; p99
-//! added over the no-op ≤ 0.2 ms at half of peak.
+//! Two more ways tell keygate's cost from its answer's: the no-op answering
+//! keygate's own allow (an upper bound on what applying that answer costs
+//! Envoy), and keygate with `--ext-authz-dynamic-metadata` (what that option
+//! costs). Targets: keygate ≥ 0.95 × the no-op's throughput; p99 added over
+//! the no-op ≤ 0.2 ms at half of peak.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
