@@ -18,6 +18,7 @@ on_both_backends!(
     over_the_limit_is_429_with_retry_after,
     an_organization_limit_is_429_naming_it_and_unlimited_keys_get_no_headers,
     the_identity_is_dynamic_metadata_when_asked_for,
+    a_refused_request_logs_no_forged_identity,
 );
 
 async fn start(backend: Backend) -> Option<(TestServer, Gateway)> {
@@ -127,6 +128,37 @@ async fn a_valid_key_reaches_the_upstream_with_its_identity_and_without_its_secr
         gateway.access_log().contains(&line).then_some(())
     })
     .await;
+}
+
+/// A refused request's access log names no identity the client made up:
+/// the identity headers it logs are keygate's, or none.
+async fn a_refused_request_logs_no_forged_identity(backend: Backend) {
+    let Some((server, gateway)) = start(backend).await else {
+        return;
+    };
+    let (victim, _) = server.org_key("org_victim", &["checkout:create"]).await;
+    let reply = gateway
+        .send(
+            "POST",
+            "/v1/checkouts",
+            &[
+                ("x-api-key", "kg_live_not_a_real_key_at_all"),
+                ("x-keygate-key-id", &victim.key_id),
+                ("x-keygate-organization-id", "org_victim"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 401);
+    crate::harness::eventually(Duration::from_secs(10), "the access log", || async {
+        let log = gateway.access_log();
+        log.lines()
+            .find(|l| l.starts_with("401 "))
+            .map(|l| l.to_owned())
+    })
+    .await;
+    let log = gateway.access_log();
+    assert!(!log.contains(&victim.key_id), "{log}");
+    assert!(!log.contains("org_victim"), "{log}");
 }
 
 /// With `--ext-authz-dynamic-metadata`, Envoy also gets the identity as
