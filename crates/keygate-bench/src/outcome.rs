@@ -85,6 +85,10 @@ pub struct Target {
     pub measured: String,
     /// `None`: nothing to meet (measured only), or not measurable in this run.
     pub met: Option<bool>,
+    /// The run's own noise is wider than the target: the figure can show
+    /// neither a hit nor a miss, whatever side of the bound it falls on.
+    #[serde(default)]
+    pub unresolved: bool,
 }
 
 impl Target {
@@ -94,6 +98,7 @@ impl Target {
             target: target.to_owned(),
             measured,
             met,
+            unresolved: false,
         }
     }
 
@@ -133,6 +138,24 @@ impl Target {
             );
         }
         Self::ms_at_most(what, run.ms(q), ceiling_ms)
+    }
+
+    /// A difference of two times in ms ≤ `ceiling_ms`, unresolved when the
+    /// same case's own spread from round to round (`noise_ms`) exceeds the
+    /// bound: then which side of it the difference falls on is chance.
+    pub fn ms_at_most_beyond_noise(what: &str, ms: f64, ceiling_ms: f64, noise_ms: f64) -> Self {
+        if noise_ms <= ceiling_ms {
+            return Self::ms_at_most(what, ms, ceiling_ms);
+        }
+        Self {
+            unresolved: true,
+            ..Self::new(
+                what,
+                &format!("≤ {ceiling_ms} ms"),
+                format!("{ms:.3} ms, within {noise_ms:.3} ms of noise"),
+                None,
+            )
+        }
     }
 
     /// A time in ms ≤ `ceiling_ms`.
@@ -189,5 +212,19 @@ mod tests {
         assert_eq!(thousands(1000.0), "1,000");
         assert_eq!(thousands(1234567.0), "1,234,567");
         assert_eq!(thousands(-4321.0), "-4,321");
+    }
+
+    #[test]
+    fn a_difference_inside_its_noise_is_neither_met_nor_missed() {
+        let inside = Target::ms_at_most_beyond_noise("added p99", -5.3, 0.2, 18.5);
+        assert!(inside.unresolved);
+        assert_eq!(inside.met, None);
+        assert_eq!(inside.measured, "-5.300 ms, within 18.500 ms of noise");
+
+        let beyond = Target::ms_at_most_beyond_noise("added p99", 0.35, 0.2, 0.1);
+        assert!(!beyond.unresolved);
+        assert_eq!(beyond.met, Some(false));
+        let met = Target::ms_at_most_beyond_noise("added p99", 0.15, 0.2, 0.1);
+        assert_eq!(met.met, Some(true));
     }
 }

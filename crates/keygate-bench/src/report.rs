@@ -23,6 +23,9 @@ fn table_markdown(t: &Table) -> String {
 }
 
 fn met(t: &Target) -> &'static str {
+    if t.unresolved {
+        return "**unresolved** (noise)";
+    }
     match t.met {
         Some(true) => "met",
         Some(false) => "**not met**",
