@@ -474,7 +474,10 @@ impl Keygate {
             tokio::spawn(async move {
                 let served = tonic::transport::Server::builder()
                     .add_service(probes)
-                    .serve_with_incoming_shutdown(incoming(listener), stopped.cancelled_owned())
+                    .serve_with_incoming_shutdown(
+                        crate::api::connection::incoming(listener),
+                        stopped.cancelled_owned(),
+                    )
                     .await;
                 if let Err(e) = served {
                     tracing::error!(error = %e, "health port failed");
@@ -555,7 +558,7 @@ impl Keygate {
             .add_service(admin)
             .add_service(feed)
             .add_service(ext_authz)
-            .serve_with_incoming_shutdown(incoming(listener), async {
+            .serve_with_incoming_shutdown(crate::api::connection::incoming(listener), async {
                 let _ = drained.await;
             });
         tokio::pin!(server);
@@ -698,19 +701,6 @@ async fn refresh_organization_limits(
             Err(_) => {}
         }
     }
-}
-
-/// Accepted connections, with Nagle's algorithm off: small gRPC answers must
-/// leave at once, not wait for a delayed ACK (a 40 ms stall otherwise), and
-/// with TCP keepalive so dead gateways' connections are noticed.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<crate::api::connection::Connection>> {
-    use tokio_stream::StreamExt;
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
-        .map(|accepted| accepted.map(crate::api::connection::Connection))
 }
 
 /// Writes last-used times every `interval`; the final flush happens when the

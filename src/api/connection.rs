@@ -16,10 +16,22 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Accepted connections, with Nagle's algorithm off: small gRPC answers must
+/// leave at once, not wait for a delayed ACK (a 40 ms stall otherwise), and
+/// with TCP keepalive so dead gateways' connections are noticed.
+pub fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = io::Result<Connection>> {
+    use tokio_stream::StreamExt;
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+        .map(|accepted| accepted.map(Connection))
+}
 
 /// An accepted connection that h2 writes to without vectored writes.
 pub struct Connection(pub TcpStream);

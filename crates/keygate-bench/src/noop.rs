@@ -16,14 +16,11 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use envoy_types::ext_authz::v3::CheckResponseExt;
 use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse,
 };
-use futures_util::StreamExt;
-use keygate::api::connection::Connection;
 use prost::Message;
 use prost::bytes::{Buf, BufMut, Bytes};
 use tonic::body::Body;
@@ -53,14 +50,9 @@ pub async fn serve(addr: SocketAddr, answer: Option<&Path>) -> Result<(), String
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("{addr}: {e}"))?;
-            // As keygate accepts them (`keygate::server`).
-            let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60)))
-                .map(|accepted| accepted.map(Connection));
             server
                 .add_service(canned)
-                .serve_with_incoming(incoming)
+                .serve_with_incoming(keygate::api::connection::incoming(listener))
                 .await
         }
         None => {
