@@ -535,9 +535,49 @@ pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_millis((user + system) * 10))
 }
 
+/// The machine's CPU ticks so far, all cores: (stolen, all). Stolen time
+/// is what the hypervisor gave other guests while this one wanted to run
+/// (`steal` in the first line of `/proc/stat`). A round whose share of it
+/// is high measured the host, not the processes compared.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_machine_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal (guest and guest_nice
+    // are already counted in user and nice).
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (ticks.len() == 8).then(|| (ticks[7], ticks.iter().sum()))
+}
+
+/// The share of the machine's time stolen between two readings, in %.
+pub fn stolen_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, after?);
+    let all = t1.checked_sub(t0).filter(|&t| t > 0)?;
+    Some(s1.saturating_sub(s0) as f64 * 100.0 / all as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stolen_time_is_read_from_the_first_line_of_proc_stat() {
+        let before = parse_machine_ticks("cpu  100 0 50 800 0 0 0 50 0 0\ncpu0 1 2 3\n");
+        assert_eq!(before, Some((50, 1000)));
+        let after = parse_machine_ticks("cpu  200 0 100 1500 0 0 0 200 0 0\n");
+        // 150 of the 1,000 ticks between them were stolen.
+        assert_eq!(stolen_percent(before, after), Some(15.0));
+        assert_eq!(parse_machine_ticks("cpu0 1 2 3 4 5 6 7 8\n"), None);
+        assert_eq!(parse_machine_ticks("cpu  1 2 3\n"), None);
+        assert_eq!(stolen_percent(after, after), None);
+    }
 
     #[test]
     fn database_names_are_swapped_into_urls() {

