@@ -102,6 +102,15 @@ impl Target {
         }
     }
 
+    /// A target this run could not decide either way (noise, a starved run):
+    /// neither met nor missed.
+    pub fn unresolved(what: &str, target: &str, measured: String) -> Self {
+        Self {
+            unresolved: true,
+            ..Self::new(what, target, measured, None)
+        }
+    }
+
     /// `measured` ≥ `floor` × 1, shown as a ratio.
     pub fn ratio_at_least(what: &str, ratio: f64, floor: f64) -> Self {
         Self::new(
@@ -147,15 +156,11 @@ impl Target {
         if noise_ms <= ceiling_ms {
             return Self::ms_at_most(what, ms, ceiling_ms);
         }
-        Self {
-            unresolved: true,
-            ..Self::new(
-                what,
-                &format!("≤ {ceiling_ms} ms"),
-                format!("{ms:.3} ms, within {noise_ms:.3} ms of noise"),
-                None,
-            )
-        }
+        Self::unresolved(
+            what,
+            &format!("≤ {ceiling_ms} ms"),
+            format!("{ms:.3} ms, within {noise_ms:.3} ms of noise"),
+        )
     }
 
     /// A time in ms ≤ `ceiling_ms`.

@@ -63,6 +63,11 @@ impl Way {
         Way::KeygateMetadata,
     ];
 
+    /// Where this way sits in `ALL`, and so in every per-way array here.
+    fn index(self) -> usize {
+        Way::ALL.iter().position(|w| *w == self).unwrap_or_default()
+    }
+
     fn name(self) -> &'static str {
         match self {
             Way::NoAuth => "no auth",
@@ -343,6 +348,71 @@ pub async fn noop_server(
 
 /// `a ÷ b` to two places; "-" when `b` measured nothing (a quick run can
 /// be shorter than the CPU clock's 10 ms tick).
+/// A round's peak runs count toward a throughput ratio only where the host
+/// stole at most this share of the machine's time in both: beyond it the
+/// run measured the host's other guests, not the ways compared (seen here:
+/// one way's peak moving by a factor of four between rounds, 0–23 % stolen).
+const STOLEN_AT_MOST_PERCENT: f64 = 2.0;
+
+/// One way's peak in one round: requests/s, and the share of the machine's
+/// time the host stole meanwhile (None where unreadable).
+#[derive(Clone, Copy, Default)]
+struct Peak {
+    rps: f64,
+    stolen: Option<f64>,
+}
+
+/// Way `a`'s summed peaks ÷ way `b`'s over the rounds where the host left
+/// both alone, with those rounds (numbered from 1); None when no round did.
+fn quiet_ratio(rounds: &[[Peak; Way::ALL.len()]], a: Way, b: Way) -> Option<(f64, Vec<usize>)> {
+    let quiet = |p: &Peak| p.stolen.is_some_and(|s| s <= STOLEN_AT_MOST_PERCENT);
+    let (mut sa, mut sb, mut used) = (0.0, 0.0, Vec::new());
+    for (i, round) in rounds.iter().enumerate() {
+        let (pa, pb) = (&round[a.index()], &round[b.index()]);
+        if quiet(pa) && quiet(pb) {
+            sa += pa.rps;
+            sb += pb.rps;
+            used.push(i + 1);
+        }
+    }
+    (sb > 0.0).then(|| (sa / sb, used))
+}
+
+/// What a throughput ratio over the quiet rounds reads as in the report.
+fn quiet_measured(q: &Option<(f64, Vec<usize>)>, rounds: usize) -> String {
+    match q {
+        Some((r, used)) => format!(
+            "{r:.3} (round{} {} of {rounds})",
+            if used.len() == 1 { "" } else { "s" },
+            used.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => format!(
+            "no round of {rounds} where the host stole ≤ {STOLEN_AT_MOST_PERCENT} % from both"
+        ),
+    }
+}
+
+/// The throughput target: resolved only from rounds the host left alone.
+fn quiet_ratio_at_least(
+    what: &str,
+    q: &Option<(f64, Vec<usize>)>,
+    rounds: usize,
+    floor: f64,
+) -> Target {
+    match q {
+        Some((r, _)) => Target::new(
+            what,
+            &format!("≥ {floor:.2}"),
+            quiet_measured(q, rounds),
+            Some(*r >= floor),
+        ),
+        None => Target::unresolved(what, &format!("≥ {floor:.2}"), quiet_measured(q, rounds)),
+    }
+}
+
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 {
         format!("{:.2}", a / b)
@@ -465,10 +535,10 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             "stolen by the host %",
         ],
     );
-    let mut sums = [0.0f64; Way::ALL.len()];
+    let mut peaks = vec![[Peak::default(); Way::ALL.len()]; ctx.rounds];
     let mut most_stolen: Option<f64> = None;
     for round in 1..=ctx.rounds {
-        for (i, lane) in lanes.iter().enumerate() {
+        for lane in &lanes {
             // wrk's own warm-up: a short run that is not counted.
             wrk(
                 &lane.envoy,
@@ -504,10 +574,12 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 share(used[1]),
                 stolen.map_or_else(|| "-".into(), |p| format!("{p:.0}")),
             ]);
-            sums[i] += w.rps;
+            peaks[round - 1][lane.way.index()] = Peak { rps: w.rps, stolen };
         }
     }
-    let [_, builtin, noop, canned, kg, kg_meta] = sums;
+    let kg: f64 = peaks.iter().map(|r| r[Way::Keygate.index()].rps).sum();
+    let quiet = |a, b| quiet_ratio(&peaks, a, b);
+    let measured = |a, b| quiet_measured(&quiet(a, b), ctx.rounds);
 
     // p99 at half of keygate's peak, the same rate for the no-op.
     let rate = kg / ctx.rounds as f64 / 2.0;
@@ -590,9 +662,10 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         quick: ctx.quick,
         tables: vec![peak, open, cpu],
         targets: vec![
-            Target::ratio_at_least(
-                "ext_authz → keygate throughput ÷ ext_authz → no-op",
-                kg / noop,
+            quiet_ratio_at_least(
+                "ext_authz → keygate throughput ÷ ext_authz → no-op (rounds where the host stole ≤ 2 % in both)",
+                &quiet(Way::Keygate, Way::Noop),
+                ctx.rounds,
                 0.95,
             ),
             Target::ms_at_most_beyond_noise(
@@ -611,7 +684,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 None,
             ),
             Target::new(
-                "The machine's time stolen by its host in a peak run, the worst run (the ratios above hold only where this is near 0)",
+                "The machine's time stolen by its host in a peak run, the worst run (a round counts toward a throughput ratio only where both its runs lost ≤ 2 %)",
                 "(none set)",
                 most_stolen.map_or_else(|| "unreadable".into(), |p| format!("{p:.0} %")),
                 None,
@@ -631,13 +704,13 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             Target::new(
                 "ext_authz → keygate throughput ÷ → the no-op answering keygate's allow (the request unread, the answer written as keygate writes it)",
                 "(none set)",
-                format!("{:.3}", kg / canned),
+                measured(Way::Keygate, Way::NoopKeygateAnswer),
                 None,
             ),
             Target::new(
                 "ext_authz → the no-op answering keygate's allow ÷ → the no-op's bare OK (what applying keygate's answer costs Envoy)",
                 "(none set)",
-                format!("{:.3}", canned / noop),
+                measured(Way::NoopKeygateAnswer, Way::Noop),
                 None,
             ),
             Target::new(
@@ -649,7 +722,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             Target::new(
                 "With --ext-authz-dynamic-metadata: keygate's throughput ÷ the no-op's",
                 "(none set)",
-                format!("{:.3}", kg_meta / noop),
+                measured(Way::KeygateMetadata, Way::Noop),
                 None,
             ),
             Target::new(
@@ -661,11 +734,65 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             Target::new(
                 "ext_authz → no-op throughput ÷ built-in api_key_auth (what the ext_authz design costs)",
                 "(none set)",
-                format!("{:.3}", noop / builtin),
+                measured(Way::Noop, Way::ApiKeyAuth),
                 None,
             ),
         ],
         charts: Vec::new(),
         notes: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(noop: (f64, f64), keygate: (f64, f64)) -> [Peak; Way::ALL.len()] {
+        let mut r = [Peak::default(); Way::ALL.len()];
+        r[Way::Noop.index()] = Peak {
+            rps: noop.0,
+            stolen: Some(noop.1),
+        };
+        r[Way::Keygate.index()] = Peak {
+            rps: keygate.0,
+            stolen: Some(keygate.1),
+        };
+        r
+    }
+
+    #[test]
+    fn a_round_the_host_stole_from_counts_toward_no_ratio() {
+        let rounds = [
+            round((10_000.0, 0.0), (9_000.0, 1.0)),
+            // The no-op starved: keygate would look faster than it.
+            round((4_000.0, 23.0), (8_000.0, 0.0)),
+            round((10_000.0, 2.0), (9_400.0, 0.5)),
+        ];
+        let q = quiet_ratio(&rounds, Way::Keygate, Way::Noop);
+        let (r, used) = q.clone().unwrap();
+        assert!((r - 0.92).abs() < 1e-9, "{r}");
+        assert_eq!(used, [1, 3]);
+        assert_eq!(quiet_measured(&q, 3), "0.920 (rounds 1, 3 of 3)");
+        let t = quiet_ratio_at_least("x", &q, 3, 0.95);
+        assert_eq!((t.met, t.unresolved), (Some(false), false));
+    }
+
+    #[test]
+    fn no_quiet_round_leaves_the_target_unresolved() {
+        let mut rounds = [round((10_000.0, 5.0), (9_000.0, 0.0))];
+        let q = quiet_ratio(&rounds, Way::Keygate, Way::Noop);
+        assert!(q.is_none());
+        let t = quiet_ratio_at_least("x", &q, 1, 0.95);
+        assert_eq!((t.met, t.unresolved), (None, true));
+        // Unreadable steal is not taken for quiet.
+        rounds[0][Way::Noop.index()].stolen = None;
+        assert!(quiet_ratio(&rounds, Way::Keygate, Way::Noop).is_none());
+    }
+
+    #[test]
+    fn every_way_has_its_own_index() {
+        for (i, way) in Way::ALL.iter().enumerate() {
+            assert_eq!(way.index(), i);
+        }
+    }
 }
