@@ -663,7 +663,9 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         tables: vec![peak, open, cpu],
         targets: vec![
             quiet_ratio_at_least(
-                "ext_authz → keygate throughput ÷ ext_authz → no-op (rounds where the host stole ≤ 2 % in both)",
+                &format!(
+                    "ext_authz → keygate throughput ÷ ext_authz → no-op (rounds where the host stole ≤ {STOLEN_AT_MOST_PERCENT} % in both)"
+                ),
                 &quiet(Way::Keygate, Way::Noop),
                 ctx.rounds,
                 0.95,
@@ -684,7 +686,9 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                 None,
             ),
             Target::new(
-                "The machine's time stolen by its host in a peak run, the worst run (a round counts toward a throughput ratio only where both its runs lost ≤ 2 %)",
+                &format!(
+                    "The machine's time stolen by its host in a peak run, the worst run (a round counts toward a throughput ratio only where both its runs lost ≤ {STOLEN_AT_MOST_PERCENT} %)"
+                ),
                 "(none set)",
                 most_stolen.map_or_else(|| "unreadable".into(), |p| format!("{p:.0} %")),
                 None,
