@@ -563,6 +563,64 @@ pub fn stolen_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> 
     Some(s1.saturating_sub(s0) as f64 * 100.0 / all as f64)
 }
 
+/// Sets the CPUs every thread of process `pid` may run on (`taskset -a`,
+/// from util-linux); threads it starts later inherit them.
+pub fn pin(pid: u32, cpus: &str) -> Result<(), String> {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .map_err(|e| format!("taskset: {e} (apt-get install util-linux)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "taskset -a -p -c {cpus} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A split of the machine's cores: one for the process under test alone,
+/// the rest for everything else. While it lives, this process (and so
+/// every process it starts) runs on the rest; dropping it gives this
+/// process every core again.
+pub struct CoreSplit {
+    /// The lone core, as taskset names it.
+    pub alone: String,
+    /// The other cores, as taskset names them.
+    pub rest: String,
+    all: String,
+}
+
+impl CoreSplit {
+    /// None on a machine of one core, where there is nothing to split.
+    pub fn new() -> Result<Option<Self>, String> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        if cores < 2 {
+            return Ok(None);
+        }
+        let split = Self {
+            alone: "0".into(),
+            rest: if cores == 2 {
+                "1".into()
+            } else {
+                format!("1-{}", cores - 1)
+            },
+            all: format!("0-{}", cores - 1),
+        };
+        pin(std::process::id(), &split.rest)?;
+        Ok(Some(split))
+    }
+}
+
+impl Drop for CoreSplit {
+    fn drop(&mut self) {
+        if let Err(e) = pin(std::process::id(), &self.all) {
+            eprintln!("keygate-bench: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

