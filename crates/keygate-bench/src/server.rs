@@ -648,4 +648,37 @@ mod tests {
             "postgres://u@h/x?sslmode=disable"
         );
     }
+
+    /// The CPUs process `pid` may run on, as the kernel lists them.
+    fn allowed(pid: u32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    #[test]
+    fn a_core_split_keeps_this_process_and_its_children_off_the_lone_core_until_dropped() {
+        let Some(split) = CoreSplit::new().unwrap() else {
+            return; // one core: nothing to split
+        };
+        let me = std::process::id();
+        assert_eq!(allowed(me), split.rest);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(allowed(child.id()), split.rest);
+        pin(child.id(), &split.alone).unwrap();
+        assert_eq!(allowed(child.id()), split.alone);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let all = split.all.clone();
+        drop(split);
+        assert_eq!(allowed(me), all);
+        assert!(pin(me, "no-such-cpu").unwrap_err().contains("taskset"));
+    }
 }
