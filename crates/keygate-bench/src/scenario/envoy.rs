@@ -487,10 +487,10 @@ const OPEN_LOOP_CONNECTIONS: usize = 64;
 
 pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     // Envoy's one worker gets a core of its own, as it would in a
-    // deployment: on two cores shared by wrk, Envoy and the Check servers,
-    // the scheduler otherwise decided from one run to the next how much of
-    // its core Envoy kept, and the same no-op's peak varied twofold within
-    // one run. Everything this process starts runs on the other cores.
+    // deployment. On two cores shared by wrk, Envoy and a Check server, the
+    // scheduler also decided how much of a core Envoy kept while the Check
+    // server ran, so a cheaper server could show as a faster Envoy. Everything
+    // this process starts (wrk, the servers) runs on the other cores.
     let split = CoreSplit::new().unwrap_or_else(|e| {
         eprintln!("keygate-bench: the cores stay shared: {e}");
         None
