@@ -580,16 +580,28 @@ pub fn pin(pid: u32, cpus: &str) -> Result<(), String> {
     }
 }
 
+/// The CPUs process `pid` may run on, as the kernel lists them
+/// (`Cpus_allowed_list` in `/proc/PID/status`, taskset's notation).
+pub fn allowed_cpus(pid: u32) -> Result<String, String> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| format!("{path}: no Cpus_allowed_list"))
+}
+
 /// A split of the machine's cores: one for the process under test alone,
 /// the rest for everything else. While it lives, this process (and so
 /// every process it starts) runs on the rest; dropping it gives this
-/// process every core again.
+/// process back the CPUs it had before.
 pub struct CoreSplit {
     /// The lone core, as taskset names it.
     pub alone: String,
     /// The other cores, as taskset names them.
     pub rest: String,
-    all: String,
+    before: String,
 }
 
 impl CoreSplit {
@@ -606,7 +618,7 @@ impl CoreSplit {
             } else {
                 format!("1-{}", cores - 1)
             },
-            all: format!("0-{}", cores - 1),
+            before: allowed_cpus(std::process::id())?,
         };
         pin(std::process::id(), &split.rest)?;
         Ok(Some(split))
@@ -615,7 +627,7 @@ impl CoreSplit {
 
 impl Drop for CoreSplit {
     fn drop(&mut self) {
-        if let Err(e) = pin(std::process::id(), &self.all) {
+        if let Err(e) = pin(std::process::id(), &self.before) {
             eprintln!("keygate-bench: {e}");
         }
     }
@@ -649,23 +661,14 @@ mod tests {
         );
     }
 
-    /// The CPUs process `pid` may run on, as the kernel lists them.
-    fn allowed(pid: u32) -> String {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
     #[test]
     fn a_core_split_keeps_this_process_and_its_children_off_the_lone_core_until_dropped() {
+        let allowed = |pid| allowed_cpus(pid).unwrap();
+        let me = std::process::id();
+        let before = allowed(me);
         let Some(split) = CoreSplit::new().unwrap() else {
             return; // one core: nothing to split
         };
-        let me = std::process::id();
         assert_eq!(allowed(me), split.rest);
         let mut child = std::process::Command::new("sleep")
             .arg("5")
@@ -676,9 +679,8 @@ mod tests {
         assert_eq!(allowed(child.id()), split.alone);
         child.kill().unwrap();
         child.wait().unwrap();
-        let all = split.all.clone();
         drop(split);
-        assert_eq!(allowed(me), all);
+        assert_eq!(allowed(me), before);
         assert!(pin(me, "no-such-cpu").unwrap_err().contains("taskset"));
     }
 }
