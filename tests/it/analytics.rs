@@ -9,7 +9,7 @@ use keygate_proto::convert::timestamp;
 use keygate_proto::v1 as pb;
 use tonic::Code;
 
-use crate::harness::{Backend, TestServer, as_key};
+use crate::harness::{Backend, TestServer, as_key, execute_sql};
 use crate::on_both_backends;
 
 const ALLOWED: &str = "POST /v1/checkouts";
@@ -195,9 +195,9 @@ async fn a_failed_flush_loses_no_count_and_counts_none_twice(backend: Backend) {
     let (key, token) = s.org_key("org_a", &["checkout:create"]).await;
     calls(&s, &token, 5, 3).await;
     // The buckets' table is away: the write fails and the counts go back.
-    execute(&s, "ALTER TABLE key_usage RENAME TO key_usage_away").await;
+    execute_sql(&s, "ALTER TABLE key_usage RENAME TO key_usage_away").await;
     assert!(s.keys.flush_usage().await.is_err());
-    execute(&s, "ALTER TABLE key_usage_away RENAME TO key_usage").await;
+    execute_sql(&s, "ALTER TABLE key_usage_away RENAME TO key_usage").await;
     calls(&s, &token, 1, 0).await;
     s.keys.flush_usage().await.unwrap();
     for granularity in [pb::UsageGranularity::Minute, pb::UsageGranularity::Hour] {
@@ -216,13 +216,6 @@ async fn a_failed_flush_loses_no_count_and_counts_none_twice(backend: Backend) {
     let rows = count_rows(&s).await;
     s.keys.flush_usage().await.unwrap();
     assert_eq!(count_rows(&s).await, rows);
-}
-
-async fn execute(s: &TestServer, statement: &'static str) {
-    use sqlx::Connection;
-    sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(&s.database_url).await.unwrap();
-    sqlx::query(statement).execute(&mut conn).await.unwrap();
 }
 
 async fn two_replicas_counts_add_up(backend: Backend) {

@@ -558,6 +558,19 @@ fn database_names_are_swapped_into_urls() {
     assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
 }
 
+/// Runs one SQL statement on the server's database, behind keygate's back
+/// (to break a table or add a trigger that fails a write).
+pub async fn execute_sql(s: &TestServer, statement: &str) {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&s.database_url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+}
+
 /// Every row of every keygate table as text, with binary columns in hex: what
 /// someone who stole the database would have.
 pub async fn dump_database(s: &TestServer) -> String {

@@ -8,7 +8,7 @@ use keygate_proto::v1::revocation_event::Kind;
 use tonic::Code;
 
 use crate::feed::{next_change, watch};
-use crate::harness::{Backend, TestServer, as_key};
+use crate::harness::{Backend, TestServer, as_key, execute_sql};
 use crate::on_both_backends;
 
 const ROUTE: &str = "POST /v1/checkouts";
@@ -304,6 +304,75 @@ async fn a_flush_of_more_keys_than_one_transaction_holds_writes_them_all() {
             .unwrap()
             .unwrap();
         assert_eq!(stored.last_used_at, Some(s.clock.now()), "{id}");
+    }
+}
+
+/// A flush whose second transaction fails keeps what the first wrote and
+/// keeps the failed chunk's uses for the next flush: no key loses its last
+/// use. SQLite only, as above; the trigger refuses the last key's write,
+/// which the key-id order puts in the second chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_failing_after_its_first_transaction_keeps_those_writes_and_retries_the_rest() {
+    let Some(s) = TestServer::start_with(Backend::Sqlite, |settings| {
+        // Only the test's own flushes run.
+        settings.usage_flush_interval = std::time::Duration::from_secs(3600);
+    })
+    .await
+    else {
+        return;
+    };
+    let ids = s.cache.key_ids().clone();
+    let mut keys = Vec::new();
+    for _ in 0..600 {
+        let id = ids.mint().unwrap();
+        keys.push((id, s.store_key_with_id(id).await));
+    }
+    // Uses from the set-up are written first: the flush below holds these
+    // 600 keys and nothing else, so its chunks are the sorted ids.
+    s.keys.flush_usage().await.unwrap();
+    for (_, token) in &keys {
+        assert_eq!(
+            s.authorize(token, ROUTE, "").await.decision(),
+            pb::Decision::Allow
+        );
+    }
+    let mut sorted: Vec<uuid::Uuid> = keys.iter().map(|(id, _)| *id).collect();
+    sorted.sort_unstable();
+    let refused = sorted[sorted.len() - 1];
+    execute_sql(
+        &s,
+        &format!(
+            "CREATE TRIGGER refuse_usage BEFORE UPDATE OF last_used_at ON api_keys \
+             WHEN NEW.id = '{refused}' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        ),
+    )
+    .await;
+    let last_used = |id: uuid::Uuid| {
+        let store = s.store.clone();
+        async move {
+            keygate::store::KeyReader::get_key(&*store, id)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_used_at
+        }
+    };
+    assert!(s.keys.flush_usage().await.is_err());
+    let (first, second) = sorted.split_at(500);
+    for id in first {
+        assert_eq!(
+            last_used(*id).await,
+            Some(s.clock.now()),
+            "{id}: first chunk"
+        );
+    }
+    for id in second {
+        assert_eq!(last_used(*id).await, None, "{id}: the failed chunk");
+    }
+    execute_sql(&s, "DROP TRIGGER refuse_usage").await;
+    s.keys.flush_usage().await.unwrap();
+    for id in &sorted {
+        assert_eq!(last_used(*id).await, Some(s.clock.now()), "{id}");
     }
 }
 
