@@ -17,6 +17,7 @@ mod http1;
 mod load;
 mod noop;
 mod outcome;
+mod quiet;
 mod report;
 mod scenario;
 mod server;

@@ -25,6 +25,7 @@ use tokio::process::{Child, Command};
 use crate::Ctx;
 use crate::load::{Phases, Stats};
 use crate::outcome::{Outcome, Table, Target, thousands};
+use crate::quiet::{self, Peak, STOLEN_AT_MOST_PERCENT, quiet_measured, quiet_ratio_at_least};
 use crate::server::{
     CoreSplit, Database, Keygate, bootstrap, cpu_time, create_key, free_port, machine_ticks, pin,
     stolen_percent,
@@ -358,73 +359,14 @@ pub async fn noop_server(
     Ok((child, addr))
 }
 
+/// Way `a`'s summed peaks ÷ way `b`'s over the rounds where the host left
+/// both alone (see [`quiet::ratio`]).
+fn quiet_ratio(rounds: &[[Peak; Way::ALL.len()]], a: Way, b: Way) -> Option<(f64, Vec<usize>)> {
+    quiet::ratio(rounds.iter().map(|r| (r[a.index()], r[b.index()])))
+}
+
 /// `a ÷ b` to two places; "-" when `b` measured nothing (a quick run can
 /// be shorter than the CPU clock's 10 ms tick).
-/// A round's peak runs count toward a throughput ratio only where the host
-/// stole at most this share of the machine's time in both: beyond it the
-/// run measured the host's other guests, not the ways compared (seen here:
-/// one way's peak moving by a factor of four between rounds, 0–23 % stolen).
-const STOLEN_AT_MOST_PERCENT: f64 = 2.0;
-
-/// One way's peak in one round: requests/s, and the share of the machine's
-/// time the host stole meanwhile (None where unreadable).
-#[derive(Clone, Copy, Default)]
-struct Peak {
-    rps: f64,
-    stolen: Option<f64>,
-}
-
-/// Way `a`'s summed peaks ÷ way `b`'s over the rounds where the host left
-/// both alone, with those rounds (numbered from 1); None when no round did.
-fn quiet_ratio(rounds: &[[Peak; Way::ALL.len()]], a: Way, b: Way) -> Option<(f64, Vec<usize>)> {
-    let quiet = |p: &Peak| p.stolen.is_some_and(|s| s <= STOLEN_AT_MOST_PERCENT);
-    let (mut sa, mut sb, mut used) = (0.0, 0.0, Vec::new());
-    for (i, round) in rounds.iter().enumerate() {
-        let (pa, pb) = (&round[a.index()], &round[b.index()]);
-        if quiet(pa) && quiet(pb) {
-            sa += pa.rps;
-            sb += pb.rps;
-            used.push(i + 1);
-        }
-    }
-    (sb > 0.0).then(|| (sa / sb, used))
-}
-
-/// What a throughput ratio over the quiet rounds reads as in the report.
-fn quiet_measured(q: &Option<(f64, Vec<usize>)>, rounds: usize) -> String {
-    match q {
-        Some((r, used)) => format!(
-            "{r:.3} (round{} {} of {rounds})",
-            if used.len() == 1 { "" } else { "s" },
-            used.iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        None => format!(
-            "no round of {rounds} where the host stole ≤ {STOLEN_AT_MOST_PERCENT} % from both"
-        ),
-    }
-}
-
-/// The throughput target: resolved only from rounds the host left alone.
-fn quiet_ratio_at_least(
-    what: &str,
-    q: &Option<(f64, Vec<usize>)>,
-    rounds: usize,
-    floor: f64,
-) -> Target {
-    match q {
-        Some((r, _)) => Target::new(
-            what,
-            &format!("≥ {floor:.2}"),
-            quiet_measured(q, rounds),
-            Some(*r >= floor),
-        ),
-        None => Target::unresolved(what, &format!("≥ {floor:.2}"), quiet_measured(q, rounds)),
-    }
-}
-
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 {
         format!("{:.2}", a / b)
@@ -581,7 +523,6 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
         ],
     );
     let mut peaks = vec![[Peak::default(); Way::ALL.len()]; ctx.rounds];
-    let mut most_stolen: Option<f64> = None;
     for round in 1..=ctx.rounds {
         for lane in &lanes {
             // wrk's own warm-up: a short run that is not counted.
@@ -597,9 +538,6 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
             let wall = started.0.elapsed().as_secs_f64();
             let used = lane.cpu_since(started.1)?;
             let stolen = stolen_percent(started.2, machine_ticks());
-            if let Some(p) = stolen {
-                most_stolen = Some(most_stolen.map_or(p, |m: f64| m.max(p)));
-            }
             if w.errors > 0 {
                 return Err(format!("{}: {} failed requests", lane.way.name(), w.errors));
             }
@@ -774,7 +712,8 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
                     "The machine's time stolen by its host in a peak run, the worst run (a round counts toward a throughput ratio only where both its runs lost ≤ {STOLEN_AT_MOST_PERCENT} %)"
                 ),
                 "(none set)",
-                most_stolen.map_or_else(|| "unreadable".into(), |p| format!("{p:.0} %")),
+                quiet::most_stolen(peaks.iter().flatten().copied())
+                    .map_or_else(|| "unreadable".into(), |p| format!("{p:.0} %")),
                 None,
             ),
             Target::new(
