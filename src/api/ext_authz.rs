@@ -56,7 +56,7 @@ pub struct ExtAuthzSettings {
     /// access logs that read it there. Off by default, as in other ext_authz
     /// servers: the headers carry the same identity (`%REQ(x-keygate-key-id)%`
     /// in an access log), and merging a Struct into every request's metadata
-    /// costs Envoy about 8 % of its throughput (benchmark scenario 5).
+    /// costs Envoy 7–8 % of its throughput (benchmark scenario 5).
     pub dynamic_metadata: bool,
 }
 
