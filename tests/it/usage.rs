@@ -274,6 +274,27 @@ async fn concurrent_usage_flushes_from_two_replicas_neither_deadlock_nor_lose_co
     assert_eq!(stored.last_used_at, Some(last));
 }
 
+/// `n` keys stored with ids keygate made, with their tokens.
+async fn stored_keys(s: &TestServer, n: usize) -> Vec<(uuid::Uuid, String)> {
+    let ids = s.cache.key_ids().clone();
+    let mut keys = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = ids.mint().unwrap();
+        keys.push((id, s.store_key_with_id(id).await));
+    }
+    keys
+}
+
+/// One Authorize with each key, every one allowed.
+async fn use_each(s: &TestServer, keys: &[(uuid::Uuid, String)]) {
+    for (_, token) in keys {
+        assert_eq!(
+            s.authorize(token, ROUTE, "").await.decision(),
+            pb::Decision::Allow
+        );
+    }
+}
+
 /// A flush of more keys than one of its transactions holds (500) writes
 /// every key's last-used time. The chunks are the service's, the same on
 /// both stores; SQLite only, because 600 single inserts on the shared
@@ -284,18 +305,8 @@ async fn a_flush_of_more_keys_than_one_transaction_holds_writes_them_all() {
     let Some(s) = TestServer::start(Backend::Sqlite).await else {
         return;
     };
-    let ids = s.cache.key_ids().clone();
-    let mut keys = Vec::new();
-    for _ in 0..600 {
-        let id = ids.mint().unwrap();
-        keys.push((id, s.store_key_with_id(id).await));
-    }
-    for (_, token) in &keys {
-        assert_eq!(
-            s.authorize(token, ROUTE, "").await.decision(),
-            pb::Decision::Allow
-        );
-    }
+    let keys = stored_keys(&s, 600).await;
+    use_each(&s, &keys).await;
     // The server's own flush may have written some already.
     s.keys.flush_usage().await.unwrap();
     for (id, _) in &keys {
@@ -321,21 +332,11 @@ async fn a_flush_failing_after_its_first_transaction_keeps_those_writes_and_retr
     else {
         return;
     };
-    let ids = s.cache.key_ids().clone();
-    let mut keys = Vec::new();
-    for _ in 0..600 {
-        let id = ids.mint().unwrap();
-        keys.push((id, s.store_key_with_id(id).await));
-    }
+    let keys = stored_keys(&s, 600).await;
     // Uses from the set-up are written first: the flush below holds these
     // 600 keys and nothing else, so its chunks are the sorted ids.
     s.keys.flush_usage().await.unwrap();
-    for (_, token) in &keys {
-        assert_eq!(
-            s.authorize(token, ROUTE, "").await.decision(),
-            pb::Decision::Allow
-        );
-    }
+    use_each(&s, &keys).await;
     let mut sorted: Vec<uuid::Uuid> = keys.iter().map(|(id, _)| *id).collect();
     sorted.sort_unstable();
     let refused = sorted[sorted.len() - 1];
