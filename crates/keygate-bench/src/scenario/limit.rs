@@ -36,7 +36,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome, String> {
     let mut pairs: Vec<(Peak, Peak)> = Vec::new();
     // The order turns every round, over an even number of rounds: this
     // machine's throughput drifts over a run, and a fixed order charged the
-    // drift to the case that always ran second (see `pair`).
+    // drift to the case that always ran second.
     let rounds = ctx.rounds.div_ceil(2) * 2;
     for round in 1..=rounds {
         let health_first = round % 2 == 1;
