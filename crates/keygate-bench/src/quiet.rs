@@ -110,4 +110,23 @@ mod tests {
         );
         assert_eq!(most_stolen([Peak::default()]), None);
     }
+
+    #[test]
+    fn no_quiet_round_leaves_the_target_unresolved() {
+        let q = ratio([(peak(9_000.0, 0.0), peak(10_000.0, 5.0))]);
+        assert!(q.is_none());
+        assert_eq!(
+            quiet_measured(&q, 1),
+            "no round of 1 where the host stole ≤ 2 % from both"
+        );
+        let t = quiet_ratio_at_least("x", &q, 1, 0.95);
+        assert_eq!((t.met, t.unresolved), (None, true));
+        // Unreadable steal is not taken for quiet.
+        let unreadable = Peak {
+            rps: 10_000.0,
+            stolen: None,
+        };
+        assert!(ratio([(peak(9_000.0, 0.0), unreadable)]).is_none());
+        assert!(ratio([(peak(9_000.0, 0.0), peak(10_000.0, 0.0))]).is_some());
+    }
 }
